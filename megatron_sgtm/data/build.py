@@ -1,0 +1,65 @@
+"""Raw documents -> tokenized WebDataset shards + tokenizer copy + manifest (`megatron-sgtm data build`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from megatron_sgtm.data.shards import (
+    MANIFEST,
+    TOKENIZER_FILE,
+    Manifest,
+    Progress,
+    ShardDoc,
+    encode_tokens,
+    write_shards,
+)
+from megatron_sgtm.data.sources import Document
+from megatron_sgtm.data.tokenizer import eod_id
+
+ENCODE_BATCH = 1000
+
+
+def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardDoc]:
+    """Shard records with the end-of-document token appended; duplicate ids are an error because
+    scores files and the exactly-once accounting key on them."""
+    eod = eod_id(tokenizer)
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    seen: set[str] = set()
+    index = 0
+    for batch in _batches(docs, ENCODE_BATCH):
+        encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
+        for doc, encoding in zip(batch, encodings, strict=True):
+            if doc.id in seen:
+                raise ValueError(f"document id {doc.id!r} occurs twice; ids must be unique")
+            seen.add(doc.id)
+            tokens = np.asarray([*encoding.ids, eod], dtype=dtype)
+            meta = {"id": doc.id, "text": doc.text, "num_tokens": len(tokens)}
+            if doc.category is not None:
+                meta["category"] = doc.category
+            yield ShardDoc(key=f"{index:09d}", meta=meta, tokens_npy=encode_tokens(tokens))
+            index += 1
+
+
+def build_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: Path, docs_per_shard: int = 10_000
+                 ) -> Manifest:
+    if (out_dir / MANIFEST).exists():
+        raise FileExistsError(f"{out_dir} already holds a built shard directory; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    shards = write_shards(tokenized(docs, tokenizer), out_dir, docs_per_shard, Progress(None, "build"))
+    manifest = Manifest(shards=shards, eod_id=eod_id(tokenizer), vocab_size=tokenizer.get_vocab_size())
+    if manifest.num_docs == 0:
+        raise ValueError("the inputs hold no documents")
+    manifest.write(out_dir)
+    return manifest

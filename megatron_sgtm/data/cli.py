@@ -1,0 +1,146 @@
+"""`megatron-sgtm data synth | build | tag`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+from megatron_sgtm.data.synthetic import DEFAULT_MIX, FORGET_CATEGORY
+
+SYNTH_CHUNK = 50_000
+
+
+def _mix(text: str) -> dict[str, float]:
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected CATEGORY=WEIGHT[,...], got {text!r}") from e
+
+
+def synth(args: argparse.Namespace) -> int:
+    from megatron_sgtm.data.synthetic import generate, write_jsonl
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "synthetic.jsonl"
+    start, written = time.perf_counter(), 0
+    with open(path, "w", encoding="utf-8"):
+        pass
+    for first in range(0, args.num_docs, SYNTH_CHUNK):
+        count = min(SYNTH_CHUNK, args.num_docs - first)
+        with open(path, "a", encoding="utf-8") as f:
+            written += write_jsonl(f, generate(count, seed=args.seed, mix=args.mix, start=first))
+        print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} docs/s",
+              file=sys.stderr, flush=True)
+    print(path)
+    return 0
+
+
+def build(args: argparse.Namespace) -> int:
+    from megatron_sgtm.data.build import build_shards
+    from megatron_sgtm.data.sources import Fields, read_documents
+    from megatron_sgtm.data.tokenizer import load_tokenizer, train_bpe
+
+    fields = Fields(id=args.id_field, text=args.text_field, category=args.category_field)
+    if args.tokenizer is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        print(f"[build] training a {args.train_tokenizer}-token BPE tokenizer", file=sys.stderr, flush=True)
+        texts = (d.text for d in islice(read_documents(args.input, fields), args.tokenizer_docs))
+        tokenizer = train_bpe(texts, args.train_tokenizer)
+    manifest = build_shards(read_documents(args.input, fields), tokenizer, args.out, args.docs_per_shard)
+    print(f"[build] {manifest.num_docs} docs, {manifest.num_tokens} tokens in {len(manifest.shards)} shard(s); "
+          f"categories {manifest.categories()}", file=sys.stderr)
+    return 0
+
+
+def _classifier_spec(args: argparse.Namespace):
+    """Resolve the CLI options to a file-backed spec (training or writing rules into --out as needed)."""
+    from megatron_sgtm.data.classifiers import LinearClassifier
+    from megatron_sgtm.data.sources import read_documents
+    from megatron_sgtm.data.tagging import ClassifierSpec, forget_targets, ground_truth_sample
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.classifier == "linear" and args.model is None:
+        if args.seed_set:
+            docs = list(read_documents(args.seed_set))
+        elif args.train_from_truth:
+            docs = ground_truth_sample(args.shards, args.train_from_truth, args.seed)
+        else:
+            raise SystemExit("linear classifier: give --model, --seed-set or --train-from-truth N")
+        print(f"[tag] training the linear classifier on {len(docs)} labelled docs", file=sys.stderr, flush=True)
+        model = LinearClassifier.train([d.text for d in docs], forget_targets(docs, args.forget_categories))
+        args.model = args.out / "classifier.npz"
+        model.save(args.model)
+    if args.classifier == "keywords" and args.rules is None:
+        if not args.forget_pattern:
+            raise SystemExit("keywords classifier: give --rules FILE or --forget-pattern REGEX")
+        args.rules = args.out / "keywords.json"
+        args.rules.write_text(json.dumps({"forget": args.forget_pattern, "retain": args.retain_pattern or []}))
+    path = {"linear": args.model, "hf": args.model, "keywords": args.rules, "scores": args.scores}[args.classifier]
+    if path is None:
+        raise SystemExit(f"{args.classifier} classifier: give --{'model' if args.classifier == 'hf' else 'scores'}")
+    return ClassifierSpec(args.classifier, str(path), args.forget_label)
+
+
+def tag(args: argparse.Namespace) -> int:
+    from megatron_sgtm.data.tagging import tag_shards
+
+    spec = _classifier_spec(args)
+    manifest = tag_shards(args.shards, args.out, spec, workers=args.workers, skip_bad_shards=args.skip_bad_shards,
+                          forget_categories=tuple(args.forget_categories), tau_forget=args.tau_forget,
+                          tau_retain=args.tau_retain)
+    print(f"[tag] {manifest.num_docs} docs tagged; label counts {manifest.extra['tagging']['label_counts']}",
+          file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="synthetic corpus, tokenized shards, classifier tagging")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    p = commands.add_parser("synth", help="write the embedded bilingual story corpus as JSONL")
+    p.add_argument("--out", type=Path, required=True, help="directory for synthetic.jsonl")
+    p.add_argument("--num-docs", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", type=_mix, default=DEFAULT_MIX,
+                   help="category weights, e.g. english=0.6,spanish=0.3,italian=0.1")
+    p.set_defaults(func=synth)
+
+    p = commands.add_parser("build", help="tokenize documents into WebDataset shards + manifest.json")
+    p.add_argument("--input", type=Path, nargs="+", required=True,
+                   help="JSONL / JSON lines / .txt / .parquet files, directories, or datasets.save_to_disk dirs")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--tokenizer", type=Path, help="tokenizer.json or a local HF tokenizer directory")
+    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")
+    p.add_argument("--tokenizer-docs", type=int, default=None, help="train the tokenizer on the first N docs")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--docs-per-shard", type=int, default=10_000)
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--category-field", default="category")
+    p.set_defaults(func=build)
+
+    p = commands.add_parser("tag", help="score documents with P(forget) into new tagged shards")
+    p.add_argument("--shards", type=Path, required=True, help="shard directory written by `data build`")
+    p.add_argument("--out", type=Path, required=True, help="directory for the tagged shards")
+    p.add_argument("--classifier", choices=("linear", "keywords", "scores", "hf"), required=True)
+    p.add_argument("--model", type=Path, help="linear: classifier.npz; hf: local model directory")
+    p.add_argument("--seed-set", type=Path, nargs="+", help="linear: labelled documents (with categories) to train on")
+    p.add_argument("--train-from-truth", type=int, metavar="N", help="linear: train on N ground-truth docs")
+    p.add_argument("--rules", type=Path, help='keywords: JSON {"forget": [regex], "retain": [regex]}')
+    p.add_argument("--forget-pattern", action="append", help="keywords: forget regex (repeatable)")
+    p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
+    p.add_argument("--scores", type=Path, help='scores: JSONL lines {"id": ..., "score": P(forget)}')
+    p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
+    p.add_argument("--forget-categories", nargs="+", default=[FORGET_CATEGORY],
+                   help="ground-truth categories that count as forget (training targets and metrics)")
+    p.add_argument("--tau-forget", type=float, default=0.5, help="threshold for the reported label counts")
+    p.add_argument("--tau-retain", type=float, default=0.5)
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--skip-bad-shards", action="store_true", help="skip (and report) corrupt shards")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=tag)

@@ -1,0 +1,260 @@
+"""The SGTM sampler: packed sequences with per-token labels, split over data-parallel ranks.
+
+Layout. Each epoch a pool of documents is shuffled (seeded by ``(seed, pool, epoch)``) and
+concatenated into one token stream, which is cut into sequences of ``seq_length`` inputs (plus one
+target token). Global step ``g`` takes ``global_batch_size`` consecutive sequences of one pool;
+DP rank ``r`` gets the ``r``-th contiguous block of ``global_batch_size / dp_size`` of them, cut
+into micro-batches of ``micro_batch_size``. The tail of an epoch is padded (``loss_mask`` 0), so
+every token of every document is delivered exactly once per epoch.
+
+Modes. ``packed``: one pool with every document. ``batch_uniform`` (the paper's schedule): two
+pools, F-labelled documents ("forget") and R/U-labelled ones ("other"); each global step draws
+one pool, in stratified blocks of 1000 steps that reproduce ``step_proportions`` (default: each
+pool's share of tokens, so both run through their documents at the same pace).
+
+Pipeline stages. A micro-batch is a pure function of ``(step, micro)`` and the constructor
+arguments: every pipeline stage of a DP rank builds the same sampler and iterates it (or calls
+`micro_batch` directly) and gets identical tokens and labels, with nothing to communicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from megatron_sgtm.data.corpus import Corpus
+from megatron_sgtm.labels import FORGET, UNLABELED
+
+MODES = ("packed", "batch_uniform")
+SCHEDULE_BLOCK = 1000
+_POOL_SEED, _SCHEDULE_SEED, _UPSAMPLE_SEED = 10, 11, 12
+
+
+class PackedStream:
+    """A pool of documents ("units"; an upsampled document appears more than once) concatenated in a
+    per-epoch order and read as windows of ``seq_length + 1`` tokens."""
+
+    def __init__(self, corpus: Corpus, units: np.ndarray, seq_length: int, seed: tuple[int, ...] | None):
+        self.corpus, self.units, self.seq_length, self.seed = corpus, units, seq_length, seed
+        self.num_tokens = int(corpus.lengths[units].sum())
+        self.num_sequences = math.ceil(self.num_tokens / seq_length)
+        self._epoch, self._order, self._cum = -1, units, np.zeros(1, np.int64)
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit order of ``epoch`` (the given order when unseeded) and its cumulative token counts."""
+        if epoch != self._epoch:
+            order = self.units
+            if self.seed is not None:
+                order = self.units[np.random.default_rng([*self.seed, epoch]).permutation(len(self.units))]
+            cum = np.zeros(len(order) + 1, dtype=np.int64)
+            np.cumsum(self.corpus.lengths[order], out=cum[1:])
+            self._epoch, self._order, self._cum = epoch, order, cum
+        return self._order, self._cum
+
+    def sequences(self, epoch: int, indices: np.ndarray, doc_labels: np.ndarray) -> dict[str, np.ndarray]:
+        order, cum = self._layout(epoch)
+        s = self.seq_length
+        pos = indices[:, None] * s + np.arange(s + 1)
+        valid = pos < self.num_tokens
+        pos = np.where(valid, pos, 0)
+        unit = np.searchsorted(cum, pos, side="right") - 1
+        offset = pos - cum[unit]
+        doc = order[unit]
+        tokens = self.corpus.tokens[self.corpus.offsets[doc] + offset].astype(np.int64)
+        tokens[~valid] = self.corpus.eod_id
+        inputs_valid = valid[:, :-1]
+        # A target counts only inside the input's own document: this masks the end-of-document
+        # position (whose target is the next document's first token) and the padding.
+        loss_mask = inputs_valid & valid[:, 1:] & (unit[:, :-1] == unit[:, 1:])
+        doc_ids = np.where(inputs_valid, doc[:, :-1], -1)
+        doc_offsets = np.where(inputs_valid, offset[:, :-1], -1)
+        token_labels = np.where(inputs_valid, doc_labels[doc[:, :-1]], UNLABELED).astype(np.uint8)
+        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "token_labels": token_labels,
+                "loss_mask": loss_mask.astype(np.float32), "position_ids": _position_ids(doc_ids, doc_offsets),
+                "doc_ids": doc_ids, "doc_offsets": doc_offsets}
+
+
+def _position_ids(doc_ids: np.ndarray, doc_offsets: np.ndarray) -> np.ndarray:
+    """Positions restart at every document start, at the start of a row, and where padding begins."""
+    start = doc_offsets == 0
+    start[:, 0] = True
+    start[:, 1:] |= doc_ids[:, 1:] != doc_ids[:, :-1]
+    index = np.broadcast_to(np.arange(doc_ids.shape[1]), doc_ids.shape)
+    return index - np.maximum.accumulate(np.where(start, index, 0), axis=1)
+
+
+def document_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that keeps attention inside each document: bool [b, 1, s, s], True = masked out
+    (Megatron's convention). Built on demand because it is O(s^2) per sequence."""
+    segment = torch.cumsum((position_ids == 0).long(), dim=1)
+    s = position_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    return ~(same & causal)[:, None]
+
+
+def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+
+
+def _upsampled_units(corpus: Corpus, documents: np.ndarray, upsample: Mapping[str, float], seed: int) -> np.ndarray:
+    """Each document repeated floor(f) times plus once more with probability frac(f), f its category's factor."""
+    factors = np.ones(corpus.num_docs)
+    for category, factor in upsample.items():
+        if factor < 0:
+            raise ValueError(f"upsample factor of {category!r} must be >= 0, got {factor}")
+        if category not in corpus.category_names:
+            raise ValueError(f"upsample: no document has category {category!r} (known: {corpus.category_names})")
+        factors[corpus.category_mask([category])] = factor
+    draws = np.random.default_rng([seed, _UPSAMPLE_SEED]).random(corpus.num_docs)
+    repeats = (np.floor(factors) + (draws < factors - np.floor(factors)))[documents].astype(np.int64)
+    return np.repeat(documents, repeats)
+
+
+class _StepSchedule:
+    """Which pool each global step reads, and that pool's own step counter, by random access."""
+
+    def __init__(self, proportions: list[float], seed: int):
+        exact = np.asarray(proportions) / sum(proportions) * SCHEDULE_BLOCK
+        counts = np.floor(exact).astype(np.int64)
+        counts[np.argsort(counts - exact)[: SCHEDULE_BLOCK - counts.sum()]] += 1  # largest remainders
+        self.counts, self.seed = counts, seed
+        self._block, self._pools, self._rank = -1, np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        block, within = divmod(step, SCHEDULE_BLOCK)
+        if block != self._block:
+            pools = np.repeat(np.arange(len(self.counts)), self.counts)
+            pools = pools[np.random.default_rng([self.seed, _SCHEDULE_SEED, block]).permutation(SCHEDULE_BLOCK)]
+            rank = np.zeros(SCHEDULE_BLOCK, dtype=np.int64)
+            for p in range(len(self.counts)):
+                rank[pools == p] = np.arange(self.counts[p])
+            self._block, self._pools, self._rank = block, pools, rank
+        pool = int(self._pools[within])
+        return pool, block * int(self.counts[pool]) + int(self._rank[within])
+
+
+class SGTMSampler:
+    """Iterator of micro-batches (dicts of torch tensors) for one data-parallel rank.
+
+    Keys: ``tokens``/``labels`` [b, s] int64 (inputs and next-token targets); ``token_labels``
+    [b, s] uint8, the SGTM label (`megatron_sgtm.labels`) of the document each position belongs to;
+    ``loss_mask`` [b, s] float32; ``position_ids`` [b, s], restarting at document starts (feed them
+    to `document_attention_mask`); ``doc_ids``/``doc_offsets`` [b, s], the corpus index and offset
+    of each input token (-1 for padding). Positions with ``loss_mask`` 0 carry no gradient, so
+    trainers must count labels (for step gating) only where ``loss_mask > 0``.
+    """
+
+    def __init__(self, corpus: Corpus, doc_labels: np.ndarray, *, seq_length: int, micro_batch_size: int,
+                 global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, mode: str = "packed",
+                 documents: np.ndarray | None = None, upsample: Mapping[str, float] | None = None,
+                 step_proportions: Mapping[str, float] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+        if seq_length < 1 or micro_batch_size < 1 or global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of micro_batch_size "
+                             f"{micro_batch_size} x dp_size {dp_size} (and seq_length {seq_length} >= 1)")
+        if len(doc_labels) != corpus.num_docs:
+            raise ValueError(f"{len(doc_labels)} labels for {corpus.num_docs} documents")
+        self.corpus, self.doc_labels, self.mode = corpus, np.asarray(doc_labels, np.uint8), mode
+        self.seq_length, self.micro_batch_size, self.global_batch_size = seq_length, micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.num_micro_batches = global_batch_size // (micro_batch_size * dp_size)
+        documents = np.arange(corpus.num_docs) if documents is None else np.asarray(documents, np.int64)
+        units = _upsampled_units(corpus, documents, upsample or {}, seed)
+        if mode == "packed":
+            pools = {"all": units}
+        else:
+            is_forget = self.doc_labels[units] == FORGET
+            pools = {"forget": units[is_forget], "other": units[~is_forget]}
+        self.pool_names = list(pools)
+        self.streams = [PackedStream(corpus, pool, seq_length, seed=(seed, _POOL_SEED, i))
+                        for i, pool in enumerate(pools.values())]
+        self.proportions = self._proportions(step_proportions)
+        self.schedule = _StepSchedule(self.proportions, seed)
+        self.step, self.micro = 0, 0
+
+    def _proportions(self, step_proportions: Mapping[str, float] | None) -> list[float]:
+        if step_proportions is None:
+            proportions = [float(s.num_tokens) for s in self.streams]
+        else:
+            unknown = set(step_proportions) - set(self.pool_names)
+            if unknown:
+                raise ValueError(f"step_proportions: unknown pools {sorted(unknown)}; pools are {self.pool_names}")
+            proportions = [float(step_proportions.get(name, 0.0)) for name in self.pool_names]
+        if any(p < 0 for p in proportions) or sum(proportions) <= 0:
+            raise ValueError(f"step proportions must be >= 0 with a positive sum, got {proportions}")
+        for name, p, stream in zip(self.pool_names, proportions, self.streams, strict=True):
+            if p > 0 and stream.num_tokens == 0:
+                raise ValueError(f"pool {name!r} has no documents but step proportion {p}")
+        total = sum(proportions)
+        return [p / total for p in proportions]
+
+    def steps_per_epoch(self, pool: str | None = None) -> int:
+        """Global steps of ``pool`` (default: the only pool, in packed mode) that cover it once."""
+        stream = self.streams[self.pool_names.index(pool or self.pool_names[0])]
+        return math.ceil(stream.num_sequences / self.global_batch_size)
+
+    def step_pool(self, step: int) -> str:
+        return self.pool_names[self.schedule.locate(step)[0]]
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``micro`` of global step ``step`` for this rank (a pure function)."""
+        pool, pool_step = self.schedule.locate(step)
+        epoch, step_in_epoch = divmod(pool_step, self.steps_per_epoch(self.pool_names[pool]))
+        first = (step_in_epoch * self.global_batch_size
+                 + self.dp_rank * (self.global_batch_size // self.dp_size) + micro * self.micro_batch_size)
+        indices = np.arange(first, first + self.micro_batch_size)
+        return _to_torch(self.streams[pool].sequences(epoch, indices, self.doc_labels))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.micro_batch(self.step, self.micro)
+        self.micro += 1
+        if self.micro == self.num_micro_batches:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+    def _fingerprint(self) -> str:
+        """Everything that determines the batch sequence except the position (and the DP rank)."""
+        labels = hashlib.sha256(self.doc_labels.tobytes()).hexdigest()
+        units = [hashlib.sha256(s.units.tobytes()).hexdigest() for s in self.streams]
+        key = [self.mode, self.seed, self.seq_length, self.micro_batch_size, self.global_batch_size,
+               self.dp_size, self.corpus.num_docs, int(self.corpus.offsets[-1]), labels, units, self.proportions]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["fingerprint"] != self._fingerprint():
+            raise ValueError("sampler state was saved with different data, labels or batch settings; "
+                             "resuming would not continue the same sequence of batches")
+        self.step, self.micro = int(state["step"]), int(state["micro"])
+
+
+def eval_batches(corpus: Corpus, documents: np.ndarray, doc_labels: np.ndarray, *, seq_length: int,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """One deterministic pass over ``documents`` in order (no shuffling), sequences dealt to DP ranks
+    in blocks of ``micro_batch_size``; for held-out evaluation streams."""
+    stream = PackedStream(corpus, np.asarray(documents, np.int64), seq_length, seed=None)
+    stride = micro_batch_size * dp_size
+    for first in range(dp_rank * micro_batch_size, stream.num_sequences, stride):
+        yield _to_torch(stream.sequences(0, np.arange(first, first + micro_batch_size), doc_labels))
+
+
+def eval_streams(corpus: Corpus, heldout: np.ndarray, doc_labels: np.ndarray, **kwargs
+                 ) -> dict[str, Iterator[dict[str, torch.Tensor]]]:
+    """Per-category `eval_batches` over the held-out documents (see `corpus.heldout_split`)."""
+    heldout = np.asarray(heldout, np.int64)
+    return {name: eval_batches(corpus, heldout[corpus.categories[heldout] == code], doc_labels, **kwargs)
+            for code, name in enumerate(corpus.category_names)}

@@ -1,0 +1,211 @@
+"""Score every document of a shard directory with P(forget) and write tagged copies.
+
+Originals are never modified. Each output shard is written atomically and then recorded in
+``<out>/.tagging/<shard>.json`` (its manifest entry, scores and categories), so an interrupted run
+resumes by skipping the recorded shards. Shards are tagged in parallel worker processes, each
+building the classifier once from a picklable `ClassifierSpec`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from megatron_sgtm.data.classifiers import (
+    Classifier,
+    HFClassifier,
+    KeywordClassifier,
+    LinearClassifier,
+    ScoresFileClassifier,
+    classification_metrics,
+)
+from megatron_sgtm.data.shards import (
+    Manifest,
+    Progress,
+    ShardDoc,
+    ShardError,
+    ShardInfo,
+    read_shard,
+    sha256_file,
+    verify_shard,
+    write_shard,
+)
+from megatron_sgtm.data.sources import Document
+
+CLASSIFIER_KINDS = ("linear", "keywords", "scores", "hf")
+PROGRESS_DIR = ".tagging"
+HISTOGRAM_BINS = 20
+SCORE_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """What a worker needs to build the classifier: its kind and the file it reads."""
+
+    kind: str
+    path: str
+    forget_label: int | None = None
+
+    def build(self) -> Classifier:
+        path = Path(self.path)
+        if self.kind == "linear":
+            return LinearClassifier.load(path)
+        if self.kind == "keywords":
+            return KeywordClassifier.from_file(path)
+        if self.kind == "scores":
+            return ScoresFileClassifier(path)
+        if self.kind == "hf":
+            return HFClassifier(path, forget_label=self.forget_label)
+        raise ValueError(f"unknown classifier {self.kind!r}; choose from {CLASSIFIER_KINDS}")
+
+
+@lru_cache(maxsize=1)
+def _classifier(spec: ClassifierSpec) -> Classifier:
+    return spec.build()
+
+
+def forget_targets(docs: list[Document], forget_categories: tuple[str, ...]) -> list[int]:
+    """1 for documents of a forget category, 0 otherwise; a document without a category is an error."""
+    missing = next((d for d in docs if d.category is None), None)
+    if missing is not None:
+        raise ValueError(f"training document {missing.id!r} has no field 'category'")
+    return [int(d.category in forget_categories) for d in docs]
+
+
+def ground_truth_sample(directory: Path, num_docs: int, seed: int) -> list[Document]:
+    """Up to ``num_docs`` documents with categories from shards taken in a seeded random order."""
+    manifest = Manifest.read(directory)
+    docs: list[Document] = []
+    for i in np.random.default_rng(seed).permutation(len(manifest.shards)):
+        info = manifest.shards[i]
+        verify_shard(directory, info)
+        docs += [Document(d.id, d.meta["text"], d.meta.get("category")) for d in read_shard(directory / info.name)]
+        if len(docs) >= num_docs:
+            break
+    return docs[:num_docs]
+
+
+def score_docs(classifier: Classifier, docs: list[ShardDoc], where: str) -> np.ndarray:
+    scores = np.concatenate([np.zeros(0)] + [
+        classifier.score([d.id for d in docs[i:i + SCORE_BATCH]], [d.meta["text"] for d in docs[i:i + SCORE_BATCH]])
+        for i in range(0, len(docs), SCORE_BATCH)])
+    bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))
+    if len(bad):
+        raise ShardError(f"{where}: classifier gave document {docs[bad[0]].id!r} field 'score' = {scores[bad[0]]!r} "
+                         "outside [0, 1]")
+    return scores
+
+
+def _tag_shard(task: tuple[ClassifierSpec, Path, Path, ShardInfo, bool]) -> dict:
+    """Worker: verify, score and write one shard; returns its record (or the reason it was skipped)."""
+    spec, in_dir, out_dir, info, skip_bad = task
+    try:
+        verify_shard(in_dir, info)
+        docs = list(read_shard(in_dir / info.name))
+        scores = score_docs(_classifier(spec), docs, f"shard {in_dir / info.name}")
+    except ShardError as e:
+        if skip_bad:
+            return {"name": info.name, "skipped": str(e)}
+        raise
+    for doc, score in zip(docs, scores, strict=True):
+        doc.meta = {**doc.meta, "score": float(score)}
+    out_info = write_shard(out_dir / info.name, docs)
+    record = {"name": info.name, "info": vars(out_info), "scores": scores.tolist(),
+              "categories": [d.meta.get("category") for d in docs]}
+    (out_dir / PROGRESS_DIR / f"{info.name}.json").write_text(json.dumps(record))
+    return record
+
+
+def _finished_record(out_dir: Path, name: str) -> dict | None:
+    """The record of a shard tagged by an earlier run, if its output is intact."""
+    marker = out_dir / PROGRESS_DIR / f"{name}.json"
+    if not marker.exists():
+        return None
+    record = json.loads(marker.read_text())
+    shard = out_dir / name
+    return record if shard.exists() and sha256_file(shard) == record["info"]["sha256"] else None
+
+
+def _label_counts(scores: np.ndarray, tau_forget: float, tau_retain: float) -> dict[str, int]:
+    forget, retain = scores >= tau_forget, scores <= tau_retain
+    return {"F": int(forget.sum()), "R_candidates": int((retain & ~forget).sum()),
+            "U": int((~forget & ~retain).sum())}
+
+
+def summarize(scores: np.ndarray, categories: list[str | None], forget_categories: tuple[str, ...],
+              tau_forget: float, tau_retain: float) -> dict:
+    """Histograms and label counts, overall and per category; metrics when ground truth is present."""
+    edges = np.linspace(0, 1, HISTOGRAM_BINS + 1)
+    cats = np.array([c if c is not None else "" for c in categories], dtype=object)
+    summary: dict = {"histogram_edges": edges.tolist(),
+                     "histogram": np.histogram(scores, edges)[0].tolist(),
+                     "label_counts": _label_counts(scores, tau_forget, tau_retain),
+                     "thresholds": {"tau_forget": tau_forget, "tau_retain": tau_retain}}
+    known = sorted({c for c in categories if c is not None})
+    summary["per_category"] = {c: {"histogram": np.histogram(scores[cats == c], edges)[0].tolist(),
+                                   "label_counts": _label_counts(scores[cats == c], tau_forget, tau_retain),
+                                   "mean_score": float(scores[cats == c].mean())} for c in known}
+    if categories and all(c is not None for c in categories) and set(known) & set(forget_categories):
+        truth = np.isin(cats, list(forget_categories))
+        summary["metrics"] = classification_metrics(scores, truth, tau_forget)
+    return summary
+
+
+def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: int = 1, skip_bad_shards: bool = False,
+               forget_categories: tuple[str, ...] = ("spanish",), tau_forget: float = 0.5, tau_retain: float = 0.5,
+               extra: dict | None = None) -> Manifest:
+    """Tag every shard of ``in_dir`` into ``out_dir`` and write its manifest (with tagging statistics)."""
+    if in_dir.resolve() == out_dir.resolve():
+        raise ValueError(f"tagging writes new shards; --out must differ from the input {in_dir}")
+    manifest = Manifest.read(in_dir)
+    (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    tokenizer = in_dir / manifest.tokenizer
+    if tokenizer.exists():
+        shutil.copyfile(tokenizer, out_dir / manifest.tokenizer)
+    records = {s.name: r for s in manifest.shards if (r := _finished_record(out_dir, s.name))}
+    todo = [s for s in manifest.shards if s.name not in records]
+    if records:
+        print(f"[tag] resuming: {len(records)} shard(s) already tagged, {len(todo)} to go", file=sys.stderr)
+    _classifier(spec)  # fail fast (missing model, bad scores file) before starting workers
+    progress = Progress(len(todo), "tag")
+    tasks = [(spec, in_dir, out_dir, info, skip_bad_shards) for info in todo]
+    if workers > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            results = list(_report(pool.imap_unordered(_tag_shard, tasks), progress))
+    else:
+        results = list(_report(map(_tag_shard, tasks), progress))
+    skipped = [r["skipped"] for r in results if "skipped" in r]
+    records.update({r["name"]: r for r in results if "skipped" not in r})
+    if skipped:
+        print(f"[tag] skipped {len(skipped)} bad shard(s) of {len(manifest.shards)}:", file=sys.stderr)
+        for reason in skipped:
+            print(f"  {reason}", file=sys.stderr)
+    ordered = [records[s.name] for s in manifest.shards if s.name in records]
+    scores = np.array([x for r in ordered for x in r["scores"]], dtype=np.float64)
+    categories = [c for r in ordered for c in r["categories"]]
+    summary = summarize(scores, categories, forget_categories, tau_forget, tau_retain)
+    summary.update(classifier=_classifier(spec).describe(), skipped_shards=skipped, **(extra or {}))
+    if "metrics" in summary:
+        m = summary["metrics"]
+        print(f"[tag] ground truth ({m['num_forget']} forget / {m['num_other']} other docs): precision "
+              f"{m['precision']:.4f}  recall {m['recall']:.4f}  AUC {m['auc']:.4f} at threshold {tau_forget}",
+              file=sys.stderr)
+    out = Manifest(shards=[ShardInfo(**r["info"]) for r in ordered], eod_id=manifest.eod_id,
+                   vocab_size=manifest.vocab_size, tokenizer=manifest.tokenizer,
+                   extra={**manifest.extra, "tagging": summary})
+    out.write(out_dir)
+    return out
+
+
+def _report(results, progress: Progress):
+    for record in results:
+        if "skipped" not in record:
+            progress.shard_done(record["name"], record["info"]["num_docs"])
+        yield record
