@@ -261,8 +261,8 @@ def good_shards(directory: Path, manifest: Manifest, skip_bad: bool,
 class Progress:
     """One line per finished shard with throughput, so long builds and tagging runs show progress."""
 
-    def __init__(self, total: int | None, what: str, stream=sys.stderr):
-        self.total, self.what, self.stream = total, what, stream
+    def __init__(self, total: int | None, what: str):
+        self.total, self.what = total, what
         self.start, self.done_docs, self.done_shards = time.perf_counter(), 0, 0
 
     def shard_done(self, name: str, num_docs: int) -> None:
@@ -271,7 +271,7 @@ class Progress:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         of = f"/{self.total}" if self.total is not None else ""
         print(f"[{self.what}] {self.done_shards}{of} {name}: {num_docs} docs, {self.done_docs} total, "
-              f"{self.done_docs / elapsed:,.0f} docs/s", file=self.stream, flush=True)
+              f"{self.done_docs / elapsed:,.0f} docs/s", file=sys.stderr, flush=True)
 
 
 def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,

@@ -1,0 +1,139 @@
+"""WebDataset shards: build, manifest, read back, and loud failures on damaged or untagged data."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from megatron_sgtm.cli import main
+from megatron_sgtm.data.corpus import heldout_split, load_corpus
+from megatron_sgtm.data.shards import Manifest, ShardError, read_shard, write_shard
+from megatron_sgtm.data.synthetic import generate
+from megatron_sgtm.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    assert main(["data", "synth", "--out", str(root / "raw"), "--num-docs", "150", "--seed", "5"]) == 0
+    assert main(["data", "build", "--input", str(root / "raw"), "--train-tokenizer", "500", "--out",
+                 str(root / "shards"), "--docs-per-shard", "40"]) == 0
+    return root / "shards"
+
+
+def test_build_writes_shards_manifest_and_tokens(built, capsys):
+    manifest = Manifest.read(built)
+    docs = list(generate(150, seed=5))
+    assert [s.name for s in manifest.shards] == [f"shard-{i:06d}.tar" for i in range(4)]
+    assert [s.num_docs for s in manifest.shards] == [40, 40, 40, 30]
+    assert manifest.num_docs == 150
+    assert manifest.categories() == {c: sum(d.category == c for d in docs) for c in manifest.categories()}
+    tokenizer = load_tokenizer(built / "tokenizer.json")
+    stored = [d for s in manifest.shards for d in read_shard(built / s.name)]
+    assert [d.id for d in stored] == [d.id for d in docs]
+    assert [d.meta["category"] for d in stored] == [d.category for d in docs]
+    for doc, source in zip(stored, docs, strict=True):
+        tokens = doc.tokens()
+        assert tokens[-1] == manifest.eod_id and tokenizer.decode(tokens[:-1].tolist()) == source.text
+    assert manifest.num_tokens == sum(len(d.tokens()) for d in stored)
+
+
+def test_shards_are_plain_webdataset(built, tmp_path):
+    samples = list(wds.WebDataset(str(built / "shard-000000.tar"), shardshuffle=False))
+    assert len(samples) == 40 and json.loads(samples[0]["json"])["id"] == "synth-5-000000000"
+    # Shards we write ourselves (tagging) read back through webdataset too.
+    docs = list(read_shard(built / "shard-000001.tar"))
+    write_shard(tmp_path / "copy.tar", docs)
+    again = list(wds.WebDataset(str(tmp_path / "copy.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in again] == [d.key for d in docs]
+    assert [s["tokens.npy"] for s in again] == [d.tokens_npy for d in docs]
+
+
+def test_corpus_loads_every_token(built):
+    corpus = load_corpus(built)
+    assert corpus.num_docs == 150 and corpus.offsets[-1] == Manifest.read(built).num_tokens
+    assert np.isnan(corpus.scores).all() and corpus.has_truth()
+    train, held = heldout_split(corpus, 0.2, seed=1)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(150))
+    assert 10 <= len(held) <= 50
+    np.testing.assert_array_equal(held, heldout_split(corpus, 0.2, seed=1)[1])
+
+
+def _copy(built, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    return out
+
+
+def test_truncated_shard_fails_naming_it(built, tmp_path):
+    shards = _copy(built, tmp_path)
+    victim = shards / "shard-000002.tar"
+    victim.write_bytes(victim.read_bytes()[:20_000])
+    with pytest.raises(ShardError, match="shard-000002.tar.*truncated"):
+        list(read_shard(victim))
+    with pytest.raises(ShardError, match="shard-000002.tar"):
+        load_corpus(shards)
+
+
+def test_corrupt_header_fails_naming_it(built, tmp_path):
+    shards = _copy(built, tmp_path)
+    victim = shards / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[3] ^= 0xFF  # inside the first member name: header checksum no longer matches
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-000001.tar.*checksum"):
+        list(read_shard(victim))
+
+
+def test_skip_bad_shards_reports_how_many(built, tmp_path, capsys):
+    shards = _copy(built, tmp_path)
+    for name in ("shard-000000.tar", "shard-000003.tar"):
+        (shards / name).write_bytes((shards / name).read_bytes()[:5000])
+    corpus = load_corpus(shards, skip_bad_shards=True)
+    assert corpus.skipped_shards == 2 and corpus.num_docs == 80
+    err = capsys.readouterr().err
+    assert "skipped 2 bad shard(s) of 4" in err and "shard-000000.tar" in err and "shard-000003.tar" in err
+
+
+def _with_meta(built, tmp_path, edit):
+    """A tagged copy of the corpus (every score 0.5) with ``edit`` applied to one document's metadata."""
+    shards = _copy(built, tmp_path)
+    manifest = Manifest.read(shards)
+    for i, info in enumerate(manifest.shards):
+        docs = list(read_shard(shards / info.name))
+        for doc in docs:
+            doc.meta["score"] = 0.5
+        if i == 1:
+            edit(docs[7].meta)
+            victim = docs[7].id
+        manifest.shards[i] = write_shard(shards / info.name, docs)
+    manifest.write(shards)
+    return shards, victim
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1.5, -0.1, "high"])
+def test_bad_score_fails_naming_document_and_field(built, tmp_path, value):
+    shards, doc_id = _with_meta(built, tmp_path, lambda meta: meta.update(score=value))
+    with pytest.raises(ShardError, match=rf"shard-000001.tar: document '{doc_id}': field 'score'"):
+        load_corpus(shards)
+
+
+def test_missing_score_where_tagged_data_is_required(built, tmp_path):
+    shards, doc_id = _with_meta(built, tmp_path, lambda meta: meta.pop("score"))
+    load_corpus(shards)  # untagged documents are fine for consumers that do not need scores
+    with pytest.raises(ShardError, match=rf"document '{doc_id}': field 'score' is missing"):
+        load_corpus(shards, require_scores=True)
+    with pytest.raises(ShardError, match=r"field 'score' is missing"):
+        load_corpus(built, require_scores=True)
+
+
+def test_duplicate_ids_and_empty_input_are_errors(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    tok = ["--train-tokenizer", "300"]
+    with pytest.raises(ValueError, match="'a' occurs twice"):
+        main(["data", "build", "--input", str(tmp_path / "in.jsonl"), *tok, "--out", str(tmp_path / "o1")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no documents"):
+        main(["data", "build", "--input", str(tmp_path / "empty.jsonl"), *tok, "--out", str(tmp_path / "o2")])
