@@ -1,0 +1,143 @@
+"""SGTM versions of megatron's column- and row-parallel linears (extended at `_forward_impl`).
+
+Each of the four linears of a masked layer knows which of its rows (qkv, fc1) or columns (proj,
+fc2) are Θ_F on this TP rank. With labels active:
+- every strategy applies the retain-forward rule at the row-parallel inputs (forget heads' context
+  and forget units' activations are zero at R positions); activation masking also zeroes the retain
+  ones at F positions, gradient routing stops their gradient there;
+- strategy ``sgtm`` masks the weight and bias gradients (`MaskedWgradLinear`, `masked_bias_add`).
+Without labels (inference, evaluation, unmasked layers) they are plain megatron linears.
+
+Biases are added here rather than by megatron's callers, so their gradient can be masked too; a
+caller that expects ``skip_bias_add`` still receives a bias where it needs one (a zero, for the
+fused bias-activation kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+from megatron_sgtm.layers.autograd import MaskedWgradLinear, keep_mask, masked_bias_add, scale_grad
+from megatron_sgtm.layers.labels import LabelMasks, active_masks
+from megatron_sgtm.partition import Partition
+
+KINDS = {"qkv": "column", "fc1": "column", "proj": "row", "fc2": "row"}
+
+
+class SGTMLinearMixin:
+    """State shared by both SGTM linears: partition, kind and (once bound) local forget index."""
+
+    def _init_sgtm(self, partition: Partition, sgtm_kind: str, skip_bias_add: bool) -> None:
+        if sgtm_kind not in KINDS:
+            raise ValueError(f"sgtm_kind={sgtm_kind!r}: expected one of {sorted(KINDS)}")
+        self.partition = partition
+        self.sgtm_kind = sgtm_kind
+        self.layer_index: int | None = None
+        self._caller_adds_bias = skip_bias_add
+        self._wgrad_masks: LabelMasks | None = None
+        self.register_buffer("sgtm_forget_index", None, persistent=False)
+
+    def bind_layer(self, layer_index: int) -> None:
+        """Called by the owning layer: masking applies only in the partition's masked layers."""
+        self.layer_index = layer_index
+        if self.partition.active and self.partition.is_masked(layer_index):
+            tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
+            shard = self.partition.shard(tp_group.rank(), tp_group.size())
+            self.sgtm_forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
+
+    @property
+    def forget_index(self) -> torch.Tensor | None:
+        """Bool over this rank's rows (column-parallel) or columns (row-parallel): Θ_F or Θ_R."""
+        return self.sgtm_forget_index
+
+    def _masks(self) -> LabelMasks | None:
+        masks = active_masks()
+        if masks is None or self.sgtm_forget_index is None:
+            return None
+        return masks
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        masks = self._wgrad_masks
+        if masks is None or not weight.requires_grad:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        if kwargs.get("grad_output_buffer") is not None:
+            raise NotImplementedError("SGTM linears do not support defer_embedding_wgrad_compute")
+        return MaskedWgradLinear.apply(
+            input,
+            weight,
+            masks,
+            self.sgtm_forget_index,
+            KINDS[self.sgtm_kind] == "column",
+            kwargs["gradient_accumulation_fusion"],
+            kwargs["allreduce_dgrad"],
+            kwargs["sequence_parallel"],
+            get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")),
+        )
+
+    def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_index):
+        """Add the bias (masked gradient under sgtm) or hand it back as megatron's caller expects."""
+        if bias is None:
+            return output, None
+        if masks is None:
+            return (output, bias) if self._caller_adds_bias else (output + bias, None)
+        output = masked_bias_add(output, bias, masks, forget_index)
+        if self._caller_adds_bias and self.config.bias_activation_fusion and self.sgtm_kind == "fc1":
+            return output, torch.zeros_like(bias, requires_grad=False)
+        return output, None
+
+    def _run(self, forward, *args):
+        try:
+            return forward(*args)
+        finally:
+            self._wgrad_masks = None
+
+
+class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
+    """`linear_qkv` / `linear_fc1` with Θ_F rows masked per token."""
+
+    def __init__(self, *args, partition: Partition, sgtm_kind: str, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=True, **kwargs)
+        if self.gather_output:
+            raise ValueError("SGTM column-parallel linears keep their output sharded (gather_output=False)")
+        self._init_sgtm(partition, sgtm_kind, skip_bias_add)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        masks = self._masks() if self.partition.strategy == "sgtm" else None
+        self._wgrad_masks = masks
+        output, bias = self._run(super().forward, input_, weight, runtime_gather_output)
+        return self._finish_bias(output, bias, masks, self.sgtm_forget_index)
+
+
+class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
+    """`linear_proj` / `linear_fc2`: forward rules on forget/retain columns, masked wgrad."""
+
+    def __init__(self, *args, partition: Partition, sgtm_kind: str, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=True, **kwargs)
+        self._init_sgtm(partition, sgtm_kind, skip_bias_add)
+
+    def forward(self, input_):
+        masks = self._masks()
+        if masks is not None:
+            input_ = self._forward_rule(input_, masks.to(input_.dtype))
+        sgtm_masks = masks if self.partition.strategy == "sgtm" else None
+        self._wgrad_masks = sgtm_masks
+        output, bias = self._run(super().forward, input_)
+        if sgtm_masks is not None and self.sequence_parallel:
+            tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
+            sgtm_masks = sgtm_masks.seq_slice(tp_group.rank(), tp_group.size())
+        # The output bias is entirely Θ_R.
+        return self._finish_bias(output, bias, sgtm_masks, None)
+
+    def _forward_rule(self, x: torch.Tensor, masks: LabelMasks) -> torch.Tensor:
+        forget = self.sgtm_forget_index
+        strategy = self.partition.strategy
+        if strategy == "activation_masking":
+            # R positions: forget columns zero; F positions: retain columns zero.
+            return x * keep_mask(masks, forget)
+        if masks.any_retain:
+            x = x * torch.where(forget, masks.not_retain, torch.ones_like(masks.not_retain))
+        if strategy == "gradient_routing" and masks.any_forget:
+            x = scale_grad(x, torch.where(forget, torch.ones_like(masks.not_forget), masks.not_forget))
+        return x

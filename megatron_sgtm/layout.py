@@ -1,0 +1,87 @@
+"""Between a rank's local shards and the global (TP=1, PP=1) layout of a GPTModel's tensors.
+
+`gather_global` reassembles any per-parameter tensors (weights, gradients, optimizer moments)
+into the global naming and shapes; `load_global` copies a global state into this rank's shards.
+Global names are megatron's, with layers numbered across pipeline stages. A gated fc1 is stored
+per rank as [gate_r; up_r]; globally it is [gate; up].
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_name(model: torch.nn.Module, name: str) -> str:
+    match = _LAYER.match(name)
+    if not match:
+        return name
+    layer = model.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}.{name[match.end():]}"
+
+
+def _is_tied_copy(model: torch.nn.Module, name: str) -> bool:
+    """The last stage's copy of tied embeddings is the first stage's word embedding."""
+    return name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False)
+
+
+def _gated(model: torch.nn.Module, name: str) -> bool:
+    return model.config.gated_linear_unit and ".mlp.linear_fc1." in name
+
+
+def _tp_pieces(tensor: torch.Tensor, gated: bool) -> list[torch.Tensor]:
+    return list(torch.chunk(tensor, 2, dim=0)) if gated else [tensor]
+
+
+@torch.no_grad()
+def gather_global(model: torch.nn.Module, local: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Global tensors on every rank. `local` maps parameter names to tensors shaped like them
+    (default: the parameters themselves)."""
+    params = dict(model.named_parameters())
+    local = {n: p.detach() for n, p in params.items()} if local is None else local
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = tp_group.size()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in local.items():
+        if _is_tied_copy(model, name):
+            continue
+        param = params[name]
+        tensor = tensor.detach().float().cpu().clone()  # a copy, never a view of live buffers
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            dim = param.partition_dim
+            gathered = [torch.empty_like(tensor) for _ in range(tp)]
+            dist.all_gather(gathered, tensor, group=tp_group)
+            gated = _gated(model, name)
+            pieces = [_tp_pieces(t, gated) for t in gathered]
+            tensor = torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(len(pieces[0]))], dim=dim)
+        out[global_name(model, name)] = tensor
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if pp_group.size() > 1:
+        stages: list[dict] = [None] * pp_group.size()
+        dist.all_gather_object(stages, out, group=pp_group)
+        out = {k: v for stage in stages for k, v in stage.items()}
+    return out
+
+
+@torch.no_grad()
+def load_global(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a global state (as from `gather_global`) into this rank's parameter shards."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        key = "embedding.word_embeddings.weight" if _is_tied_copy(model, name) else global_name(model, name)
+        if key not in state:
+            raise KeyError(f"global state has no tensor {key!r} for parameter {name!r}")
+        tensor = state[key]
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            dim = param.partition_dim
+            pieces = _tp_pieces(tensor, _gated(model, name))
+            tensor = torch.cat([torch.chunk(p, tp, dim=dim)[rank] for p in pieces], dim=dim)
+        if tensor.shape != param.shape:
+            raise ValueError(f"{key}: global shard shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
+        param.copy_(tensor.to(param.dtype))
