@@ -126,6 +126,12 @@ def build_gpt_model(
     backend: str = "local",
 ) -> GPTModel:
     """The GPTModel chunk of this pipeline stage, with SGTM layers when `partition` is given."""
+    if partition is not None and partition.active and config.recompute_granularity == "full":
+        # Full recompute re-runs layer forwards during backward, outside the micro-batch's labels.
+        raise ValueError(
+            "recompute_granularity='full' is not supported with SGTM (the recomputed forward would not "
+            "see the micro-batch's token labels); use recompute_granularity='selective'"
+        )
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=get_sgtm_block_spec(config, partition, backend),
