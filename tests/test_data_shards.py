@@ -9,7 +9,7 @@ import webdataset as wds
 
 from megatron_sgtm.cli import main
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
-from megatron_sgtm.data.shards import Manifest, ShardError, read_shard, write_shard
+from megatron_sgtm.data.shards import Manifest, ShardDoc, ShardError, read_shard, write_shard
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import load_tokenizer
 
@@ -102,12 +102,12 @@ def _with_meta(built, tmp_path, edit):
     shards = _copy(built, tmp_path)
     manifest = Manifest.read(shards)
     for i, info in enumerate(manifest.shards):
-        docs = list(read_shard(shards / info.name))
-        for doc in docs:
-            doc.meta["score"] = 0.5
+        docs = [doc.with_score(0.5) for doc in read_shard(shards / info.name)]
         if i == 1:
-            edit(docs[7].meta)
-            victim = docs[7].id
+            meta = dict(docs[7].meta)
+            edit(meta)
+            docs[7] = ShardDoc.from_meta(docs[7].key, meta, docs[7].tokens_npy)
+            victim = meta["id"]
         manifest.shards[i] = write_shard(shards / info.name, docs)
     manifest.write(shards)
     return shards, victim

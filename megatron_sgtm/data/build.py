@@ -47,7 +47,7 @@ def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardD
             meta = {"id": doc.id, "text": doc.text, "num_tokens": len(tokens)}
             if doc.category is not None:
                 meta["category"] = doc.category
-            yield ShardDoc(key=f"{index:09d}", meta=meta, tokens_npy=encode_tokens(tokens))
+            yield ShardDoc.from_meta(f"{index:09d}", meta, encode_tokens(tokens))
             index += 1
 
 

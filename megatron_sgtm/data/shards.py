@@ -18,10 +18,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -40,13 +40,22 @@ class ShardError(ValueError):
     """A shard (or a document in it) is unreadable or inconsistent; the message names it."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardDoc:
-    """One stored document; ``tokens_npy`` stays encoded so re-writing a shard does not re-encode."""
+    """One stored document, kept in its encoded form (``meta_json``, ``tokens_npy``) so tagging can
+    re-write a shard without re-encoding texts and token arrays."""
 
     key: str
-    meta: dict
+    meta_json: bytes
     tokens_npy: bytes
+
+    @staticmethod
+    def from_meta(key: str, meta: dict, tokens_npy: bytes) -> ShardDoc:
+        return ShardDoc(key, json.dumps(meta, ensure_ascii=False).encode(), tokens_npy)
+
+    @cached_property
+    def meta(self) -> dict:
+        return json.loads(self.meta_json)
 
     @property
     def id(self) -> str:
@@ -54,6 +63,16 @@ class ShardDoc:
 
     def tokens(self) -> np.ndarray:
         return np.load(io.BytesIO(self.tokens_npy), allow_pickle=False)
+
+    def with_score(self, score: float) -> ShardDoc:
+        """A copy carrying ``score``; appended to the stored JSON object rather than re-encoding it."""
+        meta = {**self.meta, "score": score}
+        if "score" in self.meta:
+            return ShardDoc.from_meta(self.key, meta, self.tokens_npy)
+        doc = ShardDoc(self.key, self.meta_json.rstrip()[:-1] + b', "score": ' + repr(float(score)).encode() + b"}",
+                       self.tokens_npy)
+        doc.__dict__["meta"] = meta  # prime the cached_property: parsing it back would cost as much as dumping
+        return doc
 
 
 def encode_tokens(tokens: np.ndarray) -> bytes:
@@ -64,8 +83,7 @@ def encode_tokens(tokens: np.ndarray) -> bytes:
 
 def sample(doc: ShardDoc) -> dict:
     """The WebDataset sample dict (raw bytes, for ``encoder=False`` writers)."""
-    return {"__key__": doc.key, "json": json.dumps(doc.meta, ensure_ascii=False).encode(),
-            "tokens.npy": doc.tokens_npy}
+    return {"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy}
 
 
 def sha256_file(path: Path) -> str:
@@ -81,35 +99,45 @@ def _tar_members(path: Path, data: bytes) -> Iterator[tuple[str, bytes]]:
 
     A minimal ustar/pax reader: `tarfile` costs ~100 us per member, which would cap tagging far below
     the goal. It understands what tar writers put in WebDataset shards (ustar, pax ``x``/``g``
-    headers, GNU long names) and checks every header checksum and that the archive ends with its
-    end-of-archive blocks, so a truncated or damaged shard is always detected.
+    headers, GNU long names). Before yielding anything it checks every header checksum (in one
+    vectorised pass) and that the archive ends with its end-of-archive block, so a truncated or
+    damaged shard is always detected.
     """
-    pos, long_name = 0, None
+    headers, checksums, pos = [], [], 0
     while True:
         header = data[pos:pos + BLOCK]
         if len(header) < BLOCK:
             raise ShardError(f"shard {path}: truncated tar (no end-of-archive marker after byte {pos})")
         if header == ZERO_BLOCK:
-            return
+            break
         try:
-            stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+            checksums.append(int(header[148:156].strip(b"\0 ") or b"0", 8))
             size = int(header[124:136].strip(b"\0 ") or b"0", 8)
         except ValueError as e:
             raise ShardError(f"shard {path}: corrupt tar header at byte {pos}") from e
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as 8 spaces
-            raise ShardError(f"shard {path}: corrupt tar header at byte {pos} (checksum mismatch)")
-        start, pos = pos + BLOCK, pos + BLOCK + size + (-size % BLOCK)
-        if start + size > len(data):
-            raise ShardError(f"shard {path}: truncated tar (member at byte {start - BLOCK} is cut off)")
-        kind, payload = header[156:157], data[start:start + size]
+        headers.append((pos, size))
+        pos += BLOCK + size + (-size % BLOCK)
+        if pos > len(data):
+            raise ShardError(f"shard {path}: truncated tar (member at byte {headers[-1][0]} is cut off)")
+    blocks = np.frombuffer(data, dtype=np.uint8, count=len(data) // BLOCK * BLOCK).reshape(-1, BLOCK)
+    header_blocks = blocks[[p // BLOCK for p, _ in headers]]
+    # The checksum field itself counts as 8 spaces.
+    computed = (header_blocks.sum(axis=1, dtype=np.int64) - header_blocks[:, 148:156].sum(axis=1, dtype=np.int64)
+                + 8 * 32)
+    bad = np.flatnonzero(computed != np.asarray(checksums, dtype=np.int64))
+    if len(bad):
+        raise ShardError(f"shard {path}: corrupt tar header at byte {headers[bad[0]][0]} (checksum mismatch)")
+    long_name = None
+    for pos, size in headers:
+        kind, payload = data[pos + 156:pos + 157], data[pos + BLOCK:pos + BLOCK + size]
         if kind == b"x":
-            records = dict(_pax_records(path, payload))
-            long_name = records.get("path", long_name)
+            long_name = dict(_pax_records(path, payload)).get("path", long_name)
         elif kind == b"L":
             long_name = payload.rstrip(b"\0").decode()
         elif kind in (b"0", b"\0", b"7"):
-            prefix = header[345:500].split(b"\0", 1)[0].decode()
-            name = long_name or "/".join(filter(None, (prefix, header[:100].split(b"\0", 1)[0].decode())))
+            name = long_name or data[pos:pos + 100].split(b"\0", 1)[0].decode()
+            if data[pos + 345] and not long_name:  # ustar splits long paths into prefix/name
+                name = data[pos + 345:pos + 500].split(b"\0", 1)[0].decode() + "/" + name
             long_name = None
             yield name, payload
         elif kind != b"g":
@@ -150,14 +178,17 @@ def read_shard(path: Path) -> Iterator[ShardDoc]:
 
 
 def _decode(path: Path, key: str, parts: dict[str, bytes]) -> ShardDoc:
+    doc = ShardDoc(key=key, meta_json=parts["json"], tokens_npy=parts["tokens.npy"])
     try:
-        meta = json.loads(parts["json"])
+        meta = doc.meta
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"shard {path}: document {key!r} has invalid json ({e})") from e
+    if not isinstance(meta, dict):
+        raise ShardError(f"shard {path}: document {key!r} json is not an object")
     for name, kind in (("id", str), ("text", str), ("num_tokens", int)):
         if not isinstance(meta.get(name), kind):
             raise ShardError(f"shard {path}: document {key!r} field {name!r} is missing or not a {kind.__name__}")
-    return ShardDoc(key=key, meta=meta, tokens_npy=parts["tokens.npy"])
+    return doc
 
 
 @dataclass
@@ -277,6 +308,8 @@ class Progress:
 def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,
                  progress: Progress | None = None) -> list[ShardInfo]:
     """Write documents with `webdataset.ShardWriter`; returns the manifest entries."""
+    import webdataset as wds  # imported here: it pulls in torch, which tagging workers do not need
+
     infos: dict[str, ShardInfo] = {}
 
     def finished(fname: str) -> None:
@@ -294,11 +327,16 @@ def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,
     return [infos[name] for name in sorted(infos)]
 
 
+_TEMPLATE_SUM = sum(USTAR_TEMPLATE)
+
+
 def _ustar_header(name: str, size: int) -> bytes:
+    encoded, size_field = name.encode(), b"%011o\0" % size
     header = bytearray(USTAR_TEMPLATE)
-    header[: len(name)] = name.encode()
-    header[124:136] = b"%011o\0" % size
-    header[148:156] = b"%06o\0 " % sum(header)
+    header[: len(encoded)] = encoded
+    header[124:136] = size_field
+    # The template's name and size fields are zero bytes, so the checksum only grows by the new ones.
+    header[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
     return bytes(header)
 
 
@@ -310,18 +348,13 @@ def write_shard(path: Path, docs: Iterable[ShardDoc]) -> ShardInfo:
     """
     tmp = path.with_name(path.name + ".tmp")
     info = ShardInfo(path.name)
-    digest = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for doc in docs:
-            for ext, payload in sorted(sample(doc).items()):
-                if ext == "__key__":
-                    continue
-                chunk = _ustar_header(f"{doc.key}.{ext}", len(payload)) + payload + bytes(-len(payload) % BLOCK)
-                digest.update(chunk)
-                f.write(chunk)
-            info.add(doc)
-        digest.update(ZERO_BLOCK * 2)
-        f.write(ZERO_BLOCK * 2)
-    info.sha256 = digest.hexdigest()
+    chunks = []
+    for doc in docs:
+        for ext, payload in (("json", doc.meta_json), ("tokens.npy", doc.tokens_npy)):
+            chunks += (_ustar_header(f"{doc.key}.{ext}", len(payload)), payload, ZERO_BLOCK[:-len(payload) % BLOCK])
+        info.add(doc)
+    data = b"".join([*chunks, ZERO_BLOCK, ZERO_BLOCK])
+    info.sha256 = hashlib.sha256(data).hexdigest()
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return info

@@ -42,7 +42,7 @@ from megatron_sgtm.data.sources import Document
 CLASSIFIER_KINDS = ("linear", "keywords", "scores", "hf")
 PROGRESS_DIR = ".tagging"
 HISTOGRAM_BINS = 20
-SCORE_BATCH = 1024
+SCORE_BATCH = 256  # small batches keep the n-gram arrays in cache
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,7 @@ def _tag_shard(task: tuple[ClassifierSpec, Path, Path, ShardInfo, bool]) -> dict
         if skip_bad:
             return {"name": info.name, "skipped": str(e)}
         raise
-    for doc, score in zip(docs, scores, strict=True):
-        doc.meta = {**doc.meta, "score": float(score)}
+    docs = [doc.with_score(float(score)) for doc, score in zip(docs, scores, strict=True)]
     out_info = write_shard(out_dir / info.name, docs)
     record = {"name": info.name, "info": vars(out_info), "scores": scores.tolist(),
               "categories": [d.meta.get("category") for d in docs]}
