@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
-COMMAND_MODULES: list[str] = ["megatron_sgtm.data.cli"]
+COMMAND_MODULES: list[str] = ["megatron_sgtm.data.cli", "megatron_sgtm.training.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides"):  # only subcommands that take --section.key=value overrides
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     return int(args.func(args) or 0)
 
 

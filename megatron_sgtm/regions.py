@@ -6,6 +6,8 @@ Step gating (the optimizers) and ablation (here and in the exporters) read the s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +87,17 @@ def ablate(model: torch.nn.Module) -> int:
             param.masked_fill_(mask, 0.0)
             zeroed += int(mask.sum())
     return zeroed
+
+
+@contextlib.contextmanager
+def ablated(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate the ablated model without losing the live one: ablate in place, restore on exit."""
+    saved = [(p, p.detach().clone()) for linear in sgtm_linears(model) for p in (linear.weight, linear.bias)
+             if p is not None]
+    ablate(model)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)

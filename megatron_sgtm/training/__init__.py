@@ -1,0 +1,1 @@
+"""`megatron-sgtm train`: config, engines, step gating, checkpoints, evaluation, logging, loop."""

@@ -1,0 +1,111 @@
+"""Checkpoint directories: atomic, complete-or-absent, newest found by ``--resume auto``.
+
+Layout: ``<dir>/iter_0000100/`` holds the engine's sharded state (megatron distributed checkpoint
+or DeepSpeed's), ``rng/rank_XXXXX.pt`` per rank, and ``meta.json`` (step, scheduler, sampler, SGTM
+partition, config). Everything is written into ``iter_0000100.partial`` first; rank 0 renames it
+after all ranks finished and then rewrites ``latest`` atomically, so a crash at any point leaves
+the previous checkpoint as the newest complete one. ``meta.json`` is the completeness marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not match this run; names the path."""
+
+
+def iteration_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (partial directories are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _ITER.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume: str | None, root: Path | None) -> Path | None:
+    """The checkpoint to resume from: None, the newest complete one ('auto'), or an explicit path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        if root is None:
+            raise CheckpointError("checkpoint.resume=auto needs checkpoint.dir")
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / META).is_file():
+        raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {META} there)")
+    return path
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """Torch RNG (dropout, init); the data order is a pure function of the sampler state."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    final = iteration_dir(root, step)
+    partial = final.with_name(final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    engine.save(str(partial))
+    (partial / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size()})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_json_atomic(root / "latest.json", {"step": step, "path": final.name})
+        for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(engine, path: Path) -> dict:
+    """Collective. Loads the engine state and this rank's RNG (when the world size matches)."""
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {META})")
+    meta = json.loads(meta_file.read_text())
+    engine.load(str(path))
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return meta

@@ -1,0 +1,246 @@
+"""Training configuration: one YAML file plus ``--section.key=value`` overrides, validated up front.
+
+Everything a run needs is checked here, before any process group exists: unknown keys, a layout
+that does not divide the world size, DeepSpeed stage 3 with PP > 1, a missing data path, a
+partition that does not fit the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_sgtm.model import ModelConfig
+from megatron_sgtm.partition import PartitionError, SGTMConfig
+
+# method -> (SGTM strategy, data filter)
+METHODS = {
+    "sgtm": ("sgtm", "none"),
+    "none": ("none", "none"),
+    "weak_filter": ("none", "weak"),
+    "strict_filter": ("none", "strict"),
+    "oracle": ("none", "oracle"),
+    "gradient_routing": ("gradient_routing", "none"),
+    "activation_masking": ("activation_masking", "none"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file, section and key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a shard directory written by `megatron-sgtm data build` / `data tag`
+    mode: str = "packed"  # packed | batch_uniform
+    document_attention: bool = True  # attention stays inside each packed document
+    heldout_fraction: float = 0.05
+    score_source: str = "tagged"  # tagged | truth
+    tau_forget: float = 0.5
+    tau_retain: float = 0.5
+    retain_rate: float = 0.25
+    undiscovered_rate: float = 0.0
+    false_positive_rate: float = 0.0
+    forget_categories: list[str] = field(default_factory=lambda: ["spanish"])
+    adjacent_categories: list[str] = field(default_factory=lambda: ["italian"])
+    retain_categories: list[str] = field(default_factory=lambda: ["english"])
+    skip_bad_shards: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "megatron"  # megatron | deepspeed
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 1  # deepspeed engine
+    deepspeed_config: str | None = None  # a DeepSpeed JSON; its zero/optimizer sections win
+    cpu_offload: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+
+
+@dataclass
+class TrainLoopConfig:
+    train_steps: int = 100
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_batches: int = 8  # per category; 0 = the whole held-out stream
+    calibrate: bool = False  # fit an output bias after ablation before comparing losses
+    bf16: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    save_interval: int = 0
+    keep_last: int = 2
+    resume: str | None = None  # None | "auto" | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "megatron-sgtm"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    method: str = "sgtm"
+    sgtm: SGTMConfig = field(default_factory=SGTMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def strategy(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def data_filter(self) -> str:
+        return METHODS[self.method][1]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "sgtm": SGTMConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "train": TrainLoopConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``section.key=value`` (or ``--section.key=value``) overrides; values parse as YAML."""
+    for item in overrides:
+        item = item.removeprefix("--")
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _section(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
+    raw = dict(raw)
+    unknown = sorted(set(raw) - set(SECTIONS) - {"method"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['method']}")
+    if "model" not in raw:
+        raise ConfigError(f"{source}: section 'model' is required")
+    method = raw.pop("method", "sgtm")
+    if method not in METHODS:
+        raise ConfigError(f"{source}: method={method!r}: expected one of {sorted(METHODS)}")
+    sections = {name: _section(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
+    cfg = TrainConfig(method=method, **sections)
+    cfg.sgtm.strategy = cfg.strategy
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict = {}
+    source = "<overrides>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        source = str(path)
+    return from_dict(apply_overrides(raw, list(overrides)), source)
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """Checks that need the world size; run on every rank before any distributed work."""
+    par, optim = cfg.parallel, cfg.optim
+    if par.engine not in ("megatron", "deepspeed"):
+        raise ConfigError(f"parallel.engine={par.engine!r}: expected 'megatron' or 'deepspeed'")
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if model_parallel < 1 or world_size % model_parallel:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = {model_parallel} does not "
+            f"divide the world size {world_size}"
+        )
+    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
+        raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+    if par.engine == "deepspeed":
+        if par.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={par.zero_stage}: expected 1, 2 or 3")
+        if par.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                f"parallel.engine=deepspeed runs pipeline_model_parallel_size=1 only (got "
+                f"{par.pipeline_model_parallel_size}); ZeRO stage {par.zero_stage} shards the optimizer "
+                "instead (use engine=megatron for pipeline parallelism)"
+            )
+    dp = world_size // model_parallel
+    if optim.global_batch_size % (optim.micro_batch_size * dp):
+        raise ConfigError(
+            f"optim.global_batch_size={optim.global_batch_size} must be a multiple of micro_batch_size="
+            f"{optim.micro_batch_size} x data-parallel size {dp}"
+        )
+    if not cfg.data.path:
+        raise ConfigError("data.path is required (a shard directory from `megatron-sgtm data build`)")
+    if not (Path(cfg.data.path) / "manifest.json").is_file():
+        raise ConfigError(f"data.path={cfg.data.path}: no manifest.json there (not a shard directory)")
+    try:
+        partition = cfg.sgtm.resolve(cfg.model.dims())
+        partition.check_tp(par.tensor_model_parallel_size)
+    except PartitionError as err:
+        raise ConfigError(f"sgtm: {err}") from err
+    if cfg.model.num_layers % par.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"model.num_layers={cfg.model.num_layers} is not divisible by pipeline_model_parallel_size="
+            f"{par.pipeline_model_parallel_size}"
+        )

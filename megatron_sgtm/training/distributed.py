@@ -1,0 +1,38 @@
+"""Process-group setup from torchrun's or SLURM's environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_sgtm.platform import enable_cpu_execution
+
+
+def _from_slurm() -> None:
+    """srun without torchrun: derive torchrun's variables from SLURM's."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, on_gpu). NCCL on GPUs, gloo (with the CPU shims) otherwise."""
+    _from_slurm()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        enable_cpu_execution()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python` run: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29533")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), on_gpu

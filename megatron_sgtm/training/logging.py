@@ -1,0 +1,111 @@
+"""Run logging: console progress, a metrics JSONL in the run directory, and wandb (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from megatron_sgtm.training.config import TrainConfig
+
+# Dense bf16 peak of known accelerators, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def model_flops_per_token(cfg: TrainConfig) -> float:
+    """Training FLOPs per token: 6 x parameters in matmuls + attention scores (PaLM's estimate)."""
+    m = cfg.model
+    hd = m.hidden_size // m.num_attention_heads
+    attn = m.hidden_size * hd * (m.num_attention_heads * 2 + m.num_query_groups * 2)
+    mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.gated else 2)
+    params = m.num_layers * (attn + mlp) + m.vocab_size * m.hidden_size
+    return 6.0 * params + 12.0 * m.num_layers * m.hidden_size * m.seq_length
+
+
+def peak_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class RunLogger:
+    """Writes only on rank 0; other ranks keep the same interface and do nothing."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world_size: int):
+        self.enabled = rank == 0
+        self.cfg = cfg
+        self.world_size = world_size
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.flops_per_token = model_flops_per_token(cfg)
+        self.peak = peak_tflops()
+        self.start = time.time()
+        self._last_time = time.time()
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        self.metrics = (self.run_dir / "metrics.jsonl").open("a")
+        if cfg.logging.wandb_mode != "disabled":
+            self._start_wandb()
+
+    def _start_wandb(self) -> None:
+        try:
+            import wandb
+        except ImportError:
+            self.console("wandb is not installed; metrics go to metrics.jsonl only")
+            return
+        os.environ.setdefault("WANDB_MODE", self.cfg.logging.wandb_mode)
+        self.wandb = wandb.init(project=self.cfg.logging.wandb_project, dir=str(self.run_dir),
+                                config=self.cfg.to_dict(), mode=self.cfg.logging.wandb_mode)
+
+    def console(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def record(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, int | float)}, step=step)
+
+    def train_step(self, step: int, total_steps: int, m: dict, gated: dict) -> None:
+        now = time.time()
+        elapsed, self._last_time = now - self._last_time, now
+        tps = m["tokens"] / elapsed if elapsed > 0 else 0.0
+        u, r, f = m["label_counts"]
+        total = max(u + r + f, 1.0)
+        values = {
+            "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tps,
+            "label_mix_U": u / total, "label_mix_R": r / total, "label_mix_F": f / total,
+            "gated_retain_steps": gated["retain"], "gated_forget_steps": gated["forget"],
+        }
+        if self.peak:
+            values["mfu"] = tps * self.flops_per_token / (self.peak * 1e12 * self.world_size)
+        self.record("train", step, values)
+        if step % self.cfg.train.log_interval == 0 or step == total_steps:
+            done = step / total_steps
+            eta = (time.time() - self.start) * (1 - done) / done if done > 0 else 0.0
+            mfu = f" mfu {values['mfu']:.1%}" if "mfu" in values else ""
+            self.console(
+                f"step {step:6d}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                f"{tps:,.0f} tok/s{mfu} | U/R/F {u / total:.2f}/{r / total:.2f}/{f / total:.2f} | "
+                f"gated R/F {gated['retain']}/{gated['forget']} | eta {eta:,.0f}s"
+            )
+
+    def evaluation(self, step: int, losses: dict) -> None:
+        self.record("eval", step, losses)
+        self.console(f"eval  {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items())))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -1,0 +1,183 @@
+"""The training loop, from config to a finished (and evaluated) run.
+
+data (corpus -> labels -> filter -> sampler) -> engine (model, optimizer, gating) -> steps,
+with evaluation of the live and ablated model, checkpoints and logging at their intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
+from megatron_sgtm.data.labeling import LabelingConfig, label_corpus
+from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
+from megatron_sgtm.training import checkpoint
+from megatron_sgtm.training.config import TrainConfig, validate
+from megatron_sgtm.training.distributed import init_distributed
+from megatron_sgtm.training.logging import RunLogger
+
+
+@dataclass
+class RunData:
+    corpus: Corpus
+    doc_labels: np.ndarray
+    train_docs: np.ndarray
+    heldout_docs: np.ndarray
+
+
+def load_data(cfg: TrainConfig) -> RunData:
+    d = cfg.data
+    corpus = load_corpus(Path(d.path), require_scores=d.score_source == "tagged", skip_bad_shards=d.skip_bad_shards)
+    if corpus.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer "
+                         f"({corpus.vocab_size} tokens, {d.path})")
+    labeling = LabelingConfig(
+        tau_forget=d.tau_forget, tau_retain=d.tau_retain, retain_rate=d.retain_rate,
+        undiscovered_rate=d.undiscovered_rate, false_positive_rate=d.false_positive_rate,
+        forget_categories=tuple(d.forget_categories), score_source=d.score_source, seed=cfg.train.seed,
+    )
+    doc_labels = label_corpus(corpus, labeling)
+    train_docs, heldout_docs = heldout_split(corpus, d.heldout_fraction, seed=cfg.train.seed)
+    return RunData(corpus, doc_labels, _filter(cfg, corpus, doc_labels, train_docs), heldout_docs)
+
+
+def _filter(cfg: TrainConfig, corpus: Corpus, doc_labels: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """The data-filtering baselines: which training documents each method keeps."""
+    kind = cfg.data_filter
+    if kind == "none":
+        return docs
+    if kind == "oracle":  # perfect filter: the ground truth, not the classifier
+        drop = corpus.category_mask(cfg.data.forget_categories)
+    else:
+        drop = doc_labels == 2  # F-labelled (labels.FORGET)
+        if kind == "strict":
+            drop = drop | corpus.category_mask(cfg.data.adjacent_categories)
+    return docs[~drop[docs]]
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask for a checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _make_engine(cfg: TrainConfig, on_gpu: bool):
+    partition = cfg.sgtm.resolve(cfg.model.dims())
+    if cfg.parallel.engine == "deepspeed":
+        from megatron_sgtm.training.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, partition, on_gpu)
+    from megatron_sgtm.training.engine_megatron import MegatronEngine
+
+    return MegatronEngine(cfg, partition, on_gpu)
+
+
+def evaluate(engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
+    """Per-category held-out loss of the live model and of its ablated copy."""
+    groups = {
+        "forget": cfg.data.forget_categories,
+        "retain": cfg.data.retain_categories,
+        "adjacent": cfg.data.adjacent_categories,
+    }
+    results: dict[str, float] = {}
+    for name, categories in groups.items():
+        docs = data.heldout_docs[data.corpus.category_mask(categories)[data.heldout_docs]]
+        stream = eval_batches(data.corpus, docs, data.doc_labels, seq_length=cfg.model.seq_length,
+                              micro_batch_size=cfg.optim.micro_batch_size, dp_rank=engine.dp_rank,
+                              dp_size=engine.dp_size)
+        batches = [b for _, b in zip(range(cfg.train.eval_batches or 10**9), stream)]
+        count = torch.tensor([len(batches)])
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        batches = batches[: int(count)]
+        if not batches:
+            continue
+        for ablate in (False, True):
+            loss, tokens = engine.evaluate(batches, ablate=ablate)
+            results[f"{name}_loss{'_ablated' if ablate else ''}"] = loss / max(tokens, 1.0)
+    return results
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training job (collective over the whole world); returns the final metrics."""
+    rank, world, on_gpu = init_distributed()
+    validate(cfg, world)
+    torch.manual_seed(cfg.train.seed)
+    data = load_data(cfg)
+    engine = _make_engine(cfg, on_gpu)
+    log = RunLogger(cfg, rank, world)
+    sampler = SGTMSampler(
+        data.corpus, data.doc_labels, seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.optim.micro_batch_size, global_batch_size=cfg.optim.global_batch_size,
+        dp_rank=engine.dp_rank, dp_size=engine.dp_size, seed=cfg.train.seed, mode=cfg.data.mode,
+        documents=data.train_docs,
+    )
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    step, gated = 0, {"retain": 0, "forget": 0}
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, root)
+    if resume_from is not None:
+        meta = checkpoint.load(engine, resume_from)
+        step, gated = meta["step"], meta["gated"]
+        sampler.load_state_dict(meta["sampler"])
+        engine.load_scheduler_state(meta["scheduler"])
+        log.console(f"resumed from {resume_from} at step {step}")
+    signals = _Signals()
+    total = cfg.train.train_steps
+    log.console(f"training {cfg.method} ({cfg.parallel.engine} engine, world {world}) for {total} steps")
+
+    def save() -> None:
+        meta = {"gated": gated, "sampler": sampler.state_dict(), "scheduler": engine.scheduler_state(),
+                "partition": engine.partition.to_dict(), "method": cfg.method, "config": cfg.to_dict(),
+                "engine": engine.name}
+        path = checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last)
+        log.console(f"saved checkpoint {path}")
+
+    losses: list[float] = []
+    while step < total:
+        batches = [next(sampler) for _ in range(sampler.num_micro_batches)]
+        metrics = engine.train_step(batches)
+        step += 1
+        gated["retain"] += int(metrics["gated_retain"])
+        gated["forget"] += int(metrics["gated_forget"])
+        losses.append(metrics["loss"])
+        log.train_step(step, total, metrics, gated)
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < total:
+            log.evaluation(step, evaluate(engine, cfg, data))
+        if root and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+            save()
+        if signals.any_rank():
+            if root:
+                save()
+            log.console(f"stopping at step {step} on a signal")
+            break
+    final = {"step": step, "train_losses": losses, "gated": gated}
+    if step >= total:
+        if root and not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+            save()
+        final.update(evaluate(engine, cfg, data))
+        log.evaluation(step, {k: v for k, v in final.items() if k.endswith(("_loss", "_ablated"))})
+        if rank == 0:
+            summary = {k: v for k, v in final.items() if k != "train_losses"}
+            summary.update(method=cfg.method, time_s=time.time() - log.start)
+            (Path(cfg.logging.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.close()
+    engine.shutdown()
+    return final
