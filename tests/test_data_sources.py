@@ -57,6 +57,20 @@ def test_readers_jsonl_text_parquet(tmp_path):
     ]
 
 
+def test_reader_webdataset_tar(tmp_path):
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "web.tar")) as writer:
+        writer.write({"__key__": "s0", "txt": "plain text"})
+        writer.write({"__key__": "s1", "json": {"text": "from json", "category": "spanish"}, "jpg": b"ignored"})
+    assert list(read_documents([tmp_path / "web.tar"])) == [
+        Document("s0", "plain text"), Document("s1", "from json", "spanish")]
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as writer:
+        writer.write({"__key__": "s9", "cls": b"3"})
+    with pytest.raises(ValueError, match=r"bad.tar sample 's9': no .json or .txt member"):
+        list(read_documents([tmp_path / "bad.tar"]))
+
+
 def test_reader_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 5}\n')

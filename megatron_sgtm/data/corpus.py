@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from megatron_sgtm.data.shards import Manifest, ShardError, good_shards, read_shard
+from megatron_sgtm.data.shards import Manifest, ShardDoc, ShardError, read_good_shards
 
 NO_CATEGORY = -1
 
@@ -59,10 +60,10 @@ def load_corpus(directory: Path, require_scores: bool = False, skip_bad_shards: 
     token_chunks, lengths, ids, categories, scores = [], [], [], [], []
     names: dict[str, int] = {}
 
-    def read(path: Path) -> None:
+    def consume(path: Path, docs: Iterator[ShardDoc]) -> None:
         """Parse a whole shard before keeping any of it, so a bad shard contributes nothing."""
         shard = []
-        for doc in read_shard(path):
+        for doc in docs:
             where = f"shard {path}: document {doc.id!r}"
             score = doc.meta.get("score")
             if score is None and require_scores:
@@ -78,7 +79,7 @@ def load_corpus(directory: Path, require_scores: bool = False, skip_bad_shards: 
             categories.append(code)
             scores.append(score)
 
-    good = good_shards(directory, manifest, skip_bad_shards, read=read)
+    skipped = read_good_shards(directory, manifest, skip_bad_shards, consume)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dtype = np.uint16 if manifest.vocab_size <= 1 << 16 else np.uint32
@@ -86,7 +87,7 @@ def load_corpus(directory: Path, require_scores: bool = False, skip_bad_shards: 
         tokens=np.concatenate(token_chunks).astype(dtype) if token_chunks else np.zeros(0, dtype),
         offsets=offsets, ids=ids, categories=np.asarray(categories, dtype=np.int16),
         category_names=list(names), scores=np.asarray(scores, dtype=np.float64), eod_id=manifest.eod_id,
-        vocab_size=manifest.vocab_size, skipped_shards=len(manifest.shards) - len(good))
+        vocab_size=manifest.vocab_size, skipped_shards=skipped)
 
 
 def heldout_split(corpus: Corpus, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

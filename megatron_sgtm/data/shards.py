@@ -94,7 +94,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _tar_members(path: Path, data: bytes) -> Iterator[tuple[str, bytes]]:
+def tar_members(path: Path, data: bytes) -> Iterator[tuple[str, bytes]]:
     """(name, payload) of each regular file in a tar held in memory.
 
     A minimal ustar/pax reader: `tarfile` costs ~100 us per member, which would cap tagging far below
@@ -155,14 +155,17 @@ def _pax_records(path: Path, payload: bytes) -> Iterator[tuple[str, str]]:
         pos += int(length)
 
 
-def read_shard(path: Path) -> Iterator[ShardDoc]:
-    """Documents of one shard in order; any damage raises `ShardError` naming the shard and member."""
+def read_shard(path: Path, sha256: str | None = None) -> Iterator[ShardDoc]:
+    """Documents of one shard in order; any damage raises `ShardError` naming the shard and member.
+    With ``sha256`` (from the manifest) the file must also match the checksum it was written with."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ShardError(f"shard {path}: cannot be read ({e})") from e
+        raise ShardError(f"shard {path}: cannot be read ({e.strerror})") from e
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardError(f"shard {path}: checksum mismatch (truncated or modified since it was written)")
     pending: dict[str, dict[str, bytes]] = {}
-    for name, payload in _tar_members(path, data):
+    for name, payload in tar_members(path, data):
         key, _, ext = name.partition(".")
         if ext not in ("json", "tokens.npy"):
             raise ShardError(f"shard {path}: unexpected member {name!r}")
@@ -256,37 +259,29 @@ class Manifest:
                         extra={k: v for k, v in data.items() if k not in known})
 
 
-def verify_shard(directory: Path, info: ShardInfo) -> None:
-    """Checksum and count check of one shard against its manifest entry."""
-    path = directory / info.name
-    if not path.exists():
-        raise ShardError(f"shard {path} is listed in the manifest but missing")
-    digest = sha256_file(path)
-    if digest != info.sha256:
-        raise ShardError(f"shard {path}: checksum mismatch (truncated or modified since it was written)")
+def report_skipped(reasons: list[str], total: int, where: Path) -> None:
+    """Skipping is never silent: the count and each shard's reason go to stderr."""
+    if reasons:
+        print(f"skipped {len(reasons)} bad shard(s) of {total} in {where}:", file=sys.stderr)
+        for reason in reasons:
+            print(f"  {reason}", file=sys.stderr)
 
 
-def good_shards(directory: Path, manifest: Manifest, skip_bad: bool,
-                read: Callable[[Path], object] | None = None) -> list[ShardInfo]:
-    """Shards that pass `verify_shard` (and ``read``, if given). Without ``skip_bad`` the first bad
-    shard raises; with it, every skipped shard is reported on stderr and the count returned."""
-    good, bad = [], []
+def read_good_shards(directory: Path, manifest: Manifest, skip_bad: bool,
+                     consume: Callable[[Path, Iterator[ShardDoc]], None]) -> int:
+    """Feed each listed shard's path and documents (checksum-verified) to ``consume``. Without ``skip_bad`` the
+    first bad shard raises; with it, bad shards are reported and their number returned. ``consume``
+    should keep a shard's documents only once it has read them all."""
+    bad = []
     for info in manifest.shards:
         try:
-            verify_shard(directory, info)
-            if read is not None:
-                read(directory / info.name)
+            consume(directory / info.name, read_shard(directory / info.name, info.sha256))
         except ShardError as e:
             if not skip_bad:
                 raise
             bad.append(str(e))
-            continue
-        good.append(info)
-    if bad:
-        print(f"skipped {len(bad)} bad shard(s) of {len(manifest.shards)} in {directory}:", file=sys.stderr)
-        for reason in bad:
-            print(f"  {reason}", file=sys.stderr)
-    return good
+    report_skipped(bad, len(manifest.shards), directory)
+    return len(bad)
 
 
 class Progress:

@@ -1,4 +1,5 @@
-"""Readers turning local corpora (JSONL, text, parquet, `datasets.load_from_disk`) into documents.
+"""Readers turning local corpora (JSONL, text, parquet, WebDataset tars, `datasets.load_from_disk`)
+into documents.
 
 Nothing is downloaded: every source is a local path. Errors name the file and line or row.
 """
@@ -9,6 +10,8 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_sgtm.data.shards import tar_members
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,37 @@ def read_hf_disk(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
             row += 1
 
 
+def read_webdataset(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
+    """A WebDataset tar: per sample, a ``.json`` record or ``.txt`` text; the sample key is the default id."""
+
+    def document(key: str, parts: dict[str, bytes]) -> Document:
+        where = f"{path} sample {key!r}"
+        if "json" in parts:
+            try:
+                record = json.loads(parts["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from e
+            return _from_record(record, fields, key, where)
+        if "txt" in parts:
+            return Document(id=key, text=parts["txt"].decode("utf-8"))
+        raise ValueError(f"{where}: no .json or .txt member (has {sorted(parts)})")
+
+    key, parts = None, {}
+    for name, payload in tar_members(path, path.read_bytes()):
+        member_key, _, ext = name.partition(".")
+        if member_key != key and parts:
+            yield document(key, parts)
+            parts = {}
+        key, parts[ext] = member_key, payload
+    if parts:
+        yield document(key, parts)
+
+
 def _is_hf_disk(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-SUFFIX_READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet}
+SUFFIX_READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".parquet": read_parquet, ".tar": read_webdataset}
 
 
 def read_documents(paths: list[Path], fields: Fields = Fields()) -> Iterator[Document]:
@@ -107,5 +136,5 @@ def read_documents(paths: list[Path], fields: Fields = Fields()) -> Iterator[Doc
         elif path.suffix == ".txt":
             yield from read_text(path)
         else:
-            raise ValueError(f"{path}: unsupported input type {path.suffix!r} (jsonl, json, txt, parquet, "
-                             "or a `datasets.save_to_disk` directory)")
+            raise ValueError(f"{path}: unsupported input type {path.suffix!r} (jsonl, json lines, txt, parquet, "
+                             "WebDataset tar, or a `datasets.save_to_disk` directory)")

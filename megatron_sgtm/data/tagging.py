@@ -33,8 +33,8 @@ from megatron_sgtm.data.shards import (
     ShardError,
     ShardInfo,
     read_shard,
+    report_skipped,
     sha256_file,
-    verify_shard,
     write_shard,
 )
 from megatron_sgtm.data.sources import Document
@@ -85,8 +85,8 @@ def ground_truth_sample(directory: Path, num_docs: int, seed: int) -> list[Docum
     docs: list[Document] = []
     for i in np.random.default_rng(seed).permutation(len(manifest.shards)):
         info = manifest.shards[i]
-        verify_shard(directory, info)
-        docs += [Document(d.id, d.meta["text"], d.meta.get("category")) for d in read_shard(directory / info.name)]
+        docs += [Document(d.id, d.meta["text"], d.meta.get("category"))
+                 for d in read_shard(directory / info.name, info.sha256)]
         if len(docs) >= num_docs:
             break
     return docs[:num_docs]
@@ -107,8 +107,7 @@ def _tag_shard(task: tuple[ClassifierSpec, Path, Path, ShardInfo, bool]) -> dict
     """Worker: verify, score and write one shard; returns its record (or the reason it was skipped)."""
     spec, in_dir, out_dir, info, skip_bad = task
     try:
-        verify_shard(in_dir, info)
-        docs = list(read_shard(in_dir / info.name))
+        docs = list(read_shard(in_dir / info.name, info.sha256))
         scores = score_docs(_classifier(spec), docs, f"shard {in_dir / info.name}")
     except ShardError as e:
         if skip_bad:
@@ -182,10 +181,7 @@ def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: in
         results = list(_report(map(_tag_shard, tasks), progress))
     skipped = [r["skipped"] for r in results if "skipped" in r]
     records.update({r["name"]: r for r in results if "skipped" not in r})
-    if skipped:
-        print(f"[tag] skipped {len(skipped)} bad shard(s) of {len(manifest.shards)}:", file=sys.stderr)
-        for reason in skipped:
-            print(f"  {reason}", file=sys.stderr)
+    report_skipped(skipped, len(manifest.shards), in_dir)
     ordered = [records[s.name] for s in manifest.shards if s.name in records]
     scores = np.array([x for r in ordered for x in r["scores"]], dtype=np.float64)
     categories = [c for r in ordered for c in r["categories"]]
