@@ -40,7 +40,8 @@ def ngram_features(texts: Sequence[str], ngram_sizes: Sequence[int], bits: int
     """
     pad = b"\0" * (max(ngram_sizes) - 1)
     encoded = [t.encode("utf-8") for t in texts]
-    data = np.frombuffer(pad.join([b"", *encoded, b""]), dtype=np.uint8)
+    # Bytes shifted by one, so a zero pad byte still changes the hash.
+    data = np.frombuffer(pad.join([b"", *encoded, b""]), dtype=np.uint8) + np.uint32(1)
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(pad)
     starts = np.zeros(len(texts), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
@@ -52,7 +53,6 @@ def ngram_features(texts: Sequence[str], ngram_sizes: Sequence[int], bits: int
         # In-place updates: temporaries of this size would cost more than the arithmetic.
         rolling *= np.uint32(257)
         rolling += data[n - 1:n - 1 + positions]
-        rolling += np.uint32(1)
         if n in ngram_sizes:
             feature = rolling + np.uint32(n)
             feature *= _MULT
@@ -193,10 +193,9 @@ class HFClassifier:
     def __init__(self, path: Path, forget_label: int | None = None, batch_size: int = 32, max_length: int = 512):
         if not path.exists():
             raise FileNotFoundError(f"HF classifier directory {path} does not exist")
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.torch, self.path, self.batch_size, self.max_length = torch, path, batch_size, max_length
+        self.path, self.batch_size, self.max_length = path, batch_size, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True).eval()
         labels = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
@@ -206,8 +205,10 @@ class HFClassifier:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def score(self, ids: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        import torch
+
         out = []
-        with self.torch.no_grad():
+        with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
                                      padding=True, truncation=True, max_length=self.max_length)

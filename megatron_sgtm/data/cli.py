@@ -27,14 +27,12 @@ def synth(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "synthetic.jsonl"
     start, written = time.perf_counter(), 0
-    with open(path, "w", encoding="utf-8"):
-        pass
-    for first in range(0, args.num_docs, SYNTH_CHUNK):
-        count = min(SYNTH_CHUNK, args.num_docs - first)
-        with open(path, "a", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
+        for first in range(0, args.num_docs, SYNTH_CHUNK):
+            count = min(SYNTH_CHUNK, args.num_docs - first)
             written += write_jsonl(f, generate(count, seed=args.seed, mix=args.mix, start=first))
-        print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} docs/s",
-              file=sys.stderr, flush=True)
+            print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} docs/s",
+                  file=sys.stderr, flush=True)
     print(path)
     return 0
 

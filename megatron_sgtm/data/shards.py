@@ -325,14 +325,13 @@ def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,
 _TEMPLATE_SUM = sum(USTAR_TEMPLATE)
 
 
-def _ustar_header(name: str, size: int) -> bytes:
-    encoded, size_field = name.encode(), b"%011o\0" % size
-    header = bytearray(USTAR_TEMPLATE)
-    header[: len(encoded)] = encoded
-    header[124:136] = size_field
-    # The template's name and size fields are zero bytes, so the checksum only grows by the new ones.
-    header[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(encoded) + sum(size_field))
-    return bytes(header)
+def _ustar_header(name: bytes, size: int) -> bytes:
+    """The template with ``name`` and ``size`` filled in. Its name and size fields are zero bytes, so
+    the checksum only grows by the sums of the new ones."""
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(size_field))
+    return (name + USTAR_TEMPLATE[len(name):124] + size_field + USTAR_TEMPLATE[136:148] + checksum
+            + USTAR_TEMPLATE[156:])
 
 
 def write_shard(path: Path, docs: Iterable[ShardDoc]) -> ShardInfo:
@@ -345,8 +344,9 @@ def write_shard(path: Path, docs: Iterable[ShardDoc]) -> ShardInfo:
     info = ShardInfo(path.name)
     chunks = []
     for doc in docs:
-        for ext, payload in (("json", doc.meta_json), ("tokens.npy", doc.tokens_npy)):
-            chunks += (_ustar_header(f"{doc.key}.{ext}", len(payload)), payload, ZERO_BLOCK[:-len(payload) % BLOCK])
+        key = doc.key.encode()
+        for ext, payload in ((b".json", doc.meta_json), (b".tokens.npy", doc.tokens_npy)):
+            chunks += (_ustar_header(key + ext, len(payload)), payload, ZERO_BLOCK[:-len(payload) % BLOCK])
         info.add(doc)
     data = b"".join([*chunks, ZERO_BLOCK, ZERO_BLOCK])
     info.sha256 = hashlib.sha256(data).hexdigest()
