@@ -1,0 +1,446 @@
+"""Engine ``deepspeed``: the SGTM GPTModel (megatron-core TP layers, PP=1) under DeepSpeed ZeRO 1/2/3.
+
+The model is built exactly as for the megatron engine (megatron's parallel state provides the TP
+groups; DeepSpeed gets them through `mpu`, so its data-parallel group is megatron's). The client
+optimizer is `SGTMAdamW`; DeepSpeed flattens, partitions and steps it. Step gating needs the region
+code of every element of the flat fp32 partition each rank owns, so after `deepspeed.initialize`
+the per-parameter codes (`gating.region_codes`) are laid out the way DeepSpeed lays out its flat
+buffers:
+
+- ZeRO-1/2 (`stage_1_and_2.py`): per param group, the parameters in `round_robin_bit16_groups[i]`
+  order at `round_robin_bit16_offsets[i]` in a flat buffer of `bit16_groups_flat[i].numel()`
+  elements (alignment padding at the end and between parameters is Θ_J); rank r owns the r-th of
+  `dp` equal slices (`get_data_parallel_partitions`), which is `single_partition_of_fp32_groups[i]`.
+- ZeRO-3 (`stage3.py`): per sub-group `fp16_groups[j]`, the concatenation of each parameter's
+  `ds_tensor` partition: elements [r*ps, (r+1)*ps) of the flattened parameter padded to a multiple
+  of `dp` (the padding is Θ_J); `fp32_partitioned_groups_flat[j]` holds it.
+
+Micro-batch losses are per-token sums divided by the global batch's loss-token count (times the
+DP size, since DeepSpeed averages gradients over DP), so updates equal the megatron engine's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_sgtm.data.sampler import document_attention_mask
+from megatron_sgtm.layers.labels import token_labels
+from megatron_sgtm.model import build_gpt_model
+from megatron_sgtm.partition import Partition
+from megatron_sgtm.regions import ablate, ablated, param_regions, sgtm_linears
+from megatron_sgtm.training.config import TrainConfig
+from megatron_sgtm.training.gating import CODE_FORGET, CODE_JOINT, CODE_RETAIN, Gate, SGTMAdamW, region_codes
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+class ZeroSGTMAdamW(SGTMAdamW):
+    """SGTMAdamW as DeepSpeed calls it: several `step()` calls per optimizer step.
+
+    ZeRO-1/2 step each param group separately; ZeRO-3 steps each sub-group with the other groups'
+    `params` emptied. The per-region step counters of a group must advance once per *engine* step,
+    so `begin_step()` (called by the engine before `engine.step()`) opens a step, and a call that
+    finds a group empty or already advanced in this step leaves its counters where they were.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._advanced: set[int] = set()
+
+    def begin_step(self) -> None:
+        self._advanced = set()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        gate = self.gate
+        increment = [1, 0 if gate.retain else 1, 0 if gate.forget else 1]
+        for group in self.param_groups:
+            steps = group.setdefault("sgtm_steps", [0, 0, 0])
+            key = id(group)
+            if not group["params"] or key in self._advanced:
+                # SGTMAdamW.step adds `increment`; pre-subtract it so this call does not advance.
+                for code in (CODE_JOINT, CODE_RETAIN, CODE_FORGET):
+                    steps[code] -= increment[code]
+            else:
+                self._advanced.add(key)
+        return super().step(closure)
+
+
+class _MegatronMPU:
+    """megatron-core's parallel state in the shape DeepSpeed's `mpu` argument expects (PP=1)."""
+
+    get_data_parallel_group = staticmethod(lambda: ps.get_data_parallel_group())
+    get_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank())
+    get_data_parallel_world_size = staticmethod(lambda: ps.get_data_parallel_world_size())
+    get_tensor_model_parallel_group = staticmethod(lambda: ps.get_tensor_model_parallel_group())
+    get_tensor_model_parallel_rank = staticmethod(lambda: ps.get_tensor_model_parallel_rank())
+    get_tensor_model_parallel_world_size = staticmethod(lambda: ps.get_tensor_model_parallel_world_size())
+    get_tensor_model_parallel_src_rank = staticmethod(lambda: ps.get_tensor_model_parallel_src_rank())
+    # With PP=1 the model-parallel group is the tensor-parallel group.
+    get_model_parallel_group = staticmethod(lambda: ps.get_tensor_model_parallel_group())
+    get_model_parallel_rank = staticmethod(lambda: ps.get_tensor_model_parallel_rank())
+    get_model_parallel_world_size = staticmethod(lambda: ps.get_tensor_model_parallel_world_size())
+    get_pipeline_model_parallel_group = staticmethod(lambda: ps.get_pipeline_model_parallel_group())
+    get_pipeline_model_parallel_world_size = staticmethod(lambda: ps.get_pipeline_model_parallel_world_size())
+
+    @staticmethod
+    def get_data_parallel_group_ranks():
+        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool, dp_size: int) -> dict:
+    """DeepSpeed's config dict: ours, with the user JSON's zero_optimization/optimizer sections winning."""
+    par, o = cfg.parallel, cfg.optim
+    zero: dict = {"stage": par.zero_stage, "round_robin_gradients": False}
+    if par.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    user: dict = {}
+    if par.deepspeed_config:
+        user = json.loads(Path(par.deepspeed_config).read_text())
+    if "optimizer" in user:
+        raise ValueError(
+            f"parallel.deepspeed_config={par.deepspeed_config}: an 'optimizer' section is not supported by "
+            "engine=deepspeed (step gating needs the SGTMAdamW client optimizer; set optim.* instead)"
+        )
+    zero = _merge(zero, user.get("zero_optimization", {}))
+    zero["stage"] = int(zero.get("stage", par.zero_stage))
+    if zero["stage"] not in (1, 2, 3):
+        raise ValueError(f"zero_optimization.stage={zero['stage']}: engine=deepspeed runs ZeRO stage 1, 2 or 3")
+    micro_batches = o.global_batch_size // (o.micro_batch_size * dp_size)
+    return {
+        "train_batch_size": o.global_batch_size,
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(on_gpu and cfg.train.bf16)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload steps the SGTMAdamW client optimizer on the CPU
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine_lr(num_steps: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """megatron's OptimizerParamScheduler (init_lr=0, style 'cosine') at `num_steps`."""
+    if warmup_steps > 0 and num_steps <= warmup_steps:
+        return max_lr * num_steps / warmup_steps
+    if num_steps > decay_steps:
+        return min_lr
+    ratio = (num_steps - warmup_steps) / (decay_steps - warmup_steps)
+    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (max_lr - min_lr)
+
+
+def _skip_cpu_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (~2 min, needs a
+    compiler) that only its inference all-reduce uses; training runs on torch.distributed (gloo) as
+    it does when the op is unavailable, so skip the build."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def _safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints (found by loading them)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads(engine):
+    """DeepSpeed's TorchCheckpointEngine loads with ``torch.load(weights_only=False)``; read our
+    checkpoints with ``weights_only=True`` instead, allowing just DeepSpeed's own plain classes."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    checkpoint_engine = engine.checkpoint_engine
+    if type(checkpoint_engine) is not TorchCheckpointEngine:
+        yield  # another checkpoint engine (e.g. a configured async/remote one) keeps its own loader
+        return
+    allowed = _safe_globals()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool):
+        if not on_gpu:
+            _skip_cpu_shm_comm_build()
+        import deepspeed
+
+        par = cfg.parallel
+        if par.pipeline_model_parallel_size != 1:
+            raise ValueError("engine=deepspeed runs pipeline_model_parallel_size=1 only")
+        if par.sequence_parallel:
+            raise ValueError(
+                "engine=deepspeed does not support parallel.sequence_parallel (its layer-norm gradients need "
+                "megatron's TP all-reduce, which DeepSpeed's ZeRO reduction does not do); use engine=megatron"
+            )
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
+                                     pipeline_model_parallel_size=1)
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.cfg, self.partition, self.on_gpu = cfg, partition, on_gpu
+        self.config = cfg.model.transformer_config(
+            on_gpu=on_gpu, bf16=bool(on_gpu and cfg.train.bf16),
+            tensor_model_parallel_size=par.tensor_model_parallel_size, pipeline_model_parallel_size=1,
+        )
+        self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
+        if on_gpu:
+            self.model.cuda()
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+        # Region codes per parameter, computed while parameters still have their full local shape.
+        regions = param_regions(self.model)
+        self.named = dict(self.model.named_parameters())
+        self.model_shape = {name: tuple(p.shape) for name, p in self.named.items()}  # ZeRO-3 empties .shape
+        self.codes: dict[int, torch.Tensor] = {}
+        for name, param in self.named.items():
+            codes = region_codes(regions[name], param.detach().cpu())
+            if codes is not None:
+                self.codes[id(param)] = codes.reshape(-1)
+
+        o = cfg.optim
+        decay, no_decay = [], []
+        for name, param in self.named.items():
+            if param.requires_grad:
+                (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+        groups = [dict(params=p, weight_decay=wd) for p, wd in ((decay, o.weight_decay), (no_decay, 0.0)) if p]
+        self.optimizer = ZeroSGTMAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                       weight_decay=o.weight_decay)
+        self.ds_config = deepspeed_config(cfg, on_gpu, self.dp_size)
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=self.ds_config, mpu=_MegatronMPU,
+            dist_init_required=False,
+        )
+        if self.zero_stage == 3 and cfg.model.tie_embeddings:
+            # The output layer reads the word embedding that the embedding module owns.
+            deepspeed.zero.register_external_parameter(self.model.output_layer,
+                                                       self.model.embedding.word_embeddings.weight)
+        self.zero = self.engine.optimizer
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        expected = DeepSpeedZeroOptimizer_Stage3 if self.zero_stage == 3 else DeepSpeedZeroOptimizer
+        if not isinstance(self.zero, expected):
+            # e.g. DeepSpeed's BF16_Optimizer: another flat layout, which the region codes do not map
+            raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(self.zero).__name__}, expected "
+                               f"{expected.__name__} for ZeRO stage {self.zero_stage}")
+        self.micro_batches = self.ds_config["gradient_accumulation_steps"]
+        self.num_steps = 0
+        self._set_lr()
+        self.install_region_codes()
+
+    # -- step gating: region codes of the flat fp32 partitions -------------------------------
+    def _param_codes(self, param: torch.Tensor, numel: int) -> torch.Tensor:
+        codes = self.codes.get(id(param))
+        return torch.full((numel,), CODE_JOINT, dtype=torch.uint8) if codes is None else codes
+
+    def layout_partitions(self, values, dtype: torch.dtype, fill=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Lay per-parameter flat tensors out as this rank's flat fp32 partitions.
+
+        `values(param, numel)` gives the flattened (model-space, full local shape) tensor of a model
+        parameter; returns (fp32 partition the optimizer steps, the laid-out tensor) per partition,
+        with `fill` at DeepSpeed's padding. The region codes and the tests' check of this mapping
+        against DeepSpeed's own gather helpers both go through here.
+        """
+        zero = self.zero
+        out = []
+        if self.zero_stage in (1, 2):
+            for i, flat in enumerate(zero.bit16_groups_flat):
+                full = torch.full((flat.numel(),), fill, dtype=dtype)
+                for param, meta, offset in zip(zero.round_robin_bit16_groups[i], zero.round_robin_bit16_meta[i],
+                                               zero.round_robin_bit16_offsets[i]):
+                    full[offset:offset + meta.numel()] = values(param, meta.numel()).reshape(-1).to(dtype)
+                group = zero.real_dp_process_group[i]
+                world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+                sizes = [flat.numel() // world + (1 if r < flat.numel() % world else 0) for r in range(world)]
+                start = sum(sizes[:rank])
+                out.append((zero.single_partition_of_fp32_groups[i], full[start:start + sizes[rank]].clone()))
+        else:
+            for j, sub_group in enumerate(zero.fp16_groups):
+                pieces = []
+                for param in sub_group:
+                    part = param.partition_numel()
+                    rank = dist.get_rank(group=param.ds_process_group)
+                    padded = torch.full((param.ds_numel_aligned,), fill, dtype=dtype)
+                    padded[:param.ds_numel] = values(param, param.ds_numel).reshape(-1).to(dtype)
+                    pieces.append(padded[rank * part:(rank + 1) * part])
+                out.append((zero.fp32_partitioned_groups_flat[j], torch.cat(pieces)))
+        for fp32, laid in out:
+            if laid.numel() != fp32.numel():
+                raise RuntimeError(f"laid out {laid.numel()} elements for an fp32 partition of {fp32.numel()}")
+        return out
+
+    def partition_codes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(flat fp32 partition this rank's optimizer steps, its uint8 region codes); padding is Θ_J."""
+        return self.layout_partitions(self._param_codes, torch.uint8, fill=CODE_JOINT)
+
+    def install_region_codes(self) -> None:
+        for fp32, codes in self.partition_codes():
+            gated = codes.to(fp32.device) if bool((codes != CODE_JOINT).any()) else None
+            self.optimizer.set_region_codes(fp32, gated)
+            state = self.optimizer.state[fp32]
+            if not state:
+                # Eager Adam state: ZeRO-1/2 link each parameter's optimizer-state fragments once, after
+                # the first group's step, so lazily created state of later groups would never be linked
+                # (DeepSpeed's safe_get_full_optimizer_state would then fail for them).
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
+        if self.zero_stage in (1, 2) and getattr(self.zero, "_hp_optimizer_states_linked", None) is not None:
+            self.zero._hp_optimizer_states_linked = False
+            self.zero._lazy_init_hp_params_optimizer_state()
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _lr_at(self, num_steps: int) -> float:
+        o, total = self.cfg.optim, self.cfg.train.train_steps
+        return warmup_cosine_lr(num_steps, o.lr, o.min_lr, o.warmup_steps, max(total, o.warmup_steps + 1))
+
+    def _set_lr(self) -> None:
+        lr = self._lr_at(self.num_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _attention_mask(self, mb: dict) -> torch.Tensor | None:
+        return document_attention_mask(mb["position_ids"]) if self.cfg.data.document_attention else None
+
+    def _to_device(self, batches: list[dict]) -> list[dict]:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return [{k: v.to(device) for k, v in mb.items()} for mb in batches]
+
+    def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, float]:
+        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch."""
+        stats = torch.zeros(4, dtype=torch.float64)
+        for mb in batches:
+            keep = mb["loss_mask"] > 0
+            stats[:3] += torch.bincount(mb["token_labels"][keep].long().cpu(), minlength=3)[:3].double()
+            stats[3] += mb["loss_mask"].double().sum().cpu()
+        dist.all_reduce(stats, group=self.dp_group)
+        return stats[:3], float(stats[3])
+
+    def _forward(self, mb: dict, use_labels: bool) -> torch.Tensor:
+        with token_labels(mb["token_labels"] if use_labels else None):
+            return self.engine(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["labels"])
+
+    def train_step(self, batches: list[dict]) -> dict:
+        if len(batches) != self.micro_batches:
+            raise ValueError(f"train_step got {len(batches)} micro-batches; DeepSpeed was configured for "
+                             f"{self.micro_batches} (global_batch_size / (micro_batch_size x DP))")
+        batches = self._to_device(batches)
+        counts, tokens = self._global_counts(batches)
+        gate = Gate.from_label_counts(counts) if self.cfg.strategy == "sgtm" else Gate()
+        self.optimizer.gate = gate
+        self.optimizer.begin_step()
+        self._set_lr()
+        # DeepSpeed averages gradients over DP; the per-token normalisation wants their sum.
+        scale = self.dp_size / max(tokens, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for mb in batches:
+            per_token = self._forward(mb, use_labels=True)
+            weighted = (per_token.float() * mb["loss_mask"]).sum()
+            loss_sum += weighted.detach().double().cpu()
+            self.engine.backward(weighted * scale, scale_wrt_gas=False)
+            self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        self.num_steps += 1
+        self._set_lr()
+        dist.all_reduce(loss_sum, group=self.dp_group)
+        return {
+            "loss": float(loss_sum) / max(tokens, 1.0),
+            "tokens": tokens,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "label_counts": counts.tolist(),
+            "gated_retain": gate.retain,
+            "gated_forget": gate.forget,
+        }
+
+    @contextlib.contextmanager
+    def _ablated(self):
+        """Θ_F := 0 for the duration; under ZeRO-3 through gathered (then re-partitioned) parameters."""
+        if self.zero_stage != 3:
+            with ablated(self.model):
+                yield
+            return
+        import deepspeed
+
+        params = [p for linear in sgtm_linears(self.model) for p in (linear.weight, linear.bias) if p is not None]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            saved = [p.detach().clone() for p in params]
+            ablate(self.model)
+        try:
+            yield
+        finally:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+                for param, value in zip(params, saved):
+                    param.copy_(value)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict], ablate: bool = False) -> tuple[float, float]:
+        """(loss sum, tokens) of a forward pass without labels over the global batch."""
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with self._ablated() if ablate else contextlib.nullcontext():
+            for mb in self._to_device(batches):
+                per_token = self._forward(mb, use_labels=False)
+                total[0] += (per_token.float() * mb["loss_mask"]).sum().double().cpu()
+                total[1] += mb["loss_mask"].double().sum().cpu()
+        self.engine.train()
+        dist.all_reduce(total, group=self.dp_group)
+        return float(total[0]), float(total[1])
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, directory: str) -> None:
+        with _weights_only_loads(self.engine):
+            path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+        self.install_region_codes()
+
+    def scheduler_state(self) -> dict:
+        o = self.cfg.optim
+        return {"num_steps": self.num_steps, "max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": o.warmup_steps,
+                "lr_decay_steps": max(self.cfg.train.train_steps, o.warmup_steps + 1), "lr_decay_style": "cosine"}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
+        self._set_lr()
+
+    def shutdown(self) -> None:
+        self.engine.destroy()
+        ps.destroy_model_parallel()
