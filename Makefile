@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check megatron_sgtm tests tools
 
 demo: $(STAMP)
-	@echo "make demo arrives with the training issue (#4); until then see README.md"
+	$(VENV)/bin/megatron-sgtm demo --out runs/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info

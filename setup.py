@@ -22,7 +22,8 @@ setup(
         "tokenizers",
         "pyarrow",
         "transformers",
+        "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "ruff", "psutil"]},
     entry_points={"console_scripts": ["megatron-sgtm=megatron_sgtm.cli:main"]},
 )

@@ -8,6 +8,7 @@ per rank as [gate_r; up_r]; globally it is [gate; up].
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -68,20 +69,56 @@ def gather_global(model: torch.nn.Module, local: dict[str, torch.Tensor] | None 
     return out
 
 
+def _local_shard(model: torch.nn.Module, name: str, param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of the global `tensor` of parameter `name`."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if getattr(param, "tensor_model_parallel", False) and tp > 1:
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        dim = param.partition_dim
+        pieces = _tp_pieces(tensor, _gated(model, name))
+        tensor = torch.cat([torch.chunk(p, tp, dim=dim)[rank] for p in pieces], dim=dim)
+    if tensor.shape != param.shape:
+        raise ValueError(f"{name}: global shard shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
+    return tensor
+
+
+def _global_key(model: torch.nn.Module, name: str) -> str:
+    return "embedding.word_embeddings.weight" if _is_tied_copy(model, name) else global_name(model, name)
+
+
 @torch.no_grad()
 def load_global(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy a global state (as from `gather_global`) into this rank's parameter shards."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
     for name, param in model.named_parameters():
-        key = "embedding.word_embeddings.weight" if _is_tied_copy(model, name) else global_name(model, name)
+        key = _global_key(model, name)
         if key not in state:
             raise KeyError(f"global state has no tensor {key!r} for parameter {name!r}")
-        tensor = state[key]
-        if getattr(param, "tensor_model_parallel", False) and tp > 1:
-            dim = param.partition_dim
-            pieces = _tp_pieces(tensor, _gated(model, name))
-            tensor = torch.cat([torch.chunk(p, tp, dim=dim)[rank] for p in pieces], dim=dim)
-        if tensor.shape != param.shape:
-            raise ValueError(f"{key}: global shard shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
-        param.copy_(tensor.to(param.dtype))
+        param.copy_(_local_shard(model, name, param, state[key]).to(param.dtype))
+
+
+def _global_shape(model: torch.nn.Module, param: torch.Tensor) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return shape
+
+
+@torch.no_grad()
+def init_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
+    """Initialise every parameter from its *global* name and shape, so that any TP/PP layout starts
+    from the same weights (megatron's own initialisation depends on the layout). Weights ~ N(0, std)
+    (output projections std / sqrt(2 * num_layers)), biases 0, norm gains 1."""
+    for name, param in model.named_parameters():
+        key = _global_key(model, name)
+        shape = _global_shape(model, param)
+        if key.endswith("layernorm.weight"):
+            tensor = torch.ones(shape)
+        elif key.endswith("bias"):
+            tensor = torch.zeros(shape)
+        else:
+            output = key.endswith(("linear_proj.weight", "linear_fc2.weight"))
+            scale = std / (2.0 * num_layers) ** 0.5 if output else std
+            digest = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
+            gen = torch.Generator().manual_seed(digest % (2**63))
+            tensor = torch.randn(shape, generator=gen) * scale
+        param.copy_(_local_shard(model, name, param, tensor).to(device=param.device, dtype=param.dtype))

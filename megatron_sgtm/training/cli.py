@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
-from megatron_sgtm.training.config import ConfigError, load_config
-
 
 def train(args: argparse.Namespace) -> int:
+    from megatron_sgtm.training.config import ConfigError, load_config  # imports megatron: only when used
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

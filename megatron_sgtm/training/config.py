@@ -218,6 +218,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if par.engine == "deepspeed":
         if par.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={par.zero_stage}: expected 1, 2 or 3")
+        if par.sequence_parallel:
+            raise ConfigError(
+                "parallel.sequence_parallel is not supported with engine=deepspeed (its layer-norm gradients "
+                "need megatron's TP all-reduce); use engine=megatron"
+            )
         if par.pipeline_model_parallel_size > 1:
             raise ConfigError(
                 f"parallel.engine=deepspeed runs pipeline_model_parallel_size=1 only (got "

@@ -22,6 +22,12 @@ def _from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def world_size_from_env() -> int:
+    """The world size torchrun or srun will give this job, known before any process group exists."""
+    _from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> tuple[int, int, bool]:
     """(rank, world size, on_gpu). NCCL on GPUs, gloo (with the CPU shims) otherwise."""
     _from_slurm()

@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.data.sampler import document_attention_mask
 from megatron_sgtm.layers.labels import token_labels
+from megatron_sgtm.layout import init_layout_invariant
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated, param_regions
@@ -51,6 +52,7 @@ class MegatronEngine:
             calculate_per_token_loss=True,
         )
         self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
+        init_layout_invariant(self.model, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
         if on_gpu:
             self.model.cuda()
         self.ddp = DistributedDataParallel(
@@ -204,9 +206,25 @@ class MegatronEngine:
         dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
     def load(self, directory: str) -> None:
+        """Load a (possibly differently laid out) checkpoint.
+
+        megatron 0.16's torch-Adam path describes the inner state through a per-parameter 'step'
+        but then copies every per-parameter entry from the checkpoint, which stores no 'step'; so
+        the non-tensor state is loaded first and the reshardable parameter state without 'step'.
+        """
+        for opt in self.inner_optimizers:
+            opt.init_state()
         state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), directory)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
+        param_state = optimizer_state.pop("param_state")
+        optimizer_state.pop("param_state_sharding_type")
+        self.optimizer.load_state_dict(optimizer_state)
+        (dist_opt,) = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        steps = {p: s.pop("step") for p, s in dist_opt.optimizer.state.items() if "step" in s}
+        dist_opt.load_parameter_state_from_fully_reshardable(param_state)
+        for param, step in steps.items():
+            dist_opt.optimizer.state[param]["step"] = step
 
     def scheduler_state(self) -> dict:
         return self.scheduler.state_dict()

@@ -75,6 +75,14 @@ class SGTMAdamW(torch.optim.AdamW):
             raise ValueError(f"region codes of shape {tuple(codes.shape)} for a parameter of {tuple(param.shape)}")
         self._codes[id(param)] = codes.to(param.device)
 
+    def init_state(self) -> None:
+        """Empty state for every parameter, so a checkpoint can be loaded into it in place."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+
     @property
     def gated_elements(self) -> int:
         return sum(int(c.numel()) for c in self._codes.values())

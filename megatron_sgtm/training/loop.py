@@ -21,7 +21,7 @@ from megatron_sgtm.data.labeling import LabelingConfig, label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.config import TrainConfig, validate
-from megatron_sgtm.training.distributed import init_distributed
+from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.logging import RunLogger
 
 
@@ -118,8 +118,8 @@ def evaluate(engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one training job (collective over the whole world); returns the final metrics."""
+    validate(cfg, world_size_from_env())  # before any distributed work
     rank, world, on_gpu = init_distributed()
-    validate(cfg, world)
     torch.manual_seed(cfg.train.seed)
     data = load_data(cfg)
     engine = _make_engine(cfg, on_gpu)

@@ -1,0 +1,144 @@
+"""`megatron-sgtm demo`: SGTM versus data filtering, end to end, on the embedded synthetic corpus.
+
+1. generate the bilingual corpus (English retain, Spanish forget, Italian adjacent);
+2. tokenize it into WebDataset shards, tag it with the trained linear classifier;
+3. train the tiny model four ways at 20% undiscovered forget data: SGTM (a 2-process gloo run),
+   weak filter, no filter, and the perfect-filter oracle;
+4. evaluate (live and ablated) and write a Markdown report and a PNG of forget vs retain loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNS = {  # name -> (method, processes)
+    "sgtm": ("sgtm", 2),
+    "weak_filter": ("weak_filter", 1),
+    "no_filter": ("none", 1),
+    "oracle": ("oracle", 1),
+}
+RECIPE = Path(__file__).resolve().parent.parent / "examples" / "tiny_cpu.yaml"
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def _cli(*args: str, nproc: int | None = None) -> list[str]:
+    if nproc is None:
+        return [sys.executable, "-m", "megatron_sgtm.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_sgtm.cli", *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
+    with log.open("w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"[demo] step failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}\n(log: {log})")
+
+
+def prepare_data(out: Path, num_docs: int, seed: int) -> Path:
+    """Synthetic corpus -> shards -> tagged shards (skipped when already there)."""
+    tagged = out / "data" / "tagged"
+    if (tagged / "manifest.json").is_file():
+        return tagged
+    raw, shards = out / "data" / "raw", out / "data" / "shards"
+    raw.mkdir(parents=True, exist_ok=True)
+    _say(f"generating {num_docs} synthetic documents")
+    _run(_cli("data", "synth", "--out", str(raw), "--num-docs", str(num_docs), "--seed", str(seed)), out / "synth.log")
+    _say("building shards with a 512-token BPE tokenizer")
+    _run(_cli("data", "build", "--input", str(raw), "--train-tokenizer", "512", "--out", str(shards)),
+         out / "build.log")
+    _say("tagging with the linear classifier (trained on 500 ground-truth documents)")
+    _run(_cli("data", "tag", "--shards", str(shards), "--out", str(tagged), "--classifier", "linear",
+              "--train-from-truth", "500", "--seed", str(seed)), out / "tag.log")
+    return tagged
+
+
+def train_runs(out: Path, data: Path, steps: int | None) -> dict[str, dict]:
+    results = {}
+    for name, (method, nproc) in RUNS.items():
+        run_dir = out / "runs" / name
+        summary = run_dir / "summary.json"
+        if not summary.is_file():
+            _say(f"training {name} ({nproc} process{'es' if nproc > 1 else ''})")
+            overrides = [f"--method={method}", f"--data.path={data}", f"--logging.run_dir={run_dir}"]
+            if steps:
+                overrides.append(f"--train.train_steps={steps}")
+            start = time.time()
+            _run(_cli("train", "--config", str(RECIPE), *overrides, nproc=nproc), out / f"train_{name}.log")
+            _say(f"  {name} done in {time.time() - start:.0f}s")
+        results[name] = json.loads(summary.read_text())
+    return results
+
+
+def write_report(out: Path, results: dict[str, dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ["| run | forget loss | retain loss | adjacent loss | forget (ablated) | retain (ablated) |",
+            "|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['forget_loss']:.3f} | {r['retain_loss']:.3f} | {r['adjacent_loss']:.3f} | "
+                    f"{r['forget_loss_ablated']:.3f} | {r['retain_loss_ablated']:.3f} |")
+        ax.scatter(r["retain_loss"], r["forget_loss"], label=name, s=60)
+        if name == "sgtm":
+            ax.scatter(r["retain_loss_ablated"], r["forget_loss_ablated"], label="sgtm (ablated)", marker="*", s=160)
+    ax.set_xlabel("retain (English) loss, nats")
+    ax.set_ylabel("forget (Spanish) loss, nats")
+    ax.set_title("SGTM vs data filtering, 20% undiscovered forget data")
+    ax.legend()
+    fig.tight_layout()
+    plot = out / "forget_vs_retain.png"
+    fig.savefig(plot, dpi=120)
+    s, weak, oracle = results["sgtm"], results["weak_filter"], results["oracle"]
+    checks = {
+        "SGTM ablated forget loss >= weak filter's": s["forget_loss_ablated"] >= weak["forget_loss"],
+        "SGTM ablation raises forget loss by >= 1.0 nat": s["forget_loss_ablated"] - s["forget_loss"] >= 1.0,
+        "SGTM ablated retain loss within 0.15 nat of the oracle": s["retain_loss_ablated"] - oracle["retain_loss"]
+        <= 0.15,
+    }
+    lines = ["# megatron-sgtm demo", "",
+             "Tiny gpt2-style model on the synthetic bilingual corpus (English retain, Spanish forget, Italian "
+             "adjacent), labels from the linear classifier with 20% of forget documents undiscovered.", "",
+             *rows, "", "## The paper's effect", "",
+             *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks.items()], "",
+             f"![forget vs retain]({plot.name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps({"results": results, "checks": checks}, indent=2))
+    return report
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    data = prepare_data(out, args.num_docs, args.seed)
+    results = train_runs(out, data, args.steps)
+    report = write_report(out, results)
+    _say(f"finished in {time.time() - start:.0f}s; report: {report}")
+    print(report)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="SGTM vs data filtering end to end on the synthetic corpus",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="working directory (data, runs, report)")
+    p.add_argument("--num-docs", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=main)

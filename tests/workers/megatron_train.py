@@ -1,0 +1,105 @@
+"""Worker for the megatron-engine training tests: step gating and full `train()` runs.
+
+argv: OUT_DIR SPEC_JSON. The spec holds ``gating`` (a config for the DP=2 step-gating check, or null)
+and ``runs`` (name -> config dict for `megatron_sgtm.training.loop.train`). Rank 0 saves results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sgtm.training.distributed import init_distributed
+
+init_distributed()
+
+from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED  # noqa: E402
+from megatron_sgtm.layout import gather_global  # noqa: E402
+from megatron_sgtm.training.config import from_dict  # noqa: E402
+from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
+from megatron_sgtm.training.gating import CODE_FORGET, CODE_RETAIN  # noqa: E402
+from megatron_sgtm.training.loop import train  # noqa: E402
+
+
+def hand_batches(cfg, step: int, labels: list[int]) -> list[dict]:
+    """This DP rank's micro-batches of one step; `labels` gives one label per sequence, in order."""
+    mbs, seq = cfg.optim.micro_batch_size, cfg.model.seq_length
+    gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    batches = []
+    for i in range(0, len(labels), mbs):
+        tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=gen)
+        batches.append({
+            "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+            "token_labels": torch.tensor(labels[i:i + mbs], dtype=torch.uint8)[:, None].expand(mbs, seq).clone(),
+            "loss_mask": torch.ones(mbs, seq), "position_ids": torch.arange(seq).expand(mbs, seq).clone(),
+        })
+    return batches
+
+
+def shard_states(engine) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]:
+    """(param shard, its Adam state, region codes) for every shard this rank's optimizer updates."""
+    out = []
+    for opt in engine.inner_optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                out.append((p.detach().clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v)},
+                            opt._codes.get(id(p))))
+    return out
+
+
+def gating(raw: dict) -> dict:
+    """DESIGN invariant 3 under the DistributedOptimizer at DP=2."""
+    cfg = from_dict(raw)
+    engine = MegatronEngine(cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
+    per_rank = cfg.optim.global_batch_size // engine.dp_size
+    mixed = [RETAIN, FORGET, UNLABELED, RETAIN, FORGET, UNLABELED, RETAIN, FORGET][:per_rank]
+    results: dict = {}
+    for step in range(3):
+        engine.train_step(hand_batches(cfg, step, mixed))
+    for name, label in (("all_forget", FORGET), ("all_retain", RETAIN)):
+        before_params = gather_global(engine.model)
+        before_shards = shard_states(engine)
+        metrics = engine.train_step(hand_batches(cfg, 10 + label, [label] * per_rank))
+        after_params = gather_global(engine.model)
+        after_shards = shard_states(engine)
+        frozen, moved = (CODE_RETAIN, CODE_FORGET) if label == FORGET else (CODE_FORGET, CODE_RETAIN)
+        same = changed = total = 0
+        for (p0, s0, codes), (p1, s1, _) in zip(before_shards, after_shards):
+            if codes is None:
+                continue
+            for a, b in [(p0, p1), (s0["exp_avg"], s1["exp_avg"]), (s0["exp_avg_sq"], s1["exp_avg_sq"])]:
+                f = codes == frozen
+                total += int(f.sum())
+                same += int((a[f] == b[f]).sum())
+                changed += int((a[codes == moved] != b[codes == moved]).sum())
+        counts = torch.tensor([same, total, changed], dtype=torch.float64)
+        dist.all_reduce(counts)
+        results[f"{name}/shard_counts"] = counts
+        results[f"{name}/gated"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
+        for key in before_params:
+            results[f"{name}/before/{key}"] = before_params[key]
+            results[f"{name}/after/{key}"] = after_params[key]
+    engine.shutdown()
+    return results
+
+
+def main(out_dir: str, spec_json: str) -> None:
+    spec = json.loads(Path(spec_json).read_text())
+    results: dict = {}
+    if spec.get("gating"):
+        results.update(gating(spec["gating"]))
+    for name, raw in spec.get("runs", {}).items():
+        final = train(from_dict(raw))
+        results[f"{name}/losses"] = torch.tensor(final["train_losses"], dtype=torch.float64)
+    if dist.get_rank() == 0:
+        torch.save(results, Path(out_dir) / "results.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
