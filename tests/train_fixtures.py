@@ -16,14 +16,14 @@ def build_tiny_shards(out: Path, num_docs: int = 400, vocab: int = 300, seed: in
     return out
 
 
-def tiny_config(data: Path, run_dir: Path, **sections) -> dict:
+def tiny_config(data_path: Path, run_dir: Path, **sections) -> dict:
     """A 2-layer gpt2-style model on ground-truth labels; `sections` override per section."""
     cfg = {
         "method": "sgtm",
         "model": {"arch": "gpt2", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                   "ffn_hidden_size": 64, "vocab_size": 320, "seq_length": 32},
         "sgtm": {"forget_heads": 1, "forget_mlp_units": 8},
-        "data": {"path": str(data), "score_source": "truth", "retain_rate": 0.5, "heldout_fraction": 0.1},
+        "data": {"path": str(data_path), "score_source": "truth", "retain_rate": 0.5, "heldout_fraction": 0.1},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "global_batch_size": 8, "micro_batch_size": 2},
         "train": {"train_steps": 5, "log_interval": 1, "eval_interval": 0, "eval_batches": 2},
         "logging": {"run_dir": str(run_dir), "wandb_mode": "disabled"},

@@ -1,0 +1,67 @@
+"""Bad training configuration stops with a clear message before any distributed work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_sgtm.training.config import ConfigError, from_dict, load_config, validate
+from tests.distributed import ROOT
+from tests.train_fixtures import tiny_config
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    # validate() only looks for the manifest; an empty one is enough here.
+    path = tmp_path_factory.mktemp("shards")
+    (path / "manifest.json").write_text("{}")
+    return path
+
+
+def _raw(shards: Path, **sections) -> dict:
+    return tiny_config(shards, Path("runs/unused"), **sections)
+
+
+@pytest.mark.parametrize(
+    "sections,world,needle",
+    [
+        ({"optim": {"learning_rate": 1.0}}, 1, "optim: unknown key(s) ['learning_rate']"),
+        ({"parallel": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}}, 2,
+         "= 4 does not divide the world size 2"),
+        ({"parallel": {"engine": "deepspeed", "zero_stage": 3, "pipeline_model_parallel_size": 2}}, 2,
+         "engine=deepspeed runs pipeline_model_parallel_size=1 only"),
+        ({"data": {"path": "/nonexistent/shards"}}, 1, "data.path=/nonexistent/shards: no manifest.json"),
+        ({"sgtm": {"forget_heads": 4}}, 1, "sgtm.forget_heads=4"),
+        ({"parallel": {"tensor_model_parallel_size": 3}}, 3, "tensor_model_parallel_size=3 does not divide"),
+        ({"method": "magic"}, 1, "method='magic'"),
+        ({"optim": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "global_batch_size=6"),
+    ],
+)
+def test_bad_config_is_refused_with_the_setting_named(shards, sections, world, needle):
+    with pytest.raises(ConfigError) as err:
+        validate(from_dict(_raw(shards, **sections)), world)
+    assert needle in str(err.value)
+
+
+def test_overrides_parse_as_yaml_and_reach_their_section(shards, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(_raw(shards)))
+    cfg = load_config(path, ["--optim.lr=0.01", "--parallel.sequence_parallel=true", "--method=weak_filter"])
+    assert cfg.optim.lr == 0.01 and cfg.parallel.sequence_parallel is True
+    assert (cfg.strategy, cfg.data_filter) == ("none", "weak")
+
+
+def test_cli_exits_2_with_the_message_and_starts_no_process_group(shards, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(_raw(shards, parallel={"tensor_model_parallel_size": 2})))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="3", RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="1")  # a process group could not even start with this port
+    proc = subprocess.run([sys.executable, "-m", "megatron_sgtm.cli", "train", "--config", str(path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not divide the world size 3" in proc.stderr
