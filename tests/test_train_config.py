@@ -65,3 +65,9 @@ def test_cli_exits_2_with_the_message_and_starts_no_process_group(shards, tmp_pa
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not divide the world size 3" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load_and_their_partition_fits(path):
+    cfg = load_config(path)
+    cfg.sgtm.resolve(cfg.model.dims()).check_tp(cfg.parallel.tensor_model_parallel_size)
