@@ -83,7 +83,6 @@ class TrainLoopConfig:
     log_interval: int = 10
     eval_interval: int = 50
     eval_batches: int = 8  # per category; 0 = the whole held-out stream
-    calibrate: bool = False  # fit an output bias after ablation before comparing losses
     bf16: bool = False
 
 
