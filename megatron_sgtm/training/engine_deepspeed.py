@@ -38,7 +38,15 @@ from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablate, ablated, param_regions, sgtm_linears
 from megatron_sgtm.training.config import TrainConfig
-from megatron_sgtm.training.gating import CODE_FORGET, CODE_JOINT, CODE_RETAIN, Gate, SGTMAdamW, region_codes
+from megatron_sgtm.training.gating import (
+    CODE_FORGET,
+    CODE_JOINT,
+    CODE_RETAIN,
+    Gate,
+    SGTMAdamW,
+    region_codes,
+    step_metrics,
+)
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -378,15 +386,7 @@ class DeepSpeedEngine:
         self.num_steps += 1
         self._set_lr()
         dist.all_reduce(loss_sum, group=self.dp_group)
-        return {
-            "loss": float(loss_sum) / max(tokens, 1.0),
-            "tokens": tokens,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "label_counts": counts.tolist(),
-            "gated_retain": gate.retain,
-            "gated_forget": gate.forget,
-        }
+        return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts, gate)
 
     @contextlib.contextmanager
     def _ablated(self):

@@ -29,7 +29,7 @@ from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated, param_regions
 from megatron_sgtm.training.config import TrainConfig
-from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes_for_shard
+from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes_for_shard, step_metrics
 
 
 class MegatronEngine:
@@ -173,15 +173,7 @@ class MegatronEngine:
         loss_sum, tokens = self._run(batches, forward_only=False, use_labels=True)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return {
-            "loss": loss_sum / max(tokens, 1.0),
-            "tokens": tokens,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "label_counts": counts.tolist(),
-            "gated_retain": gate.retain,
-            "gated_forget": gate.forget,
-        }
+        return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts, gate)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict], ablate: bool = False) -> tuple[float, float]:

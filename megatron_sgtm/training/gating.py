@@ -35,6 +35,19 @@ class Gate:
         return cls(retain=r + u == 0, forget=f + u == 0)
 
 
+def step_metrics(loss_sum: float, tokens: float, grad_norm, lr: float, counts: torch.Tensor, gate: Gate) -> dict:
+    """What every engine's `train_step` reports to the loop."""
+    return {
+        "loss": float(loss_sum) / max(tokens, 1.0),
+        "tokens": tokens,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": lr,
+        "label_counts": counts.tolist(),
+        "gated_retain": gate.retain,
+        "gated_forget": gate.forget,
+    }
+
+
 def region_codes(region: ParamRegion, param: torch.Tensor) -> torch.Tensor | None:
     """uint8 codes (joint/retain/forget) for every element of `param`; None if all joint."""
     if region.region == JOINT:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from megatron_sgtm.training.distributed import init_distributed
 
-init_distributed()  # CPU shims before megatron modules are imported and built
+if __name__ == "__main__":  # the tests import this module's constants without starting a process group
+    init_distributed()  # CPU shims before megatron modules are imported and built
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
