@@ -160,9 +160,11 @@ def _skip_cpu_shm_comm_build() -> None:
     """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (~2 min, needs a
     compiler) that only its inference all-reduce uses; training runs on torch.distributed (gloo) as
     it does when the op is unavailable, so skip the build."""
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
-    ds_torch_comm.build_shm_op = lambda: None
+    # importlib, not `import deepspeed.comm.torch as m`: that can resolve to the `torch` package
+    # re-exported by deepspeed.comm, and the patch would then miss DeepSpeed's module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _safe_globals() -> list:
