@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from megatron_sgtm.training.distributed import init_distributed
 
-init_distributed()
+if __name__ == "__main__":  # megatron's checkpoint writer spawns a process that re-imports this file
+    init_distributed()  # CPU shims before megatron modules are imported and built
 
 from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
