@@ -40,6 +40,8 @@ def _raw(shards: Path, **sections) -> dict:
         ({"parallel": {"tensor_model_parallel_size": 3}}, 3, "tensor_model_parallel_size=3 does not divide"),
         ({"method": "magic"}, 1, "method='magic'"),
         ({"optim": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "global_batch_size=6"),
+        ({"train": {"eval_batches": 3}}, 2, "train.eval_batches=3"),
+        ({"train": {"calibrate_ablated": True, "calibration_iters": 0}}, 1, "train.calibration_iters=0"),
     ],
 )
 def test_bad_config_is_refused_with_the_setting_named(shards, sections, world, needle):

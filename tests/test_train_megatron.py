@@ -29,7 +29,10 @@ LAYOUTS = {
     "tp2": {"tensor_model_parallel_size": 2},
     "pp2": {"pipeline_model_parallel_size": 2},
     "tp2sp": {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+    "zero3": {"engine": "deepspeed", "zero_stage": 3},
 }
+CALIBRATED = ("tp2", "pp2", "zero3")  # runs that also fit the ablated model's output bias
+CALIBRATE = {"calibrate_ablated": True, "calibration_iters": 6}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,8 @@ def _launch(tmp: Path, nproc: int, spec: dict) -> dict:
 @pytest.fixture(scope="module")
 def world2(data, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("world2")
-    runs = {name: tiny_config(data, tmp / name, parallel=par) for name, par in LAYOUTS.items()}
+    runs = {name: tiny_config(data, tmp / name, parallel=par, train=CALIBRATE if name in CALIBRATED else {})
+            for name, par in LAYOUTS.items()}
     gating = tiny_config(data, tmp / "gating", sgtm={"forget_heads": 1, "forget_mlp_units": 8})
     return _launch(tmp, 2, {"gating": gating, "runs": runs})
 
@@ -68,7 +72,7 @@ def tp2_saved(data, tmp_path_factory) -> dict:
 def world1(data, tp2_saved, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("world1")
     runs = {
-        "dp1": tiny_config(data, tmp / "dp1"),
+        "dp1": tiny_config(data, tmp / "dp1", train=CALIBRATE),
         "tp1_resume": tiny_config(
             data, tmp / "resume", train={"train_steps": 6},
             checkpoint={"resume": str(tp2_saved["ckpt_tp2"] / "iter_0000003")},
@@ -95,6 +99,18 @@ def test_layout_invariance_of_five_training_steps(world1, world2, world4):
     for name, losses in runs.items():
         assert _relative(losses, reference) <= 1e-5, f"{name}: {losses.tolist()} vs {reference.tolist()}"
     assert reference[-1] < reference[0]
+
+
+def test_calibrated_ablation_fits_the_output_bias_at_every_layout(world1, world2):
+    """The bias fitted after ablation reaches its optimum (zero gradient), lowers the retain loss it was
+    fitted for, and gives the same losses at every layout (the fit runs on TP-sharded logits)."""
+    for run in ("dp1", *CALIBRATED):
+        results = world1 if run == "dp1" else world2
+        assert float(results[f"{run}/calibration_gap"]) < 1e-3, run
+        assert results[f"{run}/retain_loss_ablated_calibrated"] < results[f"{run}/retain_loss_ablated"] - 0.1, run
+        for name in ("forget", "retain", "adjacent"):
+            key = f"{name}_loss_ablated_calibrated"
+            assert _relative(results[f"{run}/{key}"], world1[f"dp1/{key}"]) <= 1e-4, (run, key)
 
 
 @pytest.mark.parametrize("step,frozen", [("all_forget", "retain"), ("all_retain", "forget")])

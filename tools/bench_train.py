@@ -83,7 +83,7 @@ def make_config(args: argparse.Namespace, data: Path, vocab_size: int, engine: s
         "optim": {"lr": 1e-3, "warmup_steps": 2, "global_batch_size": args.global_batch,
                   "micro_batch_size": args.micro_batch},
         "train": {"train_steps": args.steps, "log_interval": max(1, args.steps // 5), "eval_interval": 0,
-                  "eval_batches": 1, "bf16": args.bf16},
+                  "eval_batches": args.nproc, "bf16": args.bf16},
         "logging": {"run_dir": str(run_dir), "wandb_mode": "disabled"},
     }
 

@@ -82,7 +82,9 @@ class TrainLoopConfig:
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 50
-    eval_batches: int = 8  # per category; 0 = the whole held-out stream
+    eval_batches: int = 8  # micro-batches per category over all DP ranks; 0 = the whole held-out stream
+    calibrate_ablated: bool = False  # also report ablated losses after fitting an output bias on retain data
+    calibration_iters: int = 8  # forward passes over eval_batches retain training batches
     bf16: bool = False
 
 
@@ -234,6 +236,14 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"optim.global_batch_size={optim.global_batch_size} must be a multiple of micro_batch_size="
             f"{optim.micro_batch_size} x data-parallel size {dp}"
         )
+    if cfg.train.eval_batches % dp:
+        raise ConfigError(
+            f"train.eval_batches={cfg.train.eval_batches} (micro-batches per category, over all data-parallel "
+            f"ranks) must be a multiple of the data-parallel size {dp}"
+        )
+    if cfg.train.calibrate_ablated and cfg.train.calibration_iters < 1:
+        raise ConfigError(f"train.calibration_iters={cfg.train.calibration_iters}: must be >= 1 with "
+                          "train.calibrate_ablated")
     if not cfg.data.path:
         raise ConfigError("data.path is required (a shard directory from `megatron-sgtm data build`)")
     if not (Path(cfg.data.path) / "manifest.json").is_file():

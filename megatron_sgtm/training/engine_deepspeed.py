@@ -270,6 +270,7 @@ class DeepSpeedEngine:
                                f"{expected.__name__} for ZeRO stage {self.zero_stage}")
         self.micro_batches = self.ds_config["gradient_accumulation_steps"]
         self.num_steps = 0
+        self.output_bias = None  # set while a calibrated evaluation runs (training/calibration.py)
         self._set_lr()
         self.install_region_codes()
 
@@ -362,6 +363,8 @@ class DeepSpeedEngine:
         return stats[:3], float(stats[3])
 
     def _forward(self, mb: dict, use_labels: bool) -> torch.Tensor:
+        if self.output_bias is not None:
+            self.output_bias.observe(mb["loss_mask"])
         with token_labels(mb["token_labels"] if use_labels else None):
             return self.engine(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["labels"])
 

@@ -83,6 +83,7 @@ class MegatronEngine:
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.is_last_stage = ps.is_pipeline_last_stage()
+        self.output_bias = None  # set while a calibrated evaluation runs (training/calibration.py)
 
     def _install_gating(self) -> list[SGTMAdamW]:
         """Swap each DistributedOptimizer's inner AdamW for SGTMAdamW with shard region codes."""
@@ -117,6 +118,8 @@ class MegatronEngine:
         def forward_step(_data_iterator, model):
             mb = next(micro)
             labels = mb["token_labels"] if use_labels else None
+            if self.output_bias is not None:
+                self.output_bias.observe(mb["loss_mask"])
             with token_labels(labels):
                 out = model(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["labels"])
 

@@ -20,6 +20,7 @@ from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
 from megatron_sgtm.training import checkpoint
+from megatron_sgtm.training.calibration import calibrated
 from megatron_sgtm.training.config import TrainConfig, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.logging import RunLogger
@@ -91,29 +92,50 @@ def _make_engine(cfg: TrainConfig, on_gpu: bool):
     return MegatronEngine(cfg, partition, on_gpu)
 
 
+def _batches(cfg: TrainConfig, engine, data: RunData, docs: np.ndarray) -> list[dict]:
+    """This rank's share of the first `train.eval_batches` micro-batches over `docs` (the same
+    sequences at every layout), the same count on every rank."""
+    stream = eval_batches(data.corpus, docs, data.doc_labels, seq_length=cfg.model.seq_length,
+                          micro_batch_size=cfg.optim.micro_batch_size, dp_rank=engine.dp_rank,
+                          dp_size=engine.dp_size)
+    per_rank = cfg.train.eval_batches // engine.dp_size if cfg.train.eval_batches else 10**9
+    batches = [b for _, b in zip(range(per_rank), stream)]
+    count = torch.tensor([len(batches)])
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    return batches[: int(count)]
+
+
 def evaluate(engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
-    """Per-category held-out loss of the live model and of its ablated copy."""
+    """Per-category held-out loss of the live model and of its ablated copy (and, with
+    `train.calibrate_ablated`, of the ablated copy with an output bias fitted on retain data)."""
     groups = {
         "forget": cfg.data.forget_categories,
         "retain": cfg.data.retain_categories,
         "adjacent": cfg.data.adjacent_categories,
     }
+    held_out = {name: _batches(cfg, engine, data, data.heldout_docs[data.corpus.category_mask(c)[data.heldout_docs]])
+                for name, c in groups.items()}
+    held_out = {name: batches for name, batches in held_out.items() if batches}
     results: dict[str, float] = {}
-    for name, categories in groups.items():
-        docs = data.heldout_docs[data.corpus.category_mask(categories)[data.heldout_docs]]
-        stream = eval_batches(data.corpus, docs, data.doc_labels, seq_length=cfg.model.seq_length,
-                              micro_batch_size=cfg.optim.micro_batch_size, dp_rank=engine.dp_rank,
-                              dp_size=engine.dp_size)
-        batches = [b for _, b in zip(range(cfg.train.eval_batches or 10**9), stream)]
-        count = torch.tensor([len(batches)])
-        dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        batches = batches[: int(count)]
-        if not batches:
-            continue
+    for name, batches in held_out.items():
         for ablate in (False, True):
             loss, tokens = engine.evaluate(batches, ablate=ablate)
             results[f"{name}_loss{'_ablated' if ablate else ''}"] = loss / max(tokens, 1.0)
+    if cfg.train.calibrate_ablated:
+        retain_train = data.train_docs[data.corpus.category_mask(cfg.data.retain_categories)[data.train_docs]]
+        with calibrated(engine, _batches(cfg, engine, data, retain_train), cfg.train.calibration_iters) as bias:
+            for name, batches in held_out.items():
+                loss, tokens = engine.evaluate(batches, ablate=True)
+                results[f"{name}_loss_ablated_calibrated"] = loss / max(tokens, 1.0)
+        gap = torch.tensor([bias.residuals[-1] if bias.residuals else 0.0])  # known on the last stage
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+        results["calibration_gap"] = float(gap)
     return results
+
+
+def evaluation_metrics(final: dict) -> dict[str, float]:
+    """The evaluation entries (losses, calibration gap) of `train`'s final metrics."""
+    return {k: v for k, v in final.items() if k.endswith(("_loss", "_ablated", "_calibrated", "_gap"))}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -173,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
         if root and not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
             save()
         final.update(evaluate(engine, cfg, data))
-        log.evaluation(step, {k: v for k, v in final.items() if k.endswith(("_loss", "_ablated"))})
+        log.evaluation(step, evaluation_metrics(final))
         if rank == 0:
             summary = {k: v for k, v in final.items() if k != "train_losses"}
             summary.update(method=cfg.method, time_s=time.time() - log.start)

@@ -23,7 +23,7 @@ from megatron_sgtm.layout import gather_global  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
 from megatron_sgtm.training.gating import CODE_FORGET, CODE_RETAIN  # noqa: E402
-from megatron_sgtm.training.loop import train  # noqa: E402
+from megatron_sgtm.training.loop import evaluation_metrics, train  # noqa: E402
 
 
 def hand_batches(cfg, step: int, labels: list[int]) -> list[dict]:
@@ -97,6 +97,8 @@ def main(out_dir: str, spec_json: str) -> None:
     for name, raw in spec.get("runs", {}).items():
         final = train(from_dict(raw))
         results[f"{name}/losses"] = torch.tensor(final["train_losses"], dtype=torch.float64)
+        for key, value in evaluation_metrics(final).items():
+            results[f"{name}/{key}"] = torch.tensor(value, dtype=torch.float64)
     if dist.get_rank() == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     dist.destroy_process_group()
