@@ -1,0 +1,519 @@
+"""Hugging Face conversion of a global megatron GPT state, and HF model directories on disk.
+
+A *global state* maps megatron-core GPTModel parameter names at TP=1/PP=1 (layers numbered across
+pipeline stages, as from `layout.gather_global`) to tensors. Two HF families are supported, chosen by
+the model's fields (not its `arch` name), because only these map weight-for-weight onto an HF class:
+
+- llama-style (RMSNorm, SwiGLU, RoPE, GQA allowed, untied, no biases) <-> `LlamaForCausalLM`;
+- gpt2-style (LayerNorm, exact GELU, learned positions, MHA, tied, biases) <-> `GPT2LMHeadModel`.
+
+Layouts: megatron's fused `linear_qkv` rows are interleaved per query group
+``[q heads of g0, k_g0, v_g0, q heads of g1, ...]`` (`SelfAttention.get_query_key_value_tensors`); a
+gated `linear_fc1` is ``[gate; up]``. GPT2's Conv1D stores ``weight.T`` and `c_attn` is ``[q; k; v]``.
+Every conversion is a pure re-arrangement (no arithmetic), so native -> HF -> native is bit-exact and
+any dtype, including bool masks, maps through.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+from transformers import GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
+
+from megatron_sgtm.model import ARCHITECTURES, ModelConfig
+
+State = dict[str, torch.Tensor]
+
+# The native model has no epsilon setting: megatron's TransformerConfig default applies to every norm.
+NORM_EPS: float = TransformerConfig.__dataclass_fields__["layernorm_epsilon"].default
+HF_CLASSES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+# Why each field must have its family's value (ARCHITECTURES holds the values).
+_REASONS = {
+    "llama": {
+        "normalization": "LlamaForCausalLM uses RMSNorm",
+        "activation": "LlamaForCausalLM's MLP is SwiGLU (silu-gated)",
+        "position_embedding": "LlamaForCausalLM uses rotary position embeddings",
+        "tie_embeddings": "the llama-style export writes an untied lm_head",
+        "bias": "the llama-style export maps bias-free linears only",
+    },
+    "gpt2": {
+        "normalization": "GPT2LMHeadModel uses LayerNorm",
+        "activation": "GPT2LMHeadModel's MLP is ungated GELU",
+        "position_embedding": "GPT2LMHeadModel has learned absolute position embeddings",
+        "tie_embeddings": "GPT2LMHeadModel always ties lm_head to the word embeddings",
+        "bias": "GPT2LMHeadModel's linears and LayerNorms always have biases",
+    },
+}
+
+
+def _mismatches(cfg: ModelConfig, family: str) -> list[str]:
+    wrong = [
+        f"model.{key}={getattr(cfg, key)!r} (needs {value!r}: {_REASONS[family][key]})"
+        for key, value in ARCHITECTURES[family].items()
+        if getattr(cfg, key) != value
+    ]
+    if family == "gpt2" and cfg.num_query_groups != cfg.num_attention_heads:
+        wrong.append(
+            f"model.num_query_groups={cfg.num_query_groups} (needs num_attention_heads="
+            f"{cfg.num_attention_heads}: GPT2LMHeadModel has no grouped-query attention)"
+        )
+    return wrong
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """'llama' or 'gpt2': the HF family whose layer structure `cfg` has exactly; ValueError otherwise."""
+    for family in ("llama", "gpt2"):
+        if not _mismatches(cfg, family):
+            return family
+    # Explain against the family the user named (arch), the one they most likely meant.
+    raise ValueError(
+        f"cannot convert to Hugging Face: as a {cfg.arch}-style model ({HF_CLASSES[cfg.arch]}), "
+        + "; ".join(_mismatches(cfg, cfg.arch))
+    )
+
+
+def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the global state of a GPTModel built from `cfg` (our layer spec)."""
+    h, ffn = cfg.hidden_size, cfg.ffn_hidden_size
+    kv = h // cfg.num_attention_heads
+    norm = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.vocab_size, h)}
+    if cfg.position_embedding == "learned_absolute":
+        shapes["embedding.position_embeddings.weight"] = (cfg.seq_length, h)
+    linears = {
+        "self_attention.linear_qkv": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * kv, h),
+        "self_attention.linear_proj": (h, cfg.num_attention_heads * kv),
+        "mlp.linear_fc1": ((2 if cfg.gated else 1) * ffn, h),
+        "mlp.linear_fc2": (h, ffn),
+    }
+    for i in range(cfg.num_layers):
+        prefix = f"decoder.layers.{i}."
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            shapes.update({f"{prefix}{name}.{s}": (h,) for s in norm})
+        for name, shape in linears.items():
+            shapes[f"{prefix}{name}.weight"] = shape
+            if cfg.bias:
+                shapes[f"{prefix}{name}.bias"] = shape[:1]
+    shapes.update({f"decoder.final_layernorm.{s}": (h,) for s in norm})
+    if not cfg.tie_embeddings:
+        shapes["output_layer.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def hf_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the parameters an HF checkpoint of `config` holds (tied lm_head excluded).
+
+    Works for pruned configs too (llama: head_dim * heads != hidden; gpt2: any n_inner)."""
+    family = _config_family(config)
+    layers = config.num_hidden_layers
+    h = config.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if family == "llama":
+        hd = config.head_dim or h // config.num_attention_heads
+        q, kv, inter = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
+        shapes["model.embed_tokens.weight"] = (config.vocab_size, h)
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            })
+        shapes["model.norm.weight"] = (h,)
+        if not config.tie_word_embeddings:
+            shapes["lm_head.weight"] = (config.vocab_size, h)
+        return shapes
+    inner = config.n_inner or 4 * h
+    shapes.update({"transformer.wte.weight": (config.vocab_size, h), "transformer.wpe.weight": (config.n_positions, h)})
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        for name, (fan_in, fan_out) in {
+            "attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, inner), "mlp.c_proj": (inner, h)
+        }.items():
+            shapes[f"{p}{name}.weight"] = (fan_in, fan_out)
+            shapes[f"{p}{name}.bias"] = (fan_out,)
+        for name in ("ln_1", "ln_2"):
+            shapes.update({f"{p}{name}.weight": (h,), f"{p}{name}.bias": (h,)})
+    shapes.update({"transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)})
+    return shapes
+
+
+def _check_names(what: str, state: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} != {v}" for k, v in expected.items() if k in state
+             and tuple(state[k].shape) != v]
+    problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+    if problems:
+        raise ValueError(f"{what} does not match its config: " + "; ".join(problems))
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy owning its storage (safetensors refuses tensors that share memory)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _split_qkv(t: torch.Tensor, groups: int, per_group: int, hd: int) -> tuple[torch.Tensor, ...]:
+    """megatron's interleaved [q_g0.., k_g0, v_g0, q_g1..] rows -> (q, k, v) rows, heads in order."""
+    rest = t.shape[1:]
+    t = t.reshape(groups, per_group + 2, hd, *rest)
+    q = t[:, :per_group].reshape(groups * per_group * hd, *rest)
+    return q, t[:, per_group].reshape(groups * hd, *rest), t[:, per_group + 1].reshape(groups * hd, *rest)
+
+
+def _merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, per_group: int, hd: int) -> torch.Tensor:
+    rest = q.shape[1:]
+    parts = [q.reshape(groups, per_group, hd, *rest), k.reshape(groups, 1, hd, *rest), v.reshape(groups, 1, hd, *rest)]
+    return torch.cat(parts, dim=1).reshape(groups * (per_group + 2) * hd, *rest)
+
+
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The HF config of a native model (no eos/bos: `write_hf_dir` sets them from the tokenizer)."""
+    family = hf_family(cfg)
+    heads = cfg.num_attention_heads
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=heads, num_key_value_heads=cfg.num_query_groups,
+            head_dim=cfg.hidden_size // heads, hidden_act="silu", max_position_embeddings=cfg.seq_length,
+            initializer_range=cfg.init_method_std, rms_norm_eps=NORM_EPS, tie_word_embeddings=False,
+            attention_bias=False, mlp_bias=False,
+            rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
+            bos_token_id=None, eos_token_id=None, architectures=[HF_CLASSES[family]],
+        )
+    return GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.seq_length, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+        n_head=heads, n_inner=cfg.ffn_hidden_size, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, layer_norm_epsilon=NORM_EPS, initializer_range=cfg.init_method_std,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, architectures=[HF_CLASSES[family]],
+    )
+
+
+def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[PretrainedConfig, State]:
+    """(HF config, HF state dict) of a global megatron state; ValueError for unsupported architectures."""
+    config = hf_config(cfg)
+    _check_names("the global state", state, native_shapes(cfg))
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    hd, per = cfg.hidden_size // heads, heads // groups
+    out: State = {}
+    if config.model_type == "llama":
+        out["model.embed_tokens.weight"] = state["embedding.word_embeddings.weight"]
+        for i in range(cfg.num_layers):
+            n, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+            q, k, v = _split_qkv(state[n + "self_attention.linear_qkv.weight"], groups, per, hd)
+            gate, up = state[n + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out.update({
+                p + "input_layernorm.weight": state[n + "input_layernorm.weight"],
+                p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+                p + "self_attn.o_proj.weight": state[n + "self_attention.linear_proj.weight"],
+                p + "post_attention_layernorm.weight": state[n + "pre_mlp_layernorm.weight"],
+                p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": state[n + "mlp.linear_fc2.weight"],
+            })
+        out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
+        out["lm_head.weight"] = state["output_layer.weight"]
+    else:
+        out["transformer.wte.weight"] = state["embedding.word_embeddings.weight"]
+        out["transformer.wpe.weight"] = state["embedding.position_embeddings.weight"]
+        for i in range(cfg.num_layers):
+            n, p = f"decoder.layers.{i}.", f"transformer.h.{i}."
+            for kind in ("weight", "bias"):
+                qkv = torch.cat(_split_qkv(state[f"{n}self_attention.linear_qkv.{kind}"], groups, per, hd))
+                out.update({
+                    f"{p}ln_1.{kind}": state[f"{n}input_layernorm.{kind}"],
+                    f"{p}attn.c_attn.{kind}": _conv1d(qkv),
+                    f"{p}attn.c_proj.{kind}": _conv1d(state[f"{n}self_attention.linear_proj.{kind}"]),
+                    f"{p}ln_2.{kind}": state[f"{n}pre_mlp_layernorm.{kind}"],
+                    f"{p}mlp.c_fc.{kind}": _conv1d(state[f"{n}mlp.linear_fc1.{kind}"]),
+                    f"{p}mlp.c_proj.{kind}": _conv1d(state[f"{n}mlp.linear_fc2.{kind}"]),
+                })
+        out["transformer.ln_f.weight"] = state["decoder.final_layernorm.weight"]
+        out["transformer.ln_f.bias"] = state["decoder.final_layernorm.bias"]
+    return config, {k: _fresh(v) for k, v in out.items()}
+
+
+def _conv1d(t: torch.Tensor) -> torch.Tensor:
+    """GPT2's Conv1D holds the transpose of a Linear weight (its own inverse); biases are unchanged."""
+    return t.T if t.dim() == 2 else t
+
+
+def _config_family(config: PretrainedConfig) -> str:
+    family = getattr(config, "model_type", None)
+    if family not in HF_CLASSES:
+        raise ValueError(
+            f"Hugging Face model_type={family!r} is not supported: expected 'llama' (LlamaForCausalLM) "
+            "or 'gpt2' (GPT2LMHeadModel)"
+        )
+    return family
+
+
+def _rope_theta(config: PretrainedConfig) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters={rope}: only unscaled ('default') RoPE maps onto the native model")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("the llama config has no rope_theta")
+    return float(theta)
+
+
+def _native_config(config: PretrainedConfig) -> ModelConfig:
+    """The ModelConfig of an HF config, refusing settings the native model cannot represent exactly."""
+    family = _config_family(config)
+    wrong: list[str] = []
+
+    def need(field: str, value: object, expected: object, why: str) -> None:
+        if value != expected:
+            wrong.append(f"{field}={value!r} (needs {expected!r}: {why})")
+
+    if family == "llama":
+        heads, h = config.num_attention_heads, config.hidden_size
+        theta = _rope_theta(config)
+        need("hidden_act", config.hidden_act, "silu", "the native MLP is SwiGLU")
+        need("attention_bias", config.attention_bias, False, "llama-style native models have no biases")
+        need("mlp_bias", config.mlp_bias, False, "llama-style native models have no biases")
+        need("tie_word_embeddings", config.tie_word_embeddings, False, "llama-style native models are untied")
+        need("rms_norm_eps", config.rms_norm_eps, NORM_EPS, "the native norms use megatron's default epsilon")
+        need("head_dim", config.head_dim or h // heads, h // heads,
+             "the native model has head_dim = hidden_size / heads (a pruned export cannot be imported)")
+        need("rope_theta", theta, float(round(theta)), "the native rotary_base is an integer")
+        fields = dict(
+            num_layers=config.num_hidden_layers, hidden_size=h, num_attention_heads=heads,
+            num_query_groups=config.num_key_value_heads or heads, ffn_hidden_size=config.intermediate_size,
+            vocab_size=config.vocab_size, seq_length=config.max_position_embeddings, rotary_base=round(theta),
+        )
+    else:
+        need("activation_function", config.activation_function, "gelu", "the native GELU is exact (F.gelu)")
+        need("layer_norm_epsilon", config.layer_norm_epsilon, NORM_EPS, "the native norms use megatron's default")
+        need("tie_word_embeddings", config.tie_word_embeddings, True, "gpt2-style native models are tied")
+        need("scale_attn_weights", config.scale_attn_weights, True, "native attention scales by 1/sqrt(head_dim)")
+        need("scale_attn_by_inverse_layer_idx", config.scale_attn_by_inverse_layer_idx, False,
+             "native attention has no per-layer scaling")
+        need("add_cross_attention", config.add_cross_attention, False, "the native model is decoder-only")
+        fields = dict(
+            num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
+            num_query_groups=config.n_head, ffn_hidden_size=config.n_inner or 4 * config.n_embd,
+            vocab_size=config.vocab_size, seq_length=config.n_positions,
+        )
+    if wrong:
+        raise ValueError(f"cannot import this {HF_CLASSES[family]} config: " + "; ".join(wrong))
+    cfg = ModelConfig(arch=family, init_method_std=config.initializer_range, **fields, **ARCHITECTURES[family])
+    hf_family(cfg)  # the round trip must be exportable again
+    return cfg
+
+
+# HF buffers (not parameters) that some checkpoints carry; they hold no learned weights.
+_HF_BUFFERS = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq)$")
+
+
+def from_hf(hf_state: Mapping[str, torch.Tensor], config: PretrainedConfig) -> tuple[ModelConfig, State]:
+    """(ModelConfig, global megatron state) of an HF llama/gpt2 checkpoint: the inverse of `to_hf`."""
+    cfg = _native_config(config)
+    family = _config_family(config)
+    hf_state = {k: v for k, v in hf_state.items() if not _HF_BUFFERS.search(k)}
+    if family == "gpt2":
+        hf_state.pop("lm_head.weight", None)  # tied: the same tensor as transformer.wte.weight
+    _check_names("the Hugging Face state", hf_state, hf_shapes(config))
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    hd, per = cfg.hidden_size // heads, heads // groups
+    s = hf_state
+    out: State = {}
+    if family == "llama":
+        out["embedding.word_embeddings.weight"] = s["model.embed_tokens.weight"]
+        for i in range(cfg.num_layers):
+            n, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+            out.update({
+                n + "input_layernorm.weight": s[p + "input_layernorm.weight"],
+                n + "self_attention.linear_qkv.weight": _merge_qkv(
+                    s[p + "self_attn.q_proj.weight"], s[p + "self_attn.k_proj.weight"],
+                    s[p + "self_attn.v_proj.weight"], groups, per, hd),
+                n + "self_attention.linear_proj.weight": s[p + "self_attn.o_proj.weight"],
+                n + "pre_mlp_layernorm.weight": s[p + "post_attention_layernorm.weight"],
+                n + "mlp.linear_fc1.weight": torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]]),
+                n + "mlp.linear_fc2.weight": s[p + "mlp.down_proj.weight"],
+            })
+        out["decoder.final_layernorm.weight"] = s["model.norm.weight"]
+        out["output_layer.weight"] = s["lm_head.weight"]
+    else:
+        out["embedding.word_embeddings.weight"] = s["transformer.wte.weight"]
+        out["embedding.position_embeddings.weight"] = s["transformer.wpe.weight"]
+        for i in range(cfg.num_layers):
+            n, p = f"decoder.layers.{i}.", f"transformer.h.{i}."
+            for kind in ("weight", "bias"):
+                qkv = _conv1d(s[f"{p}attn.c_attn.{kind}"])
+                out.update({
+                    f"{n}input_layernorm.{kind}": s[f"{p}ln_1.{kind}"],
+                    f"{n}self_attention.linear_qkv.{kind}": _merge_qkv(*qkv.chunk(3, dim=0), groups, per, hd),
+                    f"{n}self_attention.linear_proj.{kind}": _conv1d(s[f"{p}attn.c_proj.{kind}"]),
+                    f"{n}pre_mlp_layernorm.{kind}": s[f"{p}ln_2.{kind}"],
+                    f"{n}mlp.linear_fc1.{kind}": _conv1d(s[f"{p}mlp.c_fc.{kind}"]),
+                    f"{n}mlp.linear_fc2.{kind}": _conv1d(s[f"{p}mlp.c_proj.{kind}"]),
+                })
+        out["decoder.final_layernorm.weight"] = s["transformer.ln_f.weight"]
+        out["decoder.final_layernorm.bias"] = s["transformer.ln_f.bias"]
+    return cfg, {k: _fresh(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------- on disk
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _save_weights(directory: Path, state: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """model.safetensors, or numbered shards plus the standard index when above `max_shard_bytes`."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_NAME, metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata=meta)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _save_tokenizer(directory: Path, tokenizer_path: Path, config: PretrainedConfig, max_length: int) -> int:
+    """tokenizer.json + tokenizer_config.json (PreTrainedTokenizerFast, EOD as eos/bos); returns the EOD id."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_sgtm.data.tokenizer import eod_id, load_tokenizer
+
+    tok = load_tokenizer(Path(tokenizer_path))
+    if tok.get_vocab_size() > config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{config.vocab_size}: its ids would index past the embedding"
+        )
+    eod = eod_id(tok)
+    token = tok.id_to_token(eod)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=token, bos_token=token, model_max_length=max_length
+    )
+    hf_tok.save_pretrained(str(directory))
+    # transformers 5 records its own class name; the 4.x-compatible name loads in both.
+    tok_config = directory / "tokenizer_config.json"
+    settings = {**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_config.write_text(json.dumps(settings, indent=2) + "\n")
+    return eod
+
+
+def write_hf_dir(
+    out: Path,
+    config: PretrainedConfig,
+    state: Mapping[str, torch.Tensor],
+    dtype: str = "fp32",
+    tokenizer_path: Path | None = None,
+    *,
+    overwrite: bool = False,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write a standard HF model directory that `from_pretrained` loads offline; returns `out`.
+
+    Atomic: everything goes to ``OUT.partial`` and is renamed to `out` only when complete, so a failure
+    never leaves a half-written export at `out`. `dtype`: 'fp32' or 'bf16'. `tokenizer_path`: a local
+    `tokenizer.json` or tokenizer directory, saved as a `PreTrainedTokenizerFast` whose eos/bos is the
+    end-of-document token; it also sets the config's and generation config's eos/bos/pad ids.
+    `extra_files` (name -> text or bytes) are written inside the directory too, e.g. a release manifest.
+    An existing `out` is refused unless `overwrite`.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    _check_names("the Hugging Face state", state, hf_shapes(config))
+    config = copy.deepcopy(config)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():  # left by an interrupted export
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        max_length = getattr(config, "max_position_embeddings", None) or config.n_positions
+        if tokenizer_path is not None:
+            eod = _save_tokenizer(partial, Path(tokenizer_path), config, max_length)
+            config.eos_token_id = config.bos_token_id = eod
+        config.dtype = "bfloat16" if dtype == "bf16" else "float32"
+        config.save_pretrained(str(partial))
+        generation = GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id
+        )
+        generation.save_pretrained(str(partial))
+        cast = {k: v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in state.items()}
+        _save_weights(partial, cast, max_shard_bytes)
+        for name, content in (extra_files or {}).items():
+            path = partial / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        _fsync_tree(partial)
+        if out.exists():
+            old = out.with_name(out.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def read_hf_dir(path: Path) -> tuple[PretrainedConfig, State]:
+    """(config, state) of an HF model directory, reading safetensors only (pickle files can run code)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory: no config.json")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if (path / WEIGHTS_INDEX_NAME).is_file():
+        files = sorted(set(json.loads((path / WEIGHTS_INDEX_NAME).read_text())["weight_map"].values()))
+    elif (path / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        hint = (f"; it holds only pickle weights {pickled}, which are never loaded (they can execute code): "
+                "convert them to safetensors first") if pickled else ""
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}{hint}")
+    state: State = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    return config, state

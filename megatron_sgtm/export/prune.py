@@ -1,0 +1,241 @@
+"""Θ_F of a global state, ablation without a model, and physical pruning of HF exports.
+
+`global_regions` states `regions.param_regions`'s rules in global (TP=1/PP=1) names, with the index sets
+from `Partition.shard(0, 1)`, so a checkpoint can be ablated or summarised without building a model;
+the tests check both agree with the live model element for element.
+
+Pruning works on the HF side because only HF configs can describe the smaller model: a pruned llama has
+``num_attention_heads * head_dim != hidden_size`` (LlamaConfig has `head_dim`; `ModelConfig` derives
+kv_channels from hidden/heads). GPT2Attention fixes ``head_dim = n_embd / n_head``, so a gpt2-style export
+cannot lose heads: its forget MLP units are removed and its forget heads are kept with all their weights
+zero. Either way the pruned model computes what the zero-ablated one does: an ablated forget head has
+zero q/k/v (so zero context) and an ablated forget unit has zero pre-activation (GELU(0) = SiLU(0)·0 = 0),
+whatever the strategy's ablation leaves in `linear_proj`/`linear_fc2`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from transformers import PretrainedConfig
+
+from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes, native_shapes
+from megatron_sgtm.model import ModelConfig
+from megatron_sgtm.partition import ModelDims, Partition
+from megatron_sgtm.regions import JOINT, RETAIN, SPLIT, ParamRegion
+
+_SPLIT_LINEARS = {  # linear -> (weight split dim, bias region)
+    "self_attention.linear_qkv": ("qkv", 0, "split"),
+    "self_attention.linear_proj": ("proj", 1, "retain"),
+    "mlp.linear_fc1": ("fc1", 0, "split"),
+    "mlp.linear_fc2": ("fc2", 1, "retain"),
+}
+
+
+def _check_partition(dims: ModelDims, partition: Partition, what: str) -> None:
+    if partition.dims != dims:
+        raise ValueError(f"the partition was resolved for {partition.dims}, but {what} has {dims}")
+
+
+def global_regions(cfg: ModelConfig, partition: Partition | None) -> dict[str, ParamRegion]:
+    """The region of every tensor of the global state of `cfg` (the rules of `regions.param_regions`)."""
+    names = native_shapes(cfg)
+    regions = dict.fromkeys(names, ParamRegion(JOINT))
+    if partition is None or not partition.active or not partition.masked_layers:
+        return regions
+    _check_partition(cfg.dims(), partition, "the model")
+    index = partition.shard(0, 1)
+    for layer in partition.masked_layers:
+        for linear, (kind, dim, bias) in _SPLIT_LINEARS.items():
+            name = f"decoder.layers.{layer}.{linear}"
+            forget = index.for_kind(kind)
+            regions[f"{name}.weight"] = ParamRegion(SPLIT, dim, forget)
+            if f"{name}.bias" in names:
+                regions[f"{name}.bias"] = ParamRegion(SPLIT, 0, forget) if bias == "split" else ParamRegion(RETAIN)
+    if partition.mask_embeddings:
+        if not cfg.tie_embeddings:  # tied embeddings are the output layer too: Θ_J
+            regions["embedding.word_embeddings.weight"] = ParamRegion(RETAIN)
+        if "embedding.position_embeddings.weight" in names:
+            regions["embedding.position_embeddings.weight"] = ParamRegion(RETAIN)
+    return regions
+
+
+def _ablated(region: ParamRegion, partition: Partition) -> bool:
+    """Whether ablation zeros this region's forget part: gradient routing leaves proj/fc2 columns (dim 1)."""
+    return region.region == SPLIT and not (partition.strategy == "gradient_routing" and region.dim == 1)
+
+
+def ablation_masks(cfg: ModelConfig, partition: Partition | None) -> dict[str, torch.Tensor]:
+    """Bool mask per tensor of the global state: True where `regions.ablate` zeros (tensors it never touches
+    are left out). sgtm / activation masking / none: all of Θ_F; gradient routing: the forget rows of
+    `linear_qkv` and `linear_fc1` (and their bias entries) only."""
+    shapes = native_shapes(cfg)
+    return {
+        name: region.forget_mask(torch.empty(()).expand(shapes[name]))  # a broadcast view: no copy
+        for name, region in global_regions(cfg, partition).items()
+        if _ablated(region, partition)
+    }
+
+
+@torch.no_grad()
+def ablate_state(
+    state: Mapping[str, torch.Tensor], cfg: ModelConfig, partition: Partition | None
+) -> tuple[State, int]:
+    """(copy of `state` with Θ_F zeroed as `regions.ablate` zeros a live model, number of elements zeroed).
+    Tensors ablation does not touch are shared with `state`."""
+    out = dict(state)
+    zeroed = 0
+    for name, mask in ablation_masks(cfg, partition).items():
+        out[name] = state[name].masked_fill(mask, 0)
+        zeroed += int(mask.sum())
+    return out, zeroed
+
+
+def _hf_dims(config: PretrainedConfig) -> ModelDims:
+    if config.model_type == "llama":
+        return ModelDims(
+            num_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_query_groups=config.num_key_value_heads, ffn_hidden_size=config.intermediate_size,
+            kv_channels=config.head_dim or config.hidden_size // config.num_attention_heads, gated_mlp=True,
+        )
+    return ModelDims(
+        num_layers=config.n_layer, num_attention_heads=config.n_head, num_query_groups=config.n_head,
+        ffn_hidden_size=config.n_inner or 4 * config.n_embd, kv_channels=config.n_embd // config.n_head,
+        gated_mlp=False,
+    )
+
+
+def _check_prunable(config: PretrainedConfig, partition: Partition) -> None:
+    if config.model_type not in HF_CLASSES:
+        raise ValueError(f"cannot prune model_type={config.model_type!r}: expected one of {sorted(HF_CLASSES)}")
+    if not partition.active:
+        raise ValueError("cannot prune: sgtm.strategy='none' has no forget heads or units")
+    dims = _hf_dims(config)
+    missing = sorted(set(range(dims.num_layers)) - set(partition.masked_layers))
+    if missing:
+        raise ValueError(
+            f"cannot prune: layers {missing} are not masked (sgtm.masked_layers={list(partition.masked_layers)}); "
+            "a Hugging Face config has one head count and one intermediate size for all layers, so every layer "
+            "must lose the same heads and units. Export the zero-ablated model instead"
+        )
+    _check_partition(dims, partition, "the Hugging Face config (already pruned?)")
+
+
+def _keep(total: int, drop: tuple[int, ...], width: int) -> torch.Tensor:
+    """Indices of the rows of the kept items when each of `total` items owns `width` consecutive rows."""
+    kept = torch.tensor([i for i in range(total) if i not in set(drop)], dtype=torch.long)
+    return (kept[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def prune_config(config: PretrainedConfig, partition: Partition) -> PretrainedConfig:
+    """The HF config of the pruned model (forget heads/groups removed for llama; forget units for both)."""
+    _check_prunable(config, partition)
+    dims = _hf_dims(config)
+    config = copy.deepcopy(config)
+    units = dims.ffn_hidden_size - len(partition.forget_units)
+    if config.model_type == "llama":
+        config.head_dim = dims.kv_channels
+        config.num_attention_heads = dims.num_attention_heads - len(partition.forget_heads)
+        config.num_key_value_heads = dims.num_query_groups - len(partition.forget_groups)
+        config.intermediate_size = units
+    else:
+        config.n_inner = units
+    return config
+
+
+@torch.no_grad()
+def prune(
+    config: PretrainedConfig, state: Mapping[str, torch.Tensor], partition: Partition
+) -> tuple[PretrainedConfig, State]:
+    """(config, state) of the HF model without Θ_F (see the module docstring for gpt2's heads).
+
+    `config`/`state` are an unpruned export (`to_hf`), ablated or not: pruning removes Θ_F either way.
+    Refused unless every layer is masked. Tensors pruning does not touch are shared with `state`."""
+    new_config = prune_config(config, partition)
+    d = _hf_dims(config)
+    hd = d.kv_channels
+    heads = _keep(d.num_attention_heads, partition.forget_heads, hd)
+    groups = _keep(d.num_query_groups, partition.forget_groups, hd)
+    units = _keep(d.ffn_hidden_size, partition.forget_units, 1)
+    out = dict(state)
+    for i in range(d.num_layers):
+        if config.model_type == "llama":
+            p = f"model.layers.{i}."
+            for name, rows, dim in (
+                ("self_attn.q_proj", heads, 0), ("self_attn.k_proj", groups, 0), ("self_attn.v_proj", groups, 0),
+                ("self_attn.o_proj", heads, 1),
+                ("mlp.gate_proj", units, 0), ("mlp.up_proj", units, 0), ("mlp.down_proj", units, 1),
+            ):
+                out[f"{p}{name}.weight"] = state[f"{p}{name}.weight"].index_select(dim, rows)
+            continue
+        p = f"transformer.h.{i}."
+        # Conv1D [in, out]: c_fc's units are output columns (and bias entries), mlp.c_proj's input rows.
+        out[p + "mlp.c_fc.weight"] = state[p + "mlp.c_fc.weight"].index_select(1, units)
+        out[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"].index_select(0, units)
+        out[p + "mlp.c_proj.weight"] = state[p + "mlp.c_proj.weight"].index_select(0, units)
+        # Heads stay, zeroed: their q, k and v columns of c_attn (and bias), their input rows of attn.c_proj.
+        forget = torch.ones(d.num_attention_heads * hd, dtype=torch.bool)
+        forget[heads] = False
+        qkv = forget.repeat(3)
+        out[p + "attn.c_attn.weight"] = state[p + "attn.c_attn.weight"].masked_fill(qkv[None, :], 0)
+        out[p + "attn.c_attn.bias"] = state[p + "attn.c_attn.bias"].masked_fill(qkv, 0)
+        out[p + "attn.c_proj.weight"] = state[p + "attn.c_proj.weight"].masked_fill(forget[:, None], 0)
+    return new_config, out
+
+
+def _numel(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    return sum(torch.Size(s).numel() for s in shapes.values())
+
+
+def summarize(cfg: ModelConfig, partition: Partition | None, pruned: bool = False) -> dict:
+    """JSON-able account of Θ_F/Θ_R/Θ_J and of what ablation (and, if `pruned`, pruning) removes.
+
+    Parameter counts are of the global state (tied embeddings counted once)."""
+    shapes = native_shapes(cfg)
+    counts = {"forget": 0, "retain": 0, "joint": 0}
+    ablated = 0
+    for name, region in global_regions(cfg, partition).items():
+        numel = torch.Size(shapes[name]).numel()
+        if region.region == SPLIT:
+            forget = int(region.forget_index.sum()) * numel // len(region.forget_index)
+            counts["forget"] += forget
+            counts["retain"] += numel - forget
+            ablated += forget if _ablated(region, partition) else 0
+        else:
+            counts["retain" if region.region == RETAIN else "joint"] += numel
+    summary: dict = {"params": {"total": _numel(shapes), **counts}, "ablated_params": ablated}
+    if partition is not None:
+        summary.update(
+            strategy=partition.strategy, masked_layers=list(partition.masked_layers),
+            forget_heads=list(partition.forget_heads), forget_query_groups=list(partition.forget_groups),
+            forget_mlp_units=list(partition.forget_units), mask_embeddings=partition.mask_embeddings,
+        )
+    if pruned:
+        if partition is None:
+            raise ValueError("cannot summarise pruning without a partition")
+        before = hf_config(cfg)
+        after = prune_config(before, partition)
+        llama = hf_family(cfg) == "llama"
+        zeroed_heads = [] if llama else list(partition.forget_heads)
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        # A zeroed gpt2 head: its q, k, v rows and biases (3 * (hidden + 1) * hd) and its proj input rows.
+        zeroed = len(zeroed_heads) * hd * (4 * cfg.hidden_size + 3) * cfg.num_layers
+        params_before, params_after = _numel(hf_shapes(before)), _numel(hf_shapes(after))
+        summary["pruned"] = {
+            "hf_class": HF_CLASSES[before.model_type],
+            "layers": list(range(cfg.num_layers)),
+            "heads_removed": list(partition.forget_heads) if llama else [],
+            "query_groups_removed": list(partition.forget_groups) if llama else [],
+            "heads_zeroed": zeroed_heads,
+            "mlp_units_removed": list(partition.forget_units),
+            "num_attention_heads": [cfg.num_attention_heads, _hf_dims(after).num_attention_heads],
+            "num_query_groups": [cfg.num_query_groups, _hf_dims(after).num_query_groups],
+            "ffn_hidden_size": [cfg.ffn_hidden_size, _hf_dims(after).ffn_hidden_size],
+            "params_before": params_before,
+            "params_after": params_after,
+            "params_removed": params_before - params_after,
+            "params_zeroed": zeroed,
+        }
+    return summary
