@@ -261,6 +261,8 @@ def test_refusals(native, exports, tokenizer_file, tmp_path):
         from_hf({}, GPT2Config(n_embd=16, n_head=2, n_layer=1))
     with pytest.raises(ValueError, match="missing"):
         to_hf({k: v for k, v in native["llama_layer1"]["state"].items() if "fc2" not in k}, cfg)
+    with pytest.raises(ValueError, match="wrong shape"):  # a pruned state under the unpruned config
+        write_hf_dir(tmp_path / "mismatch", read_hf_dir(exports["llama_gqa"]["plain"])[0], pruned_state)
 
     # Only safetensors are read: a pickle checkpoint is named and refused, not loaded.
     pickled = tmp_path / "pickled"

@@ -481,11 +481,15 @@ def write_hf_dir(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
         _fsync_tree(partial)
-        if out.exists():
+        if out.exists():  # replace: the old export stays in place until the new one is complete
             old = out.with_name(out.name + ".replaced")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
-            partial.rename(out)
+            try:
+                partial.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
             shutil.rmtree(old)
         else:
             partial.rename(out)
