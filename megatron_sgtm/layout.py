@@ -39,6 +39,17 @@ def _tp_pieces(tensor: torch.Tensor, gated: bool) -> list[torch.Tensor]:
     return list(torch.chunk(tensor, 2, dim=0)) if gated else [tensor]
 
 
+def merge_tp_shards(model: torch.nn.Module, name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The global tensor of parameter `name` from its TP ranks' shards, in rank order. `model` may be
+    built at any TP size: only the parameter's TP attributes are read."""
+    param = dict(model.named_parameters())[name]
+    if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
+        return shards[0]
+    dim = param.partition_dim
+    pieces = [_tp_pieces(t, _gated(model, name)) for t in shards]
+    return torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(len(pieces[0]))], dim=dim)
+
+
 @torch.no_grad()
 def gather_global(model: torch.nn.Module, local: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Global tensors on every rank. `local` maps parameter names to tensors shaped like them
@@ -54,12 +65,9 @@ def gather_global(model: torch.nn.Module, local: dict[str, torch.Tensor] | None 
         param = params[name]
         tensor = tensor.detach().float().cpu().clone()  # a copy, never a view of live buffers
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
-            dim = param.partition_dim
             gathered = [torch.empty_like(tensor) for _ in range(tp)]
             dist.all_gather(gathered, tensor, group=tp_group)
-            gated = _gated(model, name)
-            pieces = [_tp_pieces(t, gated) for t in gathered]
-            tensor = torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(len(pieces[0]))], dim=dim)
+            tensor = merge_tp_shards(model, name, gathered)
         out[global_name(model, name)] = tensor
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if pp_group.size() > 1:

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
+MODEL_FILE = "model.safetensors"  # model-only checkpoints: the global (TP=1, PP=1) weights
 
 
 class CheckpointError(RuntimeError):
@@ -109,3 +112,50 @@ def load(engine, path: Path) -> dict:
     if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return meta
+
+
+def load_model_only(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, global fp32 weights) of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`)."""
+    meta_file, weights = path / META, path / MODEL_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("engine") != "model-only":
+        raise CheckpointError(f"{path}: a {meta.get('engine')} training checkpoint, not a model-only one (resume "
+                              "it with checkpoint.resume, or write one with `megatron-sgtm ablate`)")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (a model-only checkpoint keeps its weights there)")
+    try:
+        return meta, {k: v.float() for k, v in load_file(str(weights)).items()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from err
+
+
+def write_model_only(out: Path, state: dict[str, torch.Tensor], meta: dict, files: list[Path] = ()) -> Path:
+    """A model-only checkpoint at `out` (with copies of `files`, e.g. the tokenizer), which appears only
+    when complete (written beside, then renamed)."""
+    if out.exists():
+        raise CheckpointError(f"{out}: already exists (choose a new output directory)")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial / MODEL_FILE))
+        for file in files:
+            shutil.copyfile(file, partial / file.name)
+        _write_json_atomic(partial / META, {**meta, "engine": "model-only"})
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def init_weights(model: torch.nn.Module, cfg) -> None:
+    """Layout-invariant random weights, or `checkpoint.pretrained`'s (Megatron-LM's
+    --pretrained-checkpoint: weights only, a fresh optimizer from step 0)."""
+    from megatron_sgtm.layout import init_layout_invariant, load_global
+
+    init_layout_invariant(model, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+    if cfg.checkpoint.pretrained:
+        load_global(model, load_model_only(Path(cfg.checkpoint.pretrained))[1])

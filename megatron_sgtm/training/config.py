@@ -8,6 +8,7 @@ partition that does not fit the model.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class CheckpointConfig:
     save_interval: int = 0
     keep_last: int = 2
     resume: str | None = None  # None | "auto" | a checkpoint directory
+    pretrained: str | None = None  # initial weights from a model-only checkpoint (ablate / import-hf output)
 
 
 @dataclass
@@ -244,6 +246,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.train.calibrate_ablated and cfg.train.calibration_iters < 1:
         raise ConfigError(f"train.calibration_iters={cfg.train.calibration_iters}: must be >= 1 with "
                           "train.calibrate_ablated")
+    if cfg.checkpoint.pretrained:
+        _check_pretrained(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path is required (a shard directory from `megatron-sgtm data build`)")
     if not (Path(cfg.data.path) / "manifest.json").is_file():
@@ -258,3 +262,21 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"model.num_layers={cfg.model.num_layers} is not divisible by pipeline_model_parallel_size="
             f"{par.pipeline_model_parallel_size}"
         )
+
+
+def _check_pretrained(cfg: TrainConfig) -> None:
+    """checkpoint.pretrained must be a model-only checkpoint of this very model shape."""
+    from megatron_sgtm.training.checkpoint import META
+
+    meta_file = Path(cfg.checkpoint.pretrained) / META
+    if not meta_file.is_file():
+        raise ConfigError(f"checkpoint.pretrained={cfg.checkpoint.pretrained}: not a checkpoint (no {META})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("engine") != "model-only":
+        raise ConfigError(f"checkpoint.pretrained={cfg.checkpoint.pretrained}: a {meta.get('engine')} training "
+                          "checkpoint; pretrained weights come from a model-only one (`megatron-sgtm ablate` or "
+                          "`import-hf`), a training checkpoint is continued with checkpoint.resume")
+    theirs = ModelConfig(**meta["config"]["model"]).dims()
+    if theirs != cfg.model.dims() or meta["config"]["model"]["vocab_size"] != cfg.model.vocab_size:
+        raise ConfigError(f"checkpoint.pretrained={cfg.checkpoint.pretrained}: its model ({meta['config']['model']}) "
+                          "does not have this config's model shape")

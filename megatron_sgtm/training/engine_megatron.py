@@ -24,10 +24,10 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.data.sampler import document_attention_mask
 from megatron_sgtm.layers.labels import token_labels
-from megatron_sgtm.layout import init_layout_invariant
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated, param_regions
+from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes_for_shard, step_metrics
 
@@ -52,7 +52,7 @@ class MegatronEngine:
             calculate_per_token_loss=True,
         )
         self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
-        init_layout_invariant(self.model, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
+        init_weights(self.model, cfg)
         if on_gpu:
             self.model.cuda()
         self.ddp = DistributedDataParallel(

@@ -1,0 +1,238 @@
+"""`megatron-sgtm ablate | export-hf | inspect | import-hf`: native checkpoints and Hugging Face models.
+
+- ``ablate --checkpoint IN --out OUT``: Θ_F zeroed, as a model-only checkpoint marked ablated.
+- ``export-hf --checkpoint IN --out DIR [--ablate] [--prune] [--dtype bf16|fp32] [--release]``: an HF
+  model directory; ``--release`` writes DIR/capable (as trained) and DIR/safe (ablated, or pruned with
+  ``--prune``) with DIR/manifest.json saying what was removed.
+- ``inspect --checkpoint IN``: layout, step, partition, ablated or not, parameter counts by region.
+- ``import-hf --hf DIR --out OUT [--config cfg.yaml]``: an HF directory as a model-only checkpoint for
+  ``train`` (``checkpoint.pretrained=OUT``); ``--config`` supplies the SGTM partition.
+All run as one CPU process and read checkpoints of any engine and TP/PP/DP layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+SAFE_EXCEPTIONS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _load(path: str):
+    from megatron_sgtm.export.native import load_native
+
+    return load_native(Path(path))
+
+
+def _tokenizer(args: argparse.Namespace, ckpt) -> Path:
+    """--tokenizer, else the checkpoint's copy, else the training data's tokenizer."""
+    from megatron_sgtm.data.shards import TOKENIZER_FILE
+
+    candidates = [Path(args.tokenizer)] if args.tokenizer else [
+        ckpt.path / TOKENIZER_FILE,
+        Path(ckpt.meta.get("config", {}).get("data", {}).get("path") or "/nonexistent") / TOKENIZER_FILE,
+    ]
+    for path in candidates:
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no tokenizer found (looked at {', '.join(map(str, candidates))}); pass --tokenizer "
+                            "PATH (a tokenizer.json or a directory holding one)")
+
+
+def _summary(ckpt, pruned: bool) -> dict:
+    from megatron_sgtm.export.prune import summarize
+
+    return summarize(ckpt.model, ckpt.partition, pruned=pruned)
+
+
+def _hf_model(ckpt, ablate: bool, prune: bool):
+    from megatron_sgtm.export.hf import to_hf
+    from megatron_sgtm.export.prune import ablate_state
+    from megatron_sgtm.export.prune import prune as prune_hf
+
+    if (ablate or prune) and (ckpt.partition is None or not ckpt.partition.active):
+        raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to "
+                         f"{'prune' if prune else 'ablate'}")
+    state = ablate_state(ckpt.state, ckpt.model, ckpt.partition)[0] if ablate else ckpt.state
+    config, hf_state = to_hf(state, ckpt.model)
+    if prune:
+        config, hf_state = prune_hf(config, hf_state, ckpt.partition)
+    return config, hf_state
+
+
+def _manifest(ckpt, args: argparse.Namespace, **entries) -> str:
+    return json.dumps({"source": str(ckpt.path), "step": ckpt.meta.get("step"), "method": ckpt.meta.get("method"),
+                       "source_ablated": ckpt.ablated, "dtype": args.dtype, **entries,
+                       **_summary(ckpt, pruned=args.prune)}, indent=2) + "\n"
+
+
+def export_hf(args: argparse.Namespace) -> None:
+    from megatron_sgtm.export.hf import write_hf_dir
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"--out {out}: already exists (choose a new directory)")
+    ckpt = _load(args.checkpoint)
+    tokenizer = _tokenizer(args, ckpt)
+    if not args.release:
+        safe = args.ablate or args.prune
+        config, state = _hf_model(ckpt, ablate=args.ablate, prune=args.prune)
+        manifest = _manifest(ckpt, args, ablated=bool(safe or ckpt.ablated), pruned=args.prune)
+        write_hf_dir(out, config, state, args.dtype, tokenizer, extra_files={"sgtm_manifest.json": manifest})
+        print(f"wrote {out}", file=sys.stderr)
+        return
+    if ckpt.ablated:
+        raise ValueError(f"{ckpt.path}: already ablated, so --release has no capable model to write; export the "
+                         "training checkpoint it came from")
+    partial = out.with_name(out.name + ".partial")  # the release appears only when both models are written
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        models = {"capable": dict(ablate=False, prune=False), "safe": dict(ablate=True, prune=args.prune)}
+        for name, how in models.items():
+            config, state = _hf_model(ckpt, **how)
+            write_hf_dir(partial / name, config, state, args.dtype, tokenizer)
+            print(f"wrote {out / name}", file=sys.stderr)
+        manifest = _manifest(ckpt, args, capable="capable", safe="safe", pruned=args.prune)
+        (partial / "manifest.json").write_text(manifest)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def ablate(args: argparse.Namespace) -> None:
+    from megatron_sgtm.export.prune import ablate_state
+    from megatron_sgtm.training.checkpoint import write_model_only
+
+    ckpt = _load(args.checkpoint)
+    if ckpt.partition is None or not ckpt.partition.active:
+        raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to ablate")
+    state, zeroed = ablate_state(ckpt.state, ckpt.model, ckpt.partition)
+    keep = ("config", "partition", "method", "step")
+    meta = {**{k: ckpt.meta[k] for k in keep if k in ckpt.meta}, "ablated": True,
+            "source": ckpt.meta.get("source", str(ckpt.path)), "ablated_params": zeroed}
+    files = [f for f in [ckpt.path / "tokenizer.json"] if f.is_file()]
+    write_model_only(Path(args.out), state, meta, files)
+    print(f"wrote {args.out} ({zeroed:,} forget parameters zeroed)", file=sys.stderr)
+
+
+def inspect(args: argparse.Namespace) -> None:
+    from megatron_sgtm.export.native import read_meta
+    from megatron_sgtm.export.prune import summarize
+
+    path = Path(args.checkpoint)
+    meta, model, partition = read_meta(path)
+    summary = summarize(model, partition)
+    par = meta.get("config", {}).get("parallel", {})
+    tp, pp = par.get("tensor_model_parallel_size", 1), par.get("pipeline_model_parallel_size", 1)
+    world = meta.get("world_size")
+    layout = {"engine": meta["engine"]}
+    if meta["engine"] != "model-only":
+        layout.update(tensor_model_parallel=tp, pipeline_model_parallel=pp, world_size=world,
+                      data_parallel=world // (tp * pp) if world else None)
+        if meta["engine"] == "deepspeed":
+            layout["zero_stage"] = par.get("zero_stage")
+    report = {"checkpoint": str(path), "layout": layout, "step": meta.get("step"), "method": meta.get("method"),
+              "ablated": bool(meta.get("ablated", False)), "model": dataclasses.asdict(model), **summary}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    counts = summary["params"]
+    lines = [
+        f"checkpoint  {path}",
+        "layout      " + " ".join(f"{k}={v}" for k, v in layout.items()),
+        f"step        {report['step']}    method {report['method']}    ablated {'yes' if report['ablated'] else 'no'}",
+        f"model       {model.arch}: {model.num_layers} layers, hidden {model.hidden_size}, "
+        f"{model.num_attention_heads} heads / {model.num_query_groups} groups, ffn {model.ffn_hidden_size}, "
+        f"vocab {model.vocab_size}",
+    ]
+    if partition is not None:
+        lines.append(f"partition   {partition.strategy}: layers {list(partition.masked_layers)}, forget heads "
+                     f"{list(partition.forget_heads)}, forget units {len(partition.forget_units)} "
+                     f"({_ranges(partition.forget_units)}), mask_embeddings {partition.mask_embeddings}")
+    lines.append(f"parameters  {counts['total']:,} total: forget {counts['forget']:,}, retain {counts['retain']:,}, "
+                 f"joint {counts['joint']:,}")
+    print("\n".join(lines))
+
+
+def _ranges(indices) -> str:
+    indices = sorted(indices)
+    spans, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            spans.append(f"{start}" if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(spans)
+
+
+def import_hf(args: argparse.Namespace) -> None:
+    from megatron_sgtm.export.hf import from_hf, read_hf_dir
+    from megatron_sgtm.training.checkpoint import write_model_only
+
+    config, hf_state = read_hf_dir(Path(args.hf))
+    model, state = from_hf(hf_state, config)
+    meta: dict = {"config": {"model": dataclasses.asdict(model)}, "partition": None, "method": "none", "step": 0,
+                  "source": str(args.hf)}
+    if args.config:
+        from megatron_sgtm.training.config import load_config
+
+        cfg = load_config(args.config, [])
+        if cfg.model.dims() != model.dims() or cfg.model.vocab_size != model.vocab_size:
+            raise ValueError(f"--config {args.config}: its model ({cfg.model}) is not the imported one ({model})")
+        partition = cfg.sgtm.resolve(model.dims())
+        meta.update(config={**cfg.to_dict(), "model": dataclasses.asdict(model)}, partition=partition.to_dict(),
+                    method=cfg.method)
+    files = [f for f in [Path(args.hf) / "tokenizer.json"] if f.is_file()]
+    write_model_only(Path(args.out), state, meta, files)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _guarded(func):
+    def run(args: argparse.Namespace) -> int:
+        from megatron_sgtm.training.checkpoint import CheckpointError
+
+        try:
+            func(args)
+        except (CheckpointError, *SAFE_EXCEPTIONS) as err:
+            print(f"megatron-sgtm {args.command}: {err}", file=sys.stderr)
+            return 2
+        return 0
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ablate", help="zero the forget parameters of a checkpoint (model-only output)")
+    p.add_argument("--checkpoint", required=True, help="a training or model-only checkpoint directory")
+    p.add_argument("--out", required=True, help="the new model-only checkpoint directory")
+    p.set_defaults(func=_guarded(ablate))
+
+    p = subparsers.add_parser("export-hf", help="write a Hugging Face model directory from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a training or model-only checkpoint directory")
+    p.add_argument("--out", required=True, help="the new HF directory (appears only when complete)")
+    p.add_argument("--ablate", action="store_true", help="zero the forget parameters first")
+    p.add_argument("--prune", action="store_true", help="remove the forget heads and MLP units (a smaller model)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--release", action="store_true",
+                   help="write OUT/capable and OUT/safe (ablated, or pruned with --prune) and OUT/manifest.json")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else its training data's)")
+    p.set_defaults(func=_guarded(export_hf))
+
+    p = subparsers.add_parser("inspect", help="layout, step, partition and parameter counts of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_guarded(inspect))
+
+    p = subparsers.add_parser("import-hf", help="an HF model directory as a model-only checkpoint")
+    p.add_argument("--hf", required=True, help="a local HF directory (safetensors)")
+    p.add_argument("--out", required=True, help="the new model-only checkpoint directory")
+    p.add_argument("--config", help="a training config whose sgtm section gives the partition")
+    p.set_defaults(func=_guarded(import_hf))

@@ -1,0 +1,214 @@
+"""Native checkpoints offline: read any layout into the global (TP=1, PP=1) weights, write model-only ones.
+
+A training checkpoint (``megatron-sgtm train``) is a megatron distributed checkpoint or a DeepSpeed
+ZeRO checkpoint plus ``meta.json`` (config, SGTM partition, step). Reading one builds the model once
+in this process, in a world of one, and lets megatron reshard its checkpoint into it (or merges
+DeepSpeed's ZeRO partitions per TP rank and then the TP shards), so any TP/PP/DP layout reads the
+same way. The tools write *model-only* checkpoints (``ablate``, ``import-hf``): ``model.safetensors``
+with the global weights beside ``meta.json``; ``train`` starts from one with
+``checkpoint.pretrained=DIR`` on either engine and at any layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_sgtm.layout import load_global
+from megatron_sgtm.model import ModelConfig
+from megatron_sgtm.partition import Partition, PartitionError
+from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
+
+ENGINES = ("megatron", "deepspeed", "model-only")
+
+
+@dataclass
+class NativeCheckpoint:
+    """A checkpoint read into `module` (TP=1, PP=1, this process); `state` holds the module's own
+    weight tensors under their global names (ablating the module changes them)."""
+
+    path: Path
+    meta: dict
+    model: ModelConfig
+    partition: Partition | None
+    module: torch.nn.Module
+    state: dict[str, torch.Tensor]
+
+    @property
+    def ablated(self) -> bool:
+        return bool(self.meta.get("ablated", False))
+
+
+def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
+    """meta.json of a complete checkpoint, its model config and partition, checked against each other."""
+    meta_file = path / META
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META}; a .partial directory is "
+                              "a save that did not finish)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({err})") from err
+    engine = meta.get("engine")
+    if engine not in ENGINES:
+        raise CheckpointError(f"{meta_file}: engine={engine!r}: unknown layout (expected one of {ENGINES})")
+    try:
+        model = ModelConfig(**meta["config"]["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{meta_file}: config.model is missing or invalid ({err})") from err
+    partition = None
+    if meta.get("partition") is not None:
+        try:
+            partition = Partition.from_dict(meta["partition"])
+            expected = _resolved_partition(meta, model)
+        except (KeyError, TypeError, ValueError, PartitionError) as err:
+            raise CheckpointError(f"{meta_file}: partition is invalid ({err})") from err
+        if expected is not None and expected.to_dict() != partition.to_dict():
+            raise CheckpointError(
+                f"{meta_file}: partition {partition.to_dict()} does not match the one config.sgtm gives for "
+                f"config.model ({expected.to_dict()})"
+            )
+        if partition.dims != model.dims():
+            raise CheckpointError(f"{meta_file}: partition was resolved for {partition.dims}, but config.model "
+                                  f"has {model.dims()}")
+    return meta, model, partition
+
+
+def _resolved_partition(meta: dict, model: ModelConfig) -> Partition | None:
+    from megatron_sgtm.partition import SGTMConfig
+
+    sgtm = meta.get("config", {}).get("sgtm")
+    return SGTMConfig(**sgtm).resolve(model.dims()) if sgtm is not None else None
+
+
+def load_native(path: Path | str) -> NativeCheckpoint:
+    """The global fp32 weights of a training or model-only checkpoint (any engine, any layout)."""
+    path = Path(path)
+    meta, model, partition = read_meta(path)
+    engine = meta["engine"]
+    module = reference_model(model, partition)
+    if engine == "megatron":
+        _load_megatron(path, module)
+    else:
+        state = load_model_only(path)[1] if engine == "model-only" else _deepspeed_state(path, meta, module)
+        _check_state(path, state, global_shapes(module))
+        load_global(module, state)
+    state = {n: p.detach() for n, p in module.named_parameters() if not _tied_output(module, n)}
+    return NativeCheckpoint(path, meta, model, partition, module, state)
+
+
+def _check_state(path: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every weight of the model, with its global shape: a checkpoint of another model is refused."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: weights do not match config.model (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]})")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, config.model gives {shape}")
+
+
+def reference_model(model: ModelConfig, partition: Partition | None) -> torch.nn.Module:
+    """The model at TP=1, PP=1 on CPU in a world of one (this process), to read checkpoints into."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_sgtm.model import build_gpt_model
+    from megatron_sgtm.training.distributed import init_distributed
+
+    _rank, world, on_gpu = init_distributed()
+    if world != 1:
+        raise RuntimeError("megatron-sgtm checkpoint tools run as a single process (not under torchrun/srun)")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    config = model.transformer_config(on_gpu=False)
+    return build_gpt_model(model, config, partition, backend="local")
+
+
+def global_shapes(reference: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Global name -> shape of a TP=1, PP=1 model's weights (a tied output layer is the embedding)."""
+    return {n: tuple(p.shape) for n, p in reference.named_parameters() if not _tied_output(reference, n)}
+
+
+def _tied_output(reference: torch.nn.Module, name: str) -> bool:
+    return name == "output_layer.weight" and reference.share_embeddings_and_output_weights
+
+
+def _load_megatron(path: Path, module: torch.nn.Module) -> None:
+    """megatron reshards its distributed checkpoint (any TP/PP) into the TP=1, PP=1 module."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    except (CheckpointingException, FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: unreadable megatron distributed checkpoint (missing or partial "
+                              f"shard files?): {err}") from err
+    module.load_state_dict(state["model"], strict=False)
+
+
+def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """ZeRO partitions merged per TP rank (DeepSpeed's own zero_to_fp32), then the TP shards merged."""
+    from deepspeed.utils import zero_to_fp32
+
+    from megatron_sgtm.layout import merge_tp_shards
+    from megatron_sgtm.training.engine_deepspeed import CHECKPOINT_TAG
+
+    tp = int(meta["config"]["parallel"]["tensor_model_parallel_size"])
+    tag_dir = path / CHECKPOINT_TAG
+    shards: list[dict[str, torch.Tensor]] = []
+    for rank in range(tp):
+        files = sorted(tag_dir.glob(f"*mp_rank_{rank:02d}_*.pt"))
+        if not any(f.name.endswith("_optim_states.pt") for f in files):
+            raise CheckpointError(f"{tag_dir}: no ZeRO optimizer-state files for TP rank {rank} (partial checkpoint?)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in files:  # zero_to_fp32 reads one model-parallel rank, named mp_rank_00
+                os.symlink(file, Path(tmp) / file.name.replace(f"mp_rank_{rank:02d}", "mp_rank_00"))
+            try:
+                with _weights_only_torch_load():
+                    state = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tmp, False)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(f"{tag_dir}: a file of TP rank {rank} is refused by weights_only "
+                                      f"loading: {err}") from err
+            except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"{tag_dir}: unreadable ZeRO files of TP rank {rank}: {err}") from err
+        shards.append(state)
+    names = [n for n, _ in reference.named_parameters()]
+    for rank, shard in enumerate(shards):
+        missing = sorted(set(names) - set(shard))
+        if missing:
+            raise CheckpointError(f"{tag_dir}: TP rank {rank} lacks {missing[:5]}")
+    return {n: merge_tp_shards(reference, n, [s[n].float() for s in shards]) for n in names
+            if not _tied_output(reference, n)}
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; make those loads weights-only,
+    allowing just DeepSpeed's own plain classes (the engine's checkpoint loads do the same)."""
+    from megatron_sgtm.training.engine_deepspeed import _safe_globals
+
+    original = torch.load
+    allowed = _safe_globals()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
