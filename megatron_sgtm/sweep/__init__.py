@@ -1,0 +1,1 @@
+"""Scaling-law sweeps: the model-size table, grid expansion, SLURM job arrays (or a local runner), collection."""

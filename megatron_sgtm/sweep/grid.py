@@ -1,0 +1,278 @@
+"""A sweep grid (YAML): sizes x methods x undiscovered-forget rates x seeds over one base training config.
+
+    base: ../examples/tiny_cpu.yaml        # a training config, relative to the grid file
+    out: runs/sweep_tiny                   # runs go to <out>/<run name>/ (relative to the working directory)
+    sizes: [tiny-h32, tiny-h64]            # names from the size table (`megatron-sgtm sizes`)
+    methods: [sgtm, weak_filter]           # training methods (config.METHODS)
+    undiscovered_rates: [0.2]              # data.undiscovered_rate
+    seeds: [0]                             # train.seed
+    budget: {coefficient: 20}              # tokens = coefficient x N^exponent, or {train_steps: N}
+    overrides: {data.path: shards}         # section.key: value for every run
+    resources: {nodes: 1, gpus_per_node: 8, gpu_memory_gib: 80}   # per run; gpus_per_node 0 = CPU tasks
+    layout: auto                           # or {default: {tensor_model_parallel_size: 2}, 1B: {...}}
+    slurm: {time: "24:00:00", partition: gpu, max_concurrent: 8}
+
+Methods whose training ignores the labels (`none`, `oracle`) run once per size and seed, not once per
+rate. `expand` refuses structural mistakes (unknown keys, methods or sizes, layouts that cannot fit)
+and `check` runs the trainer's own validation on every run, so nothing is submitted from a bad grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_sgtm.sweep.sizes import (
+    SIZES,
+    Budget,
+    Layout,
+    ParamCount,
+    SizeError,
+    count_parameters,
+    estimate_memory_gib,
+    model_config,
+    recommend_layout,
+)
+from megatron_sgtm.training.config import METHODS, ConfigError, apply_overrides, from_dict, validate
+
+KEYS = {"base", "out", "sizes", "methods", "undiscovered_rates", "seeds", "budget", "overrides", "resources",
+        "layout", "slurm"}
+RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "gpu_memory_gib"}
+SLURM_KEYS = {"partition", "account", "time", "max_concurrent", "extra_args"}
+PARALLEL_KEYS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel"}
+# Methods whose training does not depend on the F/R/U labels: the undiscovered rate cannot change them.
+RATE_FREE = {m for m, (strategy, data_filter) in METHODS.items() if strategy == "none" and data_filter in
+             ("none", "oracle")}
+
+
+class GridError(ValueError):
+    """A bad sweep grid; the message names the grid file and the field (or run)."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU-only tasks
+    tasks_per_node: int = 1  # CPU runs only; on GPUs one task per GPU
+    cpus_per_task: int | None = None
+    gpu_memory_gib: float = 80.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * (self.gpus_per_node or self.tasks_per_node)
+
+
+@dataclass
+class Run:
+    name: str
+    size: str
+    method: str
+    undiscovered_rate: float | None  # None for the rate-free methods
+    seed: int
+    params: ParamCount
+    train_steps: int
+    tokens: int
+    layout: Layout | None  # None: the layout was set by hand (or the run is on CPUs)
+    config: dict  # the full raw training config of this run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["logging"]["run_dir"])
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+
+@dataclass
+class Grid:
+    path: Path
+    name: str
+    out: Path
+    resources: Resources
+    slurm: dict
+    runs: list[Run] = field(default_factory=list)
+
+    def pending(self) -> list[Run]:
+        return [r for r in self.runs if not r.finished]
+
+
+def _list(raw: dict, key: str, path: Path, kind: type) -> list:
+    value = raw.get(key)
+    if value is None:
+        raise GridError(f"{path}: '{key}' is required")
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise GridError(f"{path}: '{key}' is empty")
+    if kind is float:
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1]
+        if bad:
+            raise GridError(f"{path}: {key}: {bad} are not rates in [0, 1)")
+    elif any(isinstance(v, bool) or not isinstance(v, kind) for v in values):
+        raise GridError(f"{path}: {key}: expected {kind.__name__} values, got {values}")
+    if len(set(values)) != len(values):
+        raise GridError(f"{path}: {key}: duplicate entries in {values}")
+    return values
+
+
+def _mapping(raw: dict, key: str, path: Path, known: set[str] | None = None) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise GridError(f"{path}: '{key}' must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - known) if known is not None else []
+    if unknown:
+        raise GridError(f"{path}: {key}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return value
+
+
+def _layouts(raw: dict, path: Path, sizes: list[str]) -> dict[str, dict] | None:
+    """None for 'auto'; else size -> parallel keys ('default' applies to sizes not named)."""
+    value = raw.get("layout", "auto")
+    if value == "auto":
+        return None
+    if not isinstance(value, dict):
+        raise GridError(f"{path}: layout must be 'auto' or a mapping of size -> parallel settings")
+    unknown = sorted(set(value) - set(sizes) - {"default"})
+    if unknown:
+        raise GridError(f"{path}: layout: {unknown} are not sizes of this grid {sizes} (or 'default')")
+    for key, par in value.items():
+        if not isinstance(par, dict) or set(par) - PARALLEL_KEYS:
+            raise GridError(f"{path}: layout.{key}: expected a mapping with keys from {sorted(PARALLEL_KEYS)}, "
+                            f"got {par!r}")
+    return {size: {**value.get("default", {}), **value.get(size, {})} for size in sizes}
+
+
+def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
+    """Parse, validate and expand a grid file (no training config is validated against data here:
+    that is `check`). `extra_overrides` are ``section.key=value`` strings applied after the grid's."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {unknown}; known: {sorted(KEYS)}")
+    for key in ("base", "out"):
+        if not isinstance(raw.get(key), str):
+            raise GridError(f"{path}: '{key}' is required (a path)")
+    base_path = (path.parent / raw["base"]).resolve()
+    if not base_path.is_file():
+        raise GridError(f"{path}: base: {base_path} does not exist")
+    base = yaml.safe_load(base_path.read_text()) or {}
+
+    sizes = _list(raw, "sizes", path, str)
+    methods = _list(raw, "methods", path, str)
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        raise GridError(f"{path}: sizes: {bad} not in the size table (`megatron-sgtm sizes`); known: {list(SIZES)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise GridError(f"{path}: methods: unknown method(s) {bad}; expected some of {sorted(METHODS)}")
+    rates = _list(raw, "undiscovered_rates", path, float)
+    seeds = _list(raw, "seeds", path, int)
+    try:
+        budget = Budget(**_mapping(raw, "budget", path, {"coefficient", "exponent", "params", "train_steps"}))
+        resources = Resources(**_mapping(raw, "resources", path, RESOURCE_KEYS))
+    except (SizeError, TypeError) as err:
+        raise GridError(f"{path}: {err}") from err
+    if resources.nodes < 1 or resources.gpus_per_node < 0 or resources.tasks_per_node < 1:
+        raise GridError(f"{path}: resources: nodes and tasks_per_node must be >= 1, gpus_per_node >= 0")
+    slurm = _mapping(raw, "slurm", path, SLURM_KEYS)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in _mapping(raw, "overrides", path).items()]
+    try:
+        base = apply_overrides(base, [*overrides, *extra_overrides])
+    except ConfigError as err:
+        raise GridError(f"{path}: overrides: {err}") from err
+    layouts = _layouts(raw, path, sizes)
+
+    grid = Grid(path=path, name=path.stem, out=Path(raw["out"]), resources=resources, slurm=slurm)
+    for size in sizes:
+        model, layout, parallel = _size_model(path, base, size, resources, layouts)
+        count = count_parameters(model)
+        optim = base.get("optim", {})
+        tokens_per_step = int(optim.get("global_batch_size", 8)) * model.seq_length
+        steps = budget.steps(count, tokens_per_step)
+        for method in methods:
+            for rate in [None] if method in RATE_FREE else rates:
+                for seed in seeds:
+                    name = f"{size}_{method}" + ("" if rate is None else f"_u{rate:g}") + f"_s{seed}"
+                    config = _run_config(base, grid.out / name, size, model, method, rate, seed, steps, parallel)
+                    grid.runs.append(Run(name, size, method, rate, seed, count, steps, steps * tokens_per_step,
+                                         layout, config))
+    return grid
+
+
+def _size_model(path: Path, base: dict, size: str, resources: Resources, layouts: dict | None):
+    try:
+        model = model_config(size, base.get("model") or {})
+    except (SizeError, TypeError, ValueError) as err:
+        raise GridError(f"{path}: size {size}: {err}") from err
+    if layouts is not None:
+        return model, None, layouts[size]
+    if not resources.gpus_per_node:
+        return model, None, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
+    try:
+        layout = recommend_layout(model, resources.world_size, resources.gpus_per_node, resources.gpu_memory_gib,
+                                  int(base.get("optim", {}).get("micro_batch_size", 2)),
+                                  bool(base.get("train", {}).get("bf16", False)))
+    except SizeError as err:
+        raise GridError(f"{path}: size {size}: {err}") from err
+    return model, layout, layout.parallel()
+
+
+def _run_config(base: dict, run_dir: Path, size: str, model, method: str, rate: float | None, seed: int,
+                steps: int, parallel: dict) -> dict:
+    cfg = copy.deepcopy(base)
+    shape = {k: getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                             "num_query_groups", "ffn_hidden_size")}
+    cfg["model"] = {**(cfg.get("model") or {}), **shape}
+    cfg["method"] = method
+    cfg.setdefault("data", {})
+    if rate is not None:
+        cfg["data"]["undiscovered_rate"] = rate
+    cfg["parallel"] = {**(cfg.get("parallel") or {}), **parallel}
+    cfg["train"] = {**(cfg.get("train") or {}), "seed": seed, "train_steps": steps}
+    cfg["checkpoint"] = {**(cfg.get("checkpoint") or {}), "dir": str(run_dir / "checkpoints"), "resume": "auto"}
+    cfg["logging"] = {**(cfg.get("logging") or {}), "run_dir": str(run_dir)}
+    return cfg
+
+
+def check(grid: Grid) -> list[str]:
+    """The trainer's own validation (layout vs world size and heads, partition, batch sizes, data)
+    on every run, plus what only a sweep knows (TP inside a node, estimated memory). Returns the
+    errors, one line per distinct problem with the runs it affects."""
+    problems: dict[str, list[str]] = {}
+    res = grid.resources
+    for run in grid.runs:
+        try:
+            cfg = from_dict(run.config, source=f"run {run.name}")
+            validate(cfg, res.world_size)
+        except (ConfigError, ValueError) as err:
+            problems.setdefault(str(err).removeprefix(f"run {run.name}: "), []).append(run.name)
+            continue
+        par = cfg.parallel
+        if res.gpus_per_node and par.tensor_model_parallel_size > res.gpus_per_node:
+            problems.setdefault(
+                f"parallel.tensor_model_parallel_size={par.tensor_model_parallel_size} spans nodes (gpus_per_node="
+                f"{res.gpus_per_node}); keep tensor parallelism inside a node", []).append(run.name)
+        if res.gpus_per_node and run.layout is None:
+            tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+            memory = estimate_memory_gib(cfg.model, tp, pp, res.world_size // (tp * pp), cfg.optim.micro_batch_size,
+                                         cfg.train.bf16)
+            if memory > res.gpu_memory_gib:
+                problems.setdefault(
+                    f"TP={tp} x PP={pp} needs ~{memory:.1f} GiB per GPU, more than resources.gpu_memory_gib="
+                    f"{res.gpu_memory_gib:g}", []).append(run.name)
+    return [f"{grid.path}: {msg} ({_runs(names, len(grid.runs))})" for msg, names in problems.items()]
+
+
+def _runs(names: list[str], total: int) -> str:
+    if len(names) == total:
+        return f"all {total} runs"
+    return "runs: " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -1,0 +1,48 @@
+"""The training step `slurm/launch.sh` starts on every task: `megatron-sgtm train` with
+``checkpoint.resume=auto``, and a status line for the batch script.
+
+Only the trainer knows whether it reached ``train.train_steps`` or stopped early on SIGUSR1/SIGTERM
+(after saving a checkpoint), so rank 0 writes ``finished`` or ``stopped`` to ``$SGTM_STATUS_FILE``;
+the batch script requeues the job only for ``stopped``. A run whose ``summary.json`` exists is
+skipped, so a requeued or resubmitted finished run costs nothing.
+
+    python -m megatron_sgtm.sweep.job CONFIG [--section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+STATUS_ENV = "SGTM_STATUS_FILE"
+
+
+def main(argv: list[str]) -> int:
+    from megatron_sgtm.training.config import ConfigError, load_config  # imports megatron
+
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(argv[0], [*argv[1:], "checkpoint.resume=auto"])
+        if not cfg.checkpoint.dir:
+            raise ConfigError("checkpoint.dir is required under SLURM: a preempted or requeued job resumes from it")
+        if (Path(cfg.logging.run_dir) / "summary.json").is_file():
+            print(f"[sgtm] {cfg.logging.run_dir} already finished; nothing to do", file=sys.stderr)
+            finished = True
+        else:
+            from megatron_sgtm.training.loop import train
+
+            finished = train(cfg)["step"] >= cfg.train.train_steps
+    except ConfigError as err:
+        print(f"megatron-sgtm train: {err}", file=sys.stderr)
+        return 2
+    status = os.environ.get(STATUS_ENV)
+    if status and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        Path(status).write_text("finished\n" if finished else "stopped\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
