@@ -8,7 +8,7 @@ import sys
 
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES: list[str] = ["megatron_sgtm.data.cli", "megatron_sgtm.training.cli", "megatron_sgtm.export.cli",
-                            "megatron_sgtm.demo"]
+                            "megatron_sgtm.demo", "megatron_sgtm.sweep.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
