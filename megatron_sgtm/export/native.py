@@ -149,10 +149,12 @@ def _load_megatron(path: Path, module: torch.nn.Module) -> None:
     """megatron reshards its distributed checkpoint (any TP/PP) into the TP=1, PP=1 module."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: name it
 
     try:
         state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
-    except (CheckpointingException, FileNotFoundError, RuntimeError, ValueError, KeyError) as err:
+    except (CheckpointingException, CheckpointException, FileNotFoundError, RuntimeError, ValueError,
+            KeyError) as err:
         raise CheckpointError(f"{path}: unreadable megatron distributed checkpoint (missing or partial "
                               f"shard files?): {err}") from err
     module.load_state_dict(state["model"], strict=False)
@@ -177,7 +179,8 @@ def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict
                 os.symlink(file, Path(tmp) / file.name.replace(f"mp_rank_{rank:02d}", "mp_rank_00"))
             try:
                 with _weights_only_torch_load():
-                    state = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tmp, False)
+                    lazy = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tmp, False)
+                    state = zero_to_fp32.to_torch_tensor(lazy)  # ZeRO-3 gives lazily merged tensors
             except pickle.UnpicklingError as err:
                 raise CheckpointError(f"{tag_dir}: a file of TP rank {rank} is refused by weights_only "
                                       f"loading: {err}") from err
