@@ -143,6 +143,7 @@ def build_gpt_model(
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
     )
+    gpt.sgtm_partition = partition  # read by regions.param_regions on every pipeline stage
     if partition is not None and partition.mask_embeddings and gpt.pre_process:
         _mask_embedding_gradients(gpt)
     return gpt

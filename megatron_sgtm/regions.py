@@ -58,7 +58,9 @@ def param_regions(model: torch.nn.Module) -> dict[str, ParamRegion]:
             # Column-parallel biases follow their rows; the output bias of proj/fc2 is Θ_R.
             special[id(linear.bias)] = ParamRegion(SPLIT, 0, linear.forget_index) if column else ParamRegion(RETAIN)
     embedding = getattr(model, "embedding", None)
-    if linears and linears[0].partition.mask_embeddings and embedding is not None:
+    # The model's own partition: a first pipeline stage without masked layers still masks its embeddings.
+    partition = getattr(model, "sgtm_partition", None) or (linears[0].partition if linears else None)
+    if partition is not None and partition.active and partition.mask_embeddings and embedding is not None:
         if not getattr(model, "share_embeddings_and_output_weights", False):
             # Tied embeddings are the output layer too, which is Θ_J.
             special[id(embedding.word_embeddings.weight)] = ParamRegion(RETAIN)

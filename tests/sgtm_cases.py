@@ -48,11 +48,12 @@ CASES = [
         heads=(0, 1),
         units=(1, 5, 40, 63),
     ),
-    # MHA + GELU without biases, untied, RoPE; only layer 1 masked.
+    # MHA + GELU without biases, untied, RoPE; only layer 1 masked, with masked embeddings (so at PP=2 the
+    # first stage masks its embeddings without holding a masked layer).
     Case(
         "llama_mha_gelu_layer1",
         _model(arch="llama", activation="gelu", ffn_hidden_size=64),
-        SGTMConfig(forget_heads=[1], forget_mlp_units=[0, 33], masked_layers=[1]),
+        SGTMConfig(forget_heads=[1], forget_mlp_units=[0, 33], masked_layers=[1], mask_embeddings=True),
         heads=(1,),
         units=(0, 33),
         layers=(1,),

@@ -157,3 +157,15 @@ def test_ablate_zeroes_exactly_the_forget_set(results, case, layout):
         assert torch.equal(ablated[name][~target], state[name][~target]), name
         zeroed += int(target.sum())
     assert zeroed > 0
+
+
+@pytest.mark.parametrize("case,layout", LAYOUT_CASES, ids=IDS)
+def test_region_codes_follow_the_partition_on_every_rank(results, case, layout):
+    """`param_regions` on each rank's chunk (what step gating uses), gathered, against the independent masks:
+    Θ_F where the reference says forget, Θ_R where it says retain (incl. masked embeddings), Θ_J elsewhere."""
+    state = _state(results, case)
+    forget, retain = masks_for(case, state)
+    codes = _tensors(results, layout_key(case, layout), "codes", state)
+    for name in state:
+        expected = torch.where(forget[name], 2, torch.where(retain[name], 1, 0)).to(torch.uint8)
+        assert torch.equal(codes[name], expected), name

@@ -28,7 +28,8 @@ from megatron_sgtm.layers.labels import token_labels  # noqa: E402
 from megatron_sgtm.layout import gather_global, load_global  # noqa: E402
 from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition  # noqa: E402
 from megatron_sgtm.partition import SGTMConfig  # noqa: E402
-from megatron_sgtm.regions import ablate  # noqa: E402
+from megatron_sgtm.regions import ablate, param_regions  # noqa: E402
+from megatron_sgtm.training.gating import CODE_JOINT, region_codes  # noqa: E402
 from tests.sgtm_cases import CASES, MBS, SEQ, make_batch, masks_for, perturb, random_global_state  # noqa: E402
 
 
@@ -119,6 +120,10 @@ def main(out_dir: str) -> None:
             pert_f = last_stage_losses(run(gpt, ddp, batch, ones, forward_only=True))
             load_global(gpt, perturb(state, retain, seed=4, split_only=forget))
             pert_r = last_stage_losses(run(gpt, ddp, batch, ones, forward_only=True))
+            regions = param_regions(gpt)
+            codes = {n: p.new_full(p.shape, CODE_JOINT) if (c := region_codes(regions[n], p)) is None else c.float()
+                     for n, p in gpt.named_parameters()}
+            codes = gather_global(gpt, codes)
             load_global(gpt, state)
             ablate(gpt)
             ablated = gather_global(gpt)
@@ -131,6 +136,7 @@ def main(out_dir: str) -> None:
                     results[f"{key}/grad/{name}"] = grads[name]
                     results[f"{key}/fgrad/{name}"] = f_grads[name]
                     results[f"{key}/ablated/{name}"] = ablated[name]
+                    results[f"{key}/codes/{name}"] = codes[name].to(torch.uint8)
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     ps.destroy_model_parallel()
