@@ -240,3 +240,19 @@ def test_local_runner_trains_the_pending_runs_then_skips_them(data, tmp_path, ca
     capsys.readouterr()
     assert main(["sweep", "--grid", str(path), "--local"]) == 0
     assert "all 2 runs of grid are finished; nothing to run" in capsys.readouterr().out
+
+
+def test_slurm_job_step_needs_a_checkpoint_dir_and_skips_a_finished_run(data, tmp_path, capsys, monkeypatch):
+    from megatron_sgtm.sweep import job
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "run")))
+    assert job.main([str(config)]) == 2
+    assert "checkpoint.dir is required under SLURM" in capsys.readouterr().err
+
+    status = tmp_path / "status"
+    monkeypatch.setenv(job.STATUS_ENV, str(status))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    assert job.main([str(config), f"--checkpoint.dir={tmp_path / 'ckpt'}"]) == 0
+    assert status.read_text() == "finished\n" and not (tmp_path / "ckpt").exists()

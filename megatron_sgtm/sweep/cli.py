@@ -95,7 +95,6 @@ def sweep(args: argparse.Namespace) -> int:
             job = runner.submit(grid, pending)
             print(f"submitted job array {job}: {len(pending)} run(s) ({len(grid.runs) - len(pending)} finished "
                   f"skipped); logs in {grid.out / 'logs'}")
-            print(job, file=sys.stderr)
             return 0
         if args.submit:
             print("no sbatch on PATH: running the sweep here, one run after another", file=sys.stderr)

@@ -43,8 +43,13 @@ def _ablates(method: str) -> bool:
     return METHODS[method][0] != "none"
 
 
+def _value(v) -> float:
+    """A CSV cell as a number (a loss is empty where the held-out set lacked the category)."""
+    return math.nan if v == "" else float(v)
+
+
 def _mean(values: list) -> float:
-    values = [float(v) for v in values if v != ""]
+    values = [_value(v) for v in values]
     return sum(values) / len(values) if values else math.nan
 
 
@@ -84,11 +89,11 @@ def _plot_forget_vs_retain(rows: list[dict], path: Path) -> Path:
             runs = [r for r in mine if r["method"] == method]
             if not runs:
                 continue
-            ax.scatter([_mean([r["retain_loss"]]) for r in runs], [_mean([r["forget_loss"]]) for r in runs],
+            ax.scatter([_value(r["retain_loss"]) for r in runs], [_value(r["forget_loss"]) for r in runs],
                        color=colors[method], label=method)
             if _ablates(method):
-                ax.scatter([_mean([r["retain_loss_ablated"]]) for r in runs],
-                           [_mean([r["forget_loss_ablated"]]) for r in runs], color=colors[method], marker="*",
+                ax.scatter([_value(r["retain_loss_ablated"]) for r in runs],
+                           [_value(r["forget_loss_ablated"]) for r in runs], color=colors[method], marker="*",
                            s=140, label=f"{method} (ablated)")
         ax.set_title(f"{size} ({mine[0]['params'] / 1e6:,.1f}M params)")
         ax.set_xlabel("retain loss (nats)")
