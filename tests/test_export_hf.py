@@ -30,7 +30,7 @@ from megatron_sgtm.regions import JOINT, RETAIN  # noqa: E402
 from tests.workers.export_native import CASES, TOKENIZER_VOCAB, tokens_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PARITY = ("llama_gqa", "gpt2", "gpt2_routing")  # the exportable, prunable cases
+PARITY = ("llama_gqa", "llama_kept_heads", "gpt2", "gpt2_routing")  # the exportable, prunable cases
 TOL = 1e-4
 
 
@@ -101,12 +101,16 @@ def test_logit_parity_live_ablated_pruned(native, exports, name):
     numel = lambda s: sum(t.numel() for t in s.values())
     assert numel(plain) - numel(pruned) == summary["pruned"]["params_removed"] > 0
     assert pruned_config.to_dict()["architectures"] == [summary["pruned"]["hf_class"]]
-    if cfg.arch == "llama":  # llama loses the forget heads, their query group and units: all of Θ_F
+    # Θ_F is either removed or (heads that transformers cannot drop) kept zeroed.
+    assert summary["pruned"]["params_removed"] + summary["pruned"]["params_zeroed"] == summary["params"]["forget"]
+    units = pruned_config.intermediate_size if cfg.arch == "llama" else pruned_config.n_inner
+    assert units == cfg.ffn_hidden_size - len(_partition(name).forget_units)
+    if name == "llama_gqa":  # 6 -> 4 heads divide hidden 48: the forget heads and their query group go
         assert summary["pruned"]["params_removed"] == summary["params"]["forget"]
         assert pruned_config.num_attention_heads == cfg.num_attention_heads - len(_partition(name).forget_heads)
         assert pruned_config.num_key_value_heads == cfg.num_query_groups - len(_partition(name).forget_groups)
-    else:  # GPT2Attention cannot drop heads: they stay, zero; the units go
-        assert pruned_config.n_inner == cfg.ffn_hidden_size - len(_partition(name).forget_units)
+    else:  # GPT2Attention, or a head count transformers refuses: the heads stay, zero
+        assert pruned_config.num_attention_heads == cfg.num_attention_heads
         assert summary["pruned"]["heads_zeroed"] == list(_partition(name).forget_heads)
 
 

@@ -6,11 +6,13 @@ the tests check both agree with the live model element for element.
 
 Pruning works on the HF side because only HF configs can describe the smaller model: a pruned llama has
 ``num_attention_heads * head_dim != hidden_size`` (LlamaConfig has `head_dim`; `ModelConfig` derives
-kv_channels from hidden/heads). GPT2Attention fixes ``head_dim = n_embd / n_head``, so a gpt2-style export
-cannot lose heads: its forget MLP units are removed and its forget heads are kept with all their weights
-zero. Either way the pruned model computes what the zero-ablated one does: an ablated forget head has
-zero q/k/v (so zero context) and an ablated forget unit has zero pre-activation (GELU(0) = SiLU(0)·0 = 0),
-whatever the strategy's ablation leaves in `linear_proj`/`linear_fc2`.
+kv_channels from hidden/heads). But transformers still requires the head count to divide the hidden size
+(LlamaConfig's validation), and GPT2Attention fixes ``head_dim = n_embd / n_head``: where the remaining
+head count does not divide the hidden size (always for gpt2) the forget heads are kept with all their
+weights zero and only the forget MLP units are removed. Either way the pruned model computes what the
+zero-ablated one does: an ablated forget head has zero q/k/v (so zero context) and an ablated forget unit
+has zero pre-activation (GELU(0) = SiLU(0)·0 = 0), whatever the strategy's ablation leaves in
+`linear_proj`/`linear_fc2`.
 """
 
 from __future__ import annotations
@@ -129,13 +131,24 @@ def _keep(total: int, drop: tuple[int, ...], width: int) -> torch.Tensor:
     return (kept[:, None] * width + torch.arange(width)).reshape(-1)
 
 
+def removes_heads(config: PretrainedConfig, partition: Partition) -> bool:
+    """Whether pruning can drop the forget heads: only llama, and only when the remaining head count divides
+    the hidden size (transformers' LlamaConfig validation requires it even with an explicit head_dim)."""
+    if config.model_type != "llama":
+        return False
+    return config.hidden_size % (config.num_attention_heads - len(partition.forget_heads)) == 0
+
+
 def prune_config(config: PretrainedConfig, partition: Partition) -> PretrainedConfig:
-    """The HF config of the pruned model (forget heads/groups removed for llama; forget units for both)."""
+    """The HF config of the pruned model (forget heads/groups removed where `removes_heads`; forget units)."""
     _check_prunable(config, partition)
     dims = _hf_dims(config)
+    heads = removes_heads(config, partition)
     config = copy.deepcopy(config)
     units = dims.ffn_hidden_size - len(partition.forget_units)
-    if config.model_type == "llama":
+    if config.model_type == "llama" and not heads:
+        config.intermediate_size = units
+    elif config.model_type == "llama":
         config.head_dim = dims.kv_channels
         config.num_attention_heads = dims.num_attention_heads - len(partition.forget_heads)
         config.num_key_value_heads = dims.num_query_groups - len(partition.forget_groups)
@@ -160,6 +173,7 @@ def prune(
     groups = _keep(d.num_query_groups, partition.forget_groups, hd)
     units = _keep(d.ffn_hidden_size, partition.forget_units, 1)
     out = dict(state)
+    drop_heads = removes_heads(config, partition)
     for i in range(d.num_layers):
         if config.model_type == "llama":
             p = f"model.layers.{i}."
@@ -168,7 +182,13 @@ def prune(
                 ("self_attn.o_proj", heads, 1),
                 ("mlp.gate_proj", units, 0), ("mlp.up_proj", units, 0), ("mlp.down_proj", units, 1),
             ):
-                out[f"{p}{name}.weight"] = state[f"{p}{name}.weight"].index_select(dim, rows)
+                weight = state[f"{p}{name}.weight"]
+                if drop_heads or name.startswith("mlp."):
+                    out[f"{p}{name}.weight"] = weight.index_select(dim, rows)
+                else:  # heads stay, zeroed
+                    keep = torch.zeros(weight.shape[dim], dtype=torch.bool)
+                    keep[rows] = True
+                    out[f"{p}{name}.weight"] = weight.masked_fill(~(keep[:, None] if dim == 0 else keep[None, :]), 0)
             continue
         p = f"transformer.h.{i}."
         # Conv1D [in, out]: c_fc's units are output columns (and bias entries), mlp.c_proj's input rows.
@@ -218,16 +238,22 @@ def summarize(cfg: ModelConfig, partition: Partition | None, pruned: bool = Fals
         before = hf_config(cfg)
         after = prune_config(before, partition)
         llama = hf_family(cfg) == "llama"
-        zeroed_heads = [] if llama else list(partition.forget_heads)
+        dropped = removes_heads(before, partition)
+        zeroed_heads = [] if dropped else list(partition.forget_heads)
         hd = cfg.hidden_size // cfg.num_attention_heads
-        # A zeroed gpt2 head: its q, k, v rows and biases (3 * (hidden + 1) * hd) and its proj input rows.
-        zeroed = len(zeroed_heads) * hd * (4 * cfg.hidden_size + 3) * cfg.num_layers
+        if dropped:
+            zeroed = 0
+        elif llama:  # q rows and o_proj columns per head, k and v rows per query group
+            zeroed = 2 * hd * cfg.hidden_size * (len(partition.forget_heads) + len(partition.forget_groups))
+        else:  # a gpt2 head: its q, k, v rows and biases (3 * (hidden + 1) * hd) and its proj input rows
+            zeroed = len(zeroed_heads) * hd * (4 * cfg.hidden_size + 3)
+        zeroed *= cfg.num_layers
         params_before, params_after = _numel(hf_shapes(before)), _numel(hf_shapes(after))
         summary["pruned"] = {
             "hf_class": HF_CLASSES[before.model_type],
             "layers": list(range(cfg.num_layers)),
-            "heads_removed": list(partition.forget_heads) if llama else [],
-            "query_groups_removed": list(partition.forget_groups) if llama else [],
+            "heads_removed": list(partition.forget_heads) if dropped else [],
+            "query_groups_removed": list(partition.forget_groups) if dropped else [],
             "heads_zeroed": zeroed_heads,
             "mlp_units_removed": list(partition.forget_units),
             "num_attention_heads": [cfg.num_attention_heads, _hf_dims(after).num_attention_heads],

@@ -39,6 +39,13 @@ CASES: dict[str, tuple[ModelConfig, SGTMConfig]] = {
                     seq_length=SEQ, arch="gpt2"),
         SGTMConfig(strategy="gradient_routing", forget_heads=1, forget_mlp_units=5),
     ),
+    # 6 heads minus 1 does not divide hidden 48: transformers' LlamaConfig refuses 5 heads, so the pruned
+    # export keeps the forget head zeroed and removes only the units.
+    "llama_kept_heads": (
+        ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=6, ffn_hidden_size=40, vocab_size=300,
+                    seq_length=SEQ, arch="llama"),
+        SGTMConfig(forget_heads=[4], forget_mlp_units=[1, 2, 30]),
+    ),
     # only layer 1 masked: ablation works, pruning must be refused.
     "llama_layer1": (
         ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=44, vocab_size=97,
