@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
 
 
 def _free_port() -> int:
@@ -40,6 +40,8 @@ def ensure_packages() -> None:
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]
+    if shutil.which("apt-get") is None:
+        pytest.skip("slurm-wlm and munge are not installed and there is no apt-get to install them")
     proc = subprocess.run(install, env=env, capture_output=True, text=True)
     if proc.returncode:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, text=True)
@@ -165,7 +167,11 @@ def start_cluster(root: Path) -> SlurmCluster:
 
 
 def stop_cluster(cluster: SlurmCluster) -> None:
+    """Cancel what is left (a failed test may leave jobs), let their steps end, stop the daemons."""
     cluster.run("scancel", "--full", "-u", "root", check=False)
+    deadline = time.time() + 30
+    while cluster.run("squeue", "-h", check=False).strip() and time.time() < deadline:
+        time.sleep(0.5)
     run = cluster.root / "run"
     for pid_file in (run / "slurmd.pid", run / "slurmctld.pid", cluster.root / "munge" / "munged.pid"):
         _stop(pid_file)

@@ -51,7 +51,8 @@ def _sbatch(cluster: SlurmCluster, tmp: Path, name: str, data: Path) -> tuple[st
                       checkpoint={"dir": str(tmp / name / "checkpoints"), "keep_last": 2})
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     job = cluster.run("sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                      f"--output={tmp / name}.out", "--chdir", str(ROOT), str(ROOT / "slurm" / "train.sbatch"),
+                      f"--output={tmp / name}.out", f"--export=ALL,SGTM_HOME={ROOT}", "--chdir", str(ROOT),
+                      str(ROOT / "slurm" / "train.sbatch"),
                       str(tmp / f"{name}.yaml")).strip()
     return job, tmp / name
 
@@ -61,7 +62,8 @@ def _wait_for_step(cluster: SlurmCluster, job: str, run_dir: Path, step: int, af
     deadline = time.time() + 300
     while time.time() < deadline:
         path = run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
+        text = path.read_text() if path.is_file() else ""
+        lines = text[: text.rfind("\n") + 1].splitlines()  # complete records only
         steps = [json.loads(x)["step"] for x in lines[after:] if '"kind": "train"' in x]
         if steps and steps[-1] >= step:
             return steps[-1]

@@ -174,6 +174,11 @@ BAD_GRIDS = {
     "TP across nodes": (
         {"resources": {"nodes": 2, "gpus_per_node": 2}, "layout": {"default": {"tensor_model_parallel_size": 4}}},
         r"tensor_model_parallel_size=4 spans nodes \(gpus_per_node=2\)"),
+    "hand-set layout does not fit in GPU memory": (
+        {"sizes": ["2B"], "resources": {"nodes": 1, "gpus_per_node": 8, "gpu_memory_gib": 16},
+         "overrides": {"optim.global_batch_size": 16, "train.eval_batches": 8},
+         "layout": {"default": {"tensor_model_parallel_size": 1}}},
+        r"TP=1 x PP=1 needs ~\d+\.\d GiB per GPU, more than resources.gpu_memory_gib=16 \(all 2 runs\)"),
     "layout for a size not in the grid": ({"layout": {"1B": {"tensor_model_parallel_size": 2}}},
                                           r"layout: \['1B'\] are not sizes of this grid"),
     "does not fit in GPU memory": (

@@ -68,6 +68,10 @@ def collect(grid: Grid, out: Path | None = None) -> Collected:
     return Collected(csv=path, plots=plots, rows=rows, missing=missing)
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def _axes(rows: list[dict]):
     import matplotlib
 
@@ -95,7 +99,7 @@ def _plot_forget_vs_retain(rows: list[dict], path: Path) -> Path:
                 ax.scatter([_value(r["retain_loss_ablated"]) for r in runs],
                            [_value(r["forget_loss_ablated"]) for r in runs], color=colors[method], marker="*",
                            s=140, label=f"{method} (ablated)")
-        ax.set_title(f"{size} ({mine[0]['params'] / 1e6:,.1f}M params)")
+        ax.set_title(f"{size} ({_params(mine[0]['params'])} params)")
         ax.set_xlabel("retain loss (nats)")
         ax.set_ylabel("forget loss (nats)")
         ax.legend(fontsize=7)

@@ -37,7 +37,15 @@ from megatron_sgtm.sweep.sizes import (
     model_config,
     recommend_layout,
 )
-from megatron_sgtm.training.config import METHODS, ConfigError, apply_overrides, from_dict, validate
+from megatron_sgtm.training.config import (
+    METHODS,
+    ConfigError,
+    OptimConfig,
+    TrainLoopConfig,
+    apply_overrides,
+    from_dict,
+    validate,
+)
 
 KEYS = {"base", "out", "sizes", "methods", "undiscovered_rates", "seeds", "budget", "overrides", "resources",
         "layout", "slurm"}
@@ -195,14 +203,14 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
     for size in sizes:
         model, layout, parallel = _size_model(path, base, size, resources, layouts)
         count = count_parameters(model)
-        optim = base.get("optim", {})
-        tokens_per_step = int(optim.get("global_batch_size", 8)) * model.seq_length
+        batch = (base.get("optim") or {}).get("global_batch_size", OptimConfig.global_batch_size)
+        tokens_per_step = int(batch) * model.seq_length
         steps = budget.steps(count, tokens_per_step)
         for method in methods:
             for rate in [None] if method in RATE_FREE else rates:
                 for seed in seeds:
                     name = f"{size}_{method}" + ("" if rate is None else f"_u{rate:g}") + f"_s{seed}"
-                    config = _run_config(base, grid.out / name, size, model, method, rate, seed, steps, parallel)
+                    config = _run_config(base, grid.out / name, model, method, rate, seed, steps, parallel)
                     grid.runs.append(Run(name, size, method, rate, seed, count, steps, steps * tokens_per_step,
                                          layout, config))
     return grid
@@ -219,15 +227,16 @@ def _size_model(path: Path, base: dict, size: str, resources: Resources, layouts
         return model, None, {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
     try:
         layout = recommend_layout(model, resources.world_size, resources.gpus_per_node, resources.gpu_memory_gib,
-                                  int(base.get("optim", {}).get("micro_batch_size", 2)),
-                                  bool(base.get("train", {}).get("bf16", False)))
+                                  int((base.get("optim") or {}).get("micro_batch_size", OptimConfig.micro_batch_size)),
+                                  bool((base.get("train") or {}).get("bf16", TrainLoopConfig.bf16)))
     except SizeError as err:
         raise GridError(f"{path}: size {size}: {err}") from err
     return model, layout, layout.parallel()
 
 
-def _run_config(base: dict, run_dir: Path, size: str, model, method: str, rate: float | None, seed: int,
-                steps: int, parallel: dict) -> dict:
+def _run_config(base: dict, run_dir: Path, model, method: str, rate: float | None, seed: int, steps: int,
+                parallel: dict) -> dict:
+    """The base config with this run's shape, method, rate, seed, steps, layout and directories."""
     cfg = copy.deepcopy(base)
     shape = {k: getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
                                              "num_query_groups", "ffn_hidden_size")}
