@@ -29,13 +29,13 @@ def _load(path: str):
     return load_native(Path(path))
 
 
-def _tokenizer(args: argparse.Namespace, ckpt) -> Path:
+def _tokenizer(args: argparse.Namespace, path: Path, meta: dict) -> Path:
     """--tokenizer, else the checkpoint's copy, else the training data's tokenizer."""
     from megatron_sgtm.data.shards import TOKENIZER_FILE
 
     candidates = [Path(args.tokenizer)] if args.tokenizer else [
-        ckpt.path / TOKENIZER_FILE,
-        Path(ckpt.meta.get("config", {}).get("data", {}).get("path") or "/nonexistent") / TOKENIZER_FILE,
+        path / TOKENIZER_FILE,
+        Path(meta.get("config", {}).get("data", {}).get("path") or "/nonexistent") / TOKENIZER_FILE,
     ]
     for path in candidates:
         if path.exists():
@@ -44,61 +44,60 @@ def _tokenizer(args: argparse.Namespace, ckpt) -> Path:
                             "PATH (a tokenizer.json or a directory holding one)")
 
 
-def _summary(ckpt, pruned: bool) -> dict:
-    from megatron_sgtm.export.prune import summarize
-
-    return summarize(ckpt.model, ckpt.partition, pruned=pruned)
-
-
-def _hf_model(ckpt, ablate: bool, prune: bool):
-    from megatron_sgtm.export.hf import to_hf
-    from megatron_sgtm.export.prune import ablate_state
+def _write_export(args: argparse.Namespace, out: Path, ablate: bool, prune: bool, tokenizer: Path,
+                  manifest: str | None = None) -> None:
+    """One HF directory from a fresh read of the checkpoint, converted in place: about one model of memory."""
+    from megatron_sgtm.export.hf import to_hf, write_hf_dir
     from megatron_sgtm.export.prune import prune as prune_hf
+    from megatron_sgtm.regions import ablate as ablate_model
 
+    ckpt = _load(args.checkpoint)
     if (ablate or prune) and (ckpt.partition is None or not ckpt.partition.active):
         raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to "
                          f"{'prune' if prune else 'ablate'}")
-    state = ablate_state(ckpt.state, ckpt.model, ckpt.partition)[0] if ablate else ckpt.state
-    config, hf_state = to_hf(state, ckpt.model)
+    if ablate:
+        ablate_model(ckpt.module)  # in place: the state's tensors are the module's
+    state, model, partition = ckpt.state, ckpt.model, ckpt.partition
+    ckpt.module = ckpt.state = None  # `state` is now the only reference, and to_hf empties it
+    config, hf_state = to_hf(state, model, consume=True)
     if prune:
-        config, hf_state = prune_hf(config, hf_state, ckpt.partition)
-    return config, hf_state
+        config, hf_state = prune_hf(config, hf_state, partition, consume=True)
+    extra = {"sgtm_manifest.json": manifest} if manifest else None
+    write_hf_dir(out, config, hf_state, args.dtype, tokenizer, extra_files=extra)
+    print(f"wrote {out}", file=sys.stderr)
 
 
-def _manifest(ckpt, args: argparse.Namespace, **entries) -> str:
-    return json.dumps({"source": str(ckpt.path), "step": ckpt.meta.get("step"), "method": ckpt.meta.get("method"),
-                       "source_ablated": ckpt.ablated, "dtype": args.dtype, **entries,
-                       **_summary(ckpt, pruned=args.prune)}, indent=2) + "\n"
+def _manifest(meta: dict, model, partition, args: argparse.Namespace, **entries) -> str:
+    from megatron_sgtm.export.prune import summarize
+
+    return json.dumps({"source": args.checkpoint, "step": meta.get("step"), "method": meta.get("method"),
+                       "source_ablated": bool(meta.get("ablated", False)), "dtype": args.dtype, **entries,
+                       **summarize(model, partition, pruned=args.prune)}, indent=2) + "\n"
 
 
 def export_hf(args: argparse.Namespace) -> None:
-    from megatron_sgtm.export.hf import write_hf_dir
+    from megatron_sgtm.export.native import read_meta
 
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"--out {out}: already exists (choose a new directory)")
-    ckpt = _load(args.checkpoint)
-    tokenizer = _tokenizer(args, ckpt)
+    meta, model, partition = read_meta(Path(args.checkpoint))
+    tokenizer = _tokenizer(args, Path(args.checkpoint), meta)
     if not args.release:
-        safe = args.ablate or args.prune
-        config, state = _hf_model(ckpt, ablate=args.ablate, prune=args.prune)
-        manifest = _manifest(ckpt, args, ablated=bool(safe or ckpt.ablated), pruned=args.prune)
-        write_hf_dir(out, config, state, args.dtype, tokenizer, extra_files={"sgtm_manifest.json": manifest})
-        print(f"wrote {out}", file=sys.stderr)
+        safe = args.ablate or args.prune or bool(meta.get("ablated", False))
+        manifest = _manifest(meta, model, partition, args, ablated=safe, pruned=args.prune)
+        _write_export(args, out, args.ablate, args.prune, tokenizer, manifest)
         return
-    if ckpt.ablated:
-        raise ValueError(f"{ckpt.path}: already ablated, so --release has no capable model to write; export the "
-                         "training checkpoint it came from")
+    if meta.get("ablated", False):
+        raise ValueError(f"{args.checkpoint}: already ablated, so --release has no capable model to write; export "
+                         "the training checkpoint it came from")
     partial = out.with_name(out.name + ".partial")  # the release appears only when both models are written
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        models = {"capable": dict(ablate=False, prune=False), "safe": dict(ablate=True, prune=args.prune)}
-        for name, how in models.items():
-            config, state = _hf_model(ckpt, **how)
-            write_hf_dir(partial / name, config, state, args.dtype, tokenizer)
-            print(f"wrote {out / name}", file=sys.stderr)
-        manifest = _manifest(ckpt, args, capable="capable", safe="safe", pruned=args.prune)
+        _write_export(args, partial / "capable", False, False, tokenizer)
+        _write_export(args, partial / "safe", True, args.prune, tokenizer)
+        manifest = _manifest(meta, model, partition, args, capable="capable", safe="safe", pruned=args.prune)
         (partial / "manifest.json").write_text(manifest)
         os.replace(partial, out)
     except BaseException:
@@ -107,13 +106,14 @@ def export_hf(args: argparse.Namespace) -> None:
 
 
 def ablate(args: argparse.Namespace) -> None:
-    from megatron_sgtm.export.prune import ablate_state
+    from megatron_sgtm.regions import ablate as ablate_model
     from megatron_sgtm.training.checkpoint import write_model_only
 
     ckpt = _load(args.checkpoint)
     if ckpt.partition is None or not ckpt.partition.active:
         raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to ablate")
-    state, zeroed = ablate_state(ckpt.state, ckpt.model, ckpt.partition)
+    zeroed = ablate_model(ckpt.module)  # in place: the state's tensors are the module's
+    state = ckpt.state
     keep = ("config", "partition", "method", "step")
     meta = {**{k: ckpt.meta[k] for k in keep if k in ckpt.meta}, "ablated": True,
             "source": ckpt.meta.get("source", str(ckpt.path)), "ablated_params": zeroed}

@@ -205,8 +205,12 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     )
 
 
-def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[PretrainedConfig, State]:
-    """(HF config, HF state dict) of a global megatron state; ValueError for unsupported architectures."""
+def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, *, consume: bool = False
+          ) -> tuple[PretrainedConfig, State]:
+    """(HF config, HF state dict) of a global megatron state; ValueError for unsupported architectures.
+
+    With `consume`, `state` (a dict) is emptied and each native tensor is freed as soon as its HF copies
+    exist (when the caller holds no other reference), so converting needs about one model of memory."""
     config = hf_config(cfg)
     _check_names("the global state", state, native_shapes(cfg))
     heads, groups = cfg.num_attention_heads, cfg.num_query_groups
@@ -245,7 +249,9 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> tuple[Pretrain
                 })
         out["transformer.ln_f.weight"] = state["decoder.final_layernorm.weight"]
         out["transformer.ln_f.bias"] = state["decoder.final_layernorm.bias"]
-    return config, {k: _fresh(v) for k, v in out.items()}
+    if consume:
+        state.clear()  # the views in `out` keep each native storage alive until its last copy is made
+    return config, {k: _fresh(out.pop(k)) for k in list(out)}
 
 
 def _conv1d(t: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from megatron_sgtm.layout import load_global
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import Partition, PartitionError
 from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
@@ -102,7 +101,7 @@ def load_native(path: Path | str) -> NativeCheckpoint:
     else:
         state = load_model_only(path)[1] if engine == "model-only" else _deepspeed_state(path, meta, module)
         _check_state(path, state, global_shapes(module))
-        load_global(module, state)
+        _adopt(module, state)
     state = {n: p.detach() for n, p in module.named_parameters() if not _tied_output(module, n)}
     return NativeCheckpoint(path, meta, model, partition, module, state)
 
@@ -132,8 +131,37 @@ def reference_model(model: ModelConfig, partition: Partition | None) -> torch.nn
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    config = model.transformer_config(on_gpu=False)
-    return build_gpt_model(model, config, partition, backend="local")
+    # No random initialisation: every weight comes from the checkpoint, and untouched memory costs nothing.
+    config = model.transformer_config(on_gpu=False, perform_initialization=False)
+    module = build_gpt_model(model, config, partition, backend="local")
+    _set_tp_attributes(module)
+    return module
+
+
+def _set_tp_attributes(module: torch.nn.Module) -> None:
+    """megatron marks weights tensor-parallel (partition dim) only while initialising them; the TP merge
+    of DeepSpeed shards reads those marks."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    dims = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1))
+    for layer in module.modules():
+        dim = next((d for cls, d in dims if isinstance(layer, cls)), None)
+        if dim is not None and getattr(layer, "weight", None) is not None:
+            set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
+
+
+def _adopt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make the loaded tensors the module's weights (TP=1, PP=1 names), without copying them."""
+    for name, param in module.named_parameters():
+        key = "embedding.word_embeddings.weight" if _tied_output(module, name) else name
+        if key not in state:  # loaded in place through views (built factories)
+            continue
+        tensor = state[key]
+        if tensor.data_ptr() != param.data_ptr():
+            if tensor.shape != param.shape:
+                raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            param.data = tensor.to(param.dtype)
 
 
 def global_shapes(reference: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -149,15 +177,20 @@ def _load_megatron(path: Path, module: torch.nn.Module) -> None:
     """megatron reshards its distributed checkpoint (any TP/PP) into the TP=1, PP=1 module."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.mapping import apply_factories
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: name it
 
+    # Factories (SwiGLU's gate/up halves) built up front load straight into views of the weights;
+    # megatron's own merge would concatenate a second copy of them.
+    sharded = module.sharded_state_dict()
+    apply_factories(sharded)
     try:
-        state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+        state = dist_checkpointing.load({"model": sharded}, str(path))
     except (CheckpointingException, CheckpointException, FileNotFoundError, RuntimeError, ValueError,
             KeyError) as err:
         raise CheckpointError(f"{path}: unreadable megatron distributed checkpoint (missing or partial "
                               f"shard files?): {err}") from err
-    module.load_state_dict(state["model"], strict=False)
+    _adopt(module, {k: v for k, v in state["model"].items() if torch.is_tensor(v)})
 
 
 def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict[str, torch.Tensor]:

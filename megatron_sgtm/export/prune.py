@@ -160,12 +160,13 @@ def prune_config(config: PretrainedConfig, partition: Partition) -> PretrainedCo
 
 @torch.no_grad()
 def prune(
-    config: PretrainedConfig, state: Mapping[str, torch.Tensor], partition: Partition
+    config: PretrainedConfig, state: Mapping[str, torch.Tensor], partition: Partition, *, consume: bool = False
 ) -> tuple[PretrainedConfig, State]:
     """(config, state) of the HF model without Θ_F (see the module docstring for gpt2's heads).
 
     `config`/`state` are an unpruned export (`to_hf`), ablated or not: pruning removes Θ_F either way.
-    Refused unless every layer is masked. Tensors pruning does not touch are shared with `state`."""
+    Refused unless every layer is masked. Tensors pruning does not touch are shared with `state`; with
+    `consume`, `state` (a dict) is emptied so that each replaced tensor is freed as it is replaced."""
     new_config = prune_config(config, partition)
     d = _hf_dims(config)
     hd = d.kv_channels
@@ -173,6 +174,9 @@ def prune(
     groups = _keep(d.num_query_groups, partition.forget_groups, hd)
     units = _keep(d.ffn_hidden_size, partition.forget_units, 1)
     out = dict(state)
+    if consume:
+        state.clear()
+    state = out  # read each tensor from `out`, where it is replaced, so that nothing else keeps it
     drop_heads = removes_heads(config, partition)
     for i in range(d.num_layers):
         if config.model_type == "llama":
