@@ -19,6 +19,7 @@ trap 'rm -f "$status_file"' EXIT
 echo "[sgtm] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s), $*"
 
 signal=""
+step=""
 forward() {
     signal=$1
     echo "[sgtm] SIG$1 received: the tasks checkpoint and stop"

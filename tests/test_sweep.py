@@ -85,6 +85,16 @@ def test_size_table_spans_64m_to_2b_with_counts_near_their_names():
         model_config("3B", gpt2)
 
 
+def test_sizes_command_prints_every_size_with_its_exact_count(capsys):
+    assert main(["sizes", "--arch", "llama", "--vocab-size", "8192", "--seq-length", "512", "--gpus", "16"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(lines) == list(SIZES)
+    for name, line in lines.items():
+        count = count_parameters(model_config(name, {"arch": "llama", "vocab_size": 8192, "seq_length": 512}))
+        assert f"{count.total:,}" in line.split() and f"{count.non_embedding:,}" in line.split(), line
+        assert f"{math.ceil(20 * count.total / (256 * 512)):,}" == line.split()[-1]
+
+
 def test_recommended_layout_uses_model_parallelism_only_when_memory_needs_it():
     gpt2 = {"arch": "gpt2", "vocab_size": 32768, "seq_length": 1024}
     small = recommend_layout(model_config("125M", gpt2), 8, 8, 80.0, micro_batch_size=4)
