@@ -69,7 +69,11 @@ def test_cli_exits_2_with_the_message_and_starts_no_process_group(shards, tmp_pa
     assert "does not divide the world size 3" in proc.stderr
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+# sweep_*.yaml are sweep grids (tests/test_sweep.py)
+TRAINING_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("sweep_"))
+
+
+@pytest.mark.parametrize("path", TRAINING_EXAMPLES, ids=lambda p: p.name)
 def test_example_configs_load_and_their_partition_fits(path):
     cfg = load_config(path)
     cfg.sgtm.resolve(cfg.model.dims()).check_tp(cfg.parallel.tensor_model_parallel_size)

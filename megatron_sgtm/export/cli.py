@@ -47,7 +47,7 @@ def _tokenizer(args: argparse.Namespace, path: Path, meta: dict) -> Path:
 def _write_export(args: argparse.Namespace, out: Path, ablate: bool, prune: bool, tokenizer: Path,
                   manifest: str | None = None) -> None:
     """One HF directory from a fresh read of the checkpoint, converted in place: about one model of memory."""
-    from megatron_sgtm.export.hf import to_hf, write_hf_dir
+    from megatron_sgtm.export.hf import DTYPES, to_hf, write_hf_dir
     from megatron_sgtm.export.prune import prune as prune_hf
     from megatron_sgtm.regions import ablate as ablate_model
 
@@ -62,6 +62,7 @@ def _write_export(args: argparse.Namespace, out: Path, ablate: bool, prune: bool
     config, hf_state = to_hf(state, model, consume=True)
     if prune:
         config, hf_state = prune_hf(config, hf_state, partition, consume=True)
+    hf_state = {k: hf_state.pop(k).to(DTYPES[args.dtype]) for k in list(hf_state)}  # cast one tensor at a time
     extra = {"sgtm_manifest.json": manifest} if manifest else None
     write_hf_dir(out, config, hf_state, args.dtype, tokenizer, extra_files=extra)
     print(f"wrote {out}", file=sys.stderr)
