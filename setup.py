@@ -24,6 +24,7 @@ setup(
         "transformers",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "ruff", "psutil"]},
+    # datasets: the optional `datasets.load_from_disk` source, tested in CI.
+    extras_require={"test": ["pytest", "ruff", "psutil", "datasets"]},
     entry_points={"console_scripts": ["megatron-sgtm=megatron_sgtm.cli:main"]},
 )
