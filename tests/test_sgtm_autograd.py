@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
@@ -13,55 +14,69 @@ from megatron_sgtm.layers.labels import masks_from_labels
 
 LABELS = torch.tensor([[RETAIN, FORGET, UNLABELED, FORGET], [UNLABELED, RETAIN, RETAIN, FORGET]])  # [b, s]
 FORGET_ROWS = torch.tensor([False, True, False, False, True])
+# The mixed micro-batch and the label-uniform ones that take the shortcuts (no F, no R, neither).
+BATCHES = {
+    "mixed": LABELS,
+    "no_forget": torch.where(LABELS == FORGET, UNLABELED, LABELS),
+    "no_retain": torch.where(LABELS == RETAIN, UNLABELED, LABELS),
+    "unlabeled": torch.full_like(LABELS, UNLABELED),
+}
 
 
-def _expected_wgrad(x, g):
-    """sum over positions p of g_p x_p^T, skipping F positions for Θ_R rows and R for Θ_F rows."""
-    lab = LABELS.t()  # [s, b]
+def _expected_wgrad(labels, x, g, column: bool):
+    """sum over positions p of g_p x_p^T, skipping F positions for Θ_R rows (column-parallel) or columns
+    (row-parallel) and R positions for Θ_F ones."""
+    lab = labels.t()  # [s, b]
     out = torch.zeros(g.shape[-1], x.shape[-1])
     for s in range(lab.shape[0]):
         for b in range(lab.shape[1]):
-            for row in range(g.shape[-1]):
-                blocked = RETAIN if FORGET_ROWS[row] else FORGET
-                if lab[s, b] != blocked:
-                    out[row] += g[s, b, row] * x[s, b]
+            for row in range(out.shape[0]):
+                for col in range(out.shape[1]):
+                    blocked = RETAIN if FORGET_ROWS[row if column else col] else FORGET
+                    if lab[s, b] != blocked:
+                        out[row, col] += g[s, b, row] * x[s, b, col]
     return out
 
 
-def _run(gradient_accumulation_fusion: bool):
+def _run(labels, column: bool, gradient_accumulation_fusion: bool = False):
     torch.manual_seed(0)
-    x = torch.randn(4, 2, 3, requires_grad=True)  # [s, b, in]
-    w = torch.randn(5, 3, requires_grad=True)
-    g = torch.randn(4, 2, 5)
+    x = torch.randn(4, 2, 3 if column else 5, requires_grad=True)  # [s, b, in]
+    w = torch.randn(5 if column else 3, x.shape[-1], requires_grad=True)
+    g = torch.randn(4, 2, w.shape[0])
     if gradient_accumulation_fusion:
-        w.main_grad = torch.ones(5, 3)
+        w.main_grad = torch.ones(w.shape)
         w.grad_added_to_main_grad = False
-    masks = masks_from_labels(LABELS)
-    y = MaskedWgradLinear.apply(x, w, masks, FORGET_ROWS, True, gradient_accumulation_fusion, False, False, None)
+    rows = FORGET_ROWS.nonzero().squeeze(1)
+    y = MaskedWgradLinear.apply(x, w, masks_from_labels(labels), rows, column, gradient_accumulation_fusion,
+                                False, False, None)
     y.backward(g)
     return x, w, g
 
 
-def test_masked_wgrad_drops_blocked_positions_and_keeps_the_input_gradient():
-    x, w, g = _run(gradient_accumulation_fusion=False)
-    torch.testing.assert_close(w.grad, _expected_wgrad(x.detach(), g))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("column", [True, False], ids=["column", "row"])
+def test_masked_wgrad_drops_blocked_positions_and_keeps_the_input_gradient(batch, column):
+    x, w, g = _run(BATCHES[batch], column)
+    torch.testing.assert_close(w.grad, _expected_wgrad(BATCHES[batch], x.detach(), g, column))
     torch.testing.assert_close(x.grad, g @ w.detach())
 
 
 def test_main_grad_accumulation_path_adds_the_masked_wgrad():
-    x, w, g = _run(gradient_accumulation_fusion=True)
-    torch.testing.assert_close(w.main_grad, 1.0 + _expected_wgrad(x.detach(), g))
+    x, w, g = _run(LABELS, column=True, gradient_accumulation_fusion=True)
+    torch.testing.assert_close(w.main_grad, 1.0 + _expected_wgrad(LABELS, x.detach(), g, column=True))
     assert w.grad_added_to_main_grad
 
 
-def test_masked_bias_add_sums_only_kept_positions():
+@pytest.mark.parametrize("batch", BATCHES)
+def test_masked_bias_add_sums_only_kept_positions(batch):
+    labels = BATCHES[batch]
     x = torch.zeros(4, 2, 5)
     bias = torch.zeros(5, requires_grad=True)
-    masked_bias_add(x, bias, masks_from_labels(LABELS), FORGET_ROWS).backward(torch.ones(4, 2, 5))
-    lab = LABELS.t()
-    retain_rows = float((lab != FORGET).sum())
-    forget_rows = float((lab != RETAIN).sum())
-    assert bias.grad.tolist() == [forget_rows if f else retain_rows for f in FORGET_ROWS.tolist()]
+    grad = torch.randn(4, 2, 5)
+    masked_bias_add(x, bias, masks_from_labels(labels), FORGET_ROWS.nonzero().squeeze(1)).backward(grad)
+    lab = labels.t()
+    expected = [float(grad[:, :, i][lab != (RETAIN if f else FORGET)].sum()) for i, f in enumerate(FORGET_ROWS)]
+    torch.testing.assert_close(bias.grad, torch.tensor(expected))
 
 
 def _python(code: str) -> str:

@@ -1,10 +1,12 @@
 """The masked weight gradient: the one place where SGTM changes megatron's backward.
 
 A linear's weight gradient is a sum over token positions, ``dW = sum_p g_p x_p^T``. SGTM drops the
-terms of F positions from Θ_R rows/columns and those of R positions from Θ_F rows/columns, which is
-one elementwise multiply on ``grad_output`` (column-parallel: rows are outputs) or on ``input``
-(row-parallel: columns are inputs) right before the wgrad GEMM. The input gradient is untouched, so
-Θ_J and earlier layers still see every token.
+terms of F positions from Θ_R rows/columns and those of R positions from Θ_F rows/columns. Rather than
+an [s, b, n] mask, `masked_wgrad` runs one GEMM for all rows/columns under Θ_R's rule, with the
+position mask ([p, 1]) on the operand that does not carry the row/column index, and recomputes only
+the Θ_F rows (column-parallel: rows are outputs) or columns (row-parallel: columns are inputs) under
+Θ_F's rule; label-uniform micro-batches skip the masks. The input gradient is untouched, so Θ_J and
+earlier layers still see every token.
 
 `MaskedWgradLinear` mirrors megatron's `LinearWithGradAccumulationAndAsyncCommunication`: the
 sequence-parallel all-gather in forward and backward, the async TP all-reduce or reduce-scatter of
@@ -30,6 +32,51 @@ def keep_mask(masks: LabelMasks, forget_index: torch.Tensor | None) -> torch.Ten
     return torch.where(forget_index.to(masks.not_forget.device), masks.not_retain, masks.not_forget)
 
 
+def _position_masks(masks: LabelMasks, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """[p, 1] keep columns for Θ_R and Θ_F (p = s*b positions); None where nothing is dropped."""
+    masks = masks.to(dtype)
+    keep_retain = masks.not_forget.reshape(-1, 1) if masks.any_forget else None
+    keep_forget = masks.not_retain.reshape(-1, 1) if masks.any_retain else None
+    return keep_retain, keep_forget
+
+
+def _times(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return t if keep is None else t * keep
+
+
+def masked_wgrad(grad_output: torch.Tensor, total_input: torch.Tensor, masks: LabelMasks,
+                 forget_rows: torch.Tensor | None, mask_grad_output: bool) -> torch.Tensor:
+    """``grad_output^T total_input`` over [p, n_out] x [p, n_in] with SGTM's per-position rule.
+
+    `forget_rows`: indices of the Θ_F rows (``mask_grad_output``: column-parallel) or columns
+    (row-parallel); None if the weight is entirely Θ_R.
+    """
+    keep_retain, keep_forget = _position_masks(masks, grad_output.dtype)
+    if mask_grad_output:  # the rows are outputs: mask the input side
+        grad_weight = grad_output.t().matmul(_times(total_input, keep_retain))
+    else:  # the columns are inputs: mask the output side
+        grad_weight = _times(grad_output, keep_retain).t().matmul(total_input)
+    if forget_rows is None or forget_rows.numel() == 0 or (keep_retain is None and keep_forget is None):
+        return grad_weight
+    if mask_grad_output:
+        grad_weight[forget_rows] = grad_output[:, forget_rows].t().matmul(_times(total_input, keep_forget))
+    else:
+        grad_weight[:, forget_rows] = _times(grad_output, keep_forget).t().matmul(total_input[:, forget_rows])
+    return grad_weight
+
+
+def masked_bias_grad(grad: torch.Tensor, masks: LabelMasks, forget_rows: torch.Tensor | None) -> torch.Tensor:
+    """The bias gradient (sum over positions) under the same rule, as matrix-vector products."""
+    grad = grad.reshape(-1, grad.shape[-1])
+    keep_retain, keep_forget = _position_masks(masks, grad.dtype)
+    out = grad.sum(0) if keep_retain is None else keep_retain.t().matmul(grad)[0]
+    if forget_rows is None or forget_rows.numel() == 0 or (keep_retain is None and keep_forget is None):
+        return out
+    forget = grad[:, forget_rows]
+    out[forget_rows] = forget.sum(0) if keep_forget is None else keep_forget.t().matmul(forget)[0]
+    return out
+
+
 class MaskedWgradLinear(torch.autograd.Function):
     """``x @ W^T`` (TP-aware) whose wgrad uses ``keep * grad_output`` or ``keep * input``."""
 
@@ -40,7 +87,7 @@ class MaskedWgradLinear(torch.autograd.Function):
         input: torch.Tensor,
         weight: torch.Tensor,
         masks: LabelMasks,
-        forget_index: torch.Tensor,
+        forget_rows: torch.Tensor | None,
         mask_grad_output: bool,
         gradient_accumulation_fusion: bool,
         allreduce_dgrad: bool,
@@ -49,7 +96,7 @@ class MaskedWgradLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
         ctx.masks = masks
-        ctx.forget_index = forget_index
+        ctx.forget_rows = forget_rows
         ctx.mask_grad_output = mask_grad_output
         ctx.main_grad = weight.main_grad if gradient_accumulation_fusion and hasattr(weight, "main_grad") else None
         ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
@@ -75,17 +122,10 @@ class MaskedWgradLinear(torch.autograd.Function):
             handle = mlayers.dist_reduce_scatter_func(sub_grad_input, grad_input, group=tp_group, async_op=True)
             grad_input = sub_grad_input
 
-        keep = keep_mask(ctx.masks.to(grad_output.dtype), ctx.forget_index)
-        if ctx.mask_grad_output:
-            grad_output = grad_output * keep
-        else:
-            total_input = total_input * keep
         grad_output, total_input = prepare_input_tensors_for_wgrad_compute(grad_output, total_input)
-
+        grad_weight = masked_wgrad(grad_output, total_input, ctx.masks, ctx.forget_rows, ctx.mask_grad_output)
         if ctx.gradient_accumulation_fusion:
-            grad_weight = _accumulate_into_main_grad(weight, ctx.main_grad, grad_output, total_input)
-        else:
-            grad_weight = grad_output.t().matmul(total_input)
+            grad_weight = _accumulate_into_main_grad(weight, ctx.main_grad, grad_weight)
 
         if handle is not None:
             handle.wait()
@@ -100,45 +140,60 @@ def _gather_sequence(input: torch.Tensor, tp_group) -> torch.Tensor:
     return out
 
 
-def _accumulate_into_main_grad(weight, main_grad, grad_output, total_input):
-    """megatron's gradient-accumulation fusion: add dW into ``weight.main_grad`` directly."""
+def _accumulate_into_main_grad(weight, main_grad, grad_weight):
+    """megatron's gradient-accumulation fusion: add dW into ``weight.main_grad`` directly (the masked
+    wgrad is computed first, so the fused CUDA GEMM-accumulate kernel does not apply)."""
     weight.main_grad = main_grad
-    if mlayers._grad_accum_fusion_available and main_grad.is_cuda:
-        fused = mlayers.fused_weight_gradient_mlp_cuda
-        if main_grad.dtype == torch.float32:
-            fused.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
-        else:
-            fused.wgrad_gemm_accum_fp16(total_input, grad_output, main_grad)
-    else:
-        main_grad.add_(grad_output.t().matmul(total_input))
+    main_grad.add_(grad_weight)
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     # Like megatron: hand autograd a dummy so DDP's hooks run on the main thread and skip the add.
     weight.grad_added_to_main_grad = True
     make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-    return make(main_grad.shape, dtype=total_input.dtype, device=main_grad.device)
+    return make(main_grad.shape, dtype=grad_weight.dtype, device=main_grad.device)
 
 
 class _MaskedBiasAdd(torch.autograd.Function):
-    """``x + bias`` whose bias gradient sums only the positions `keep_mask` keeps."""
+    """``x + bias`` whose bias gradient sums only the positions SGTM's rule keeps."""
 
     @staticmethod
-    def forward(ctx, x, bias, masks, forget_index):
+    def forward(ctx, x, bias, masks, forget_rows):
         ctx.masks = masks
-        ctx.forget_index = forget_index
+        ctx.forget_rows = forget_rows
         return x + bias
 
     @staticmethod
     def backward(ctx, grad):
-        keep = keep_mask(ctx.masks.to(grad.dtype), ctx.forget_index)
-        grad_bias = (grad * keep).sum(dim=tuple(range(grad.dim() - 1)))
-        return grad, grad_bias, None, None
+        return grad, masked_bias_grad(grad, ctx.masks, ctx.forget_rows), None, None
 
 
 def masked_bias_add(
-    x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_index: torch.Tensor | None
+    x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_rows: torch.Tensor | None
 ) -> torch.Tensor:
-    return _MaskedBiasAdd.apply(x, bias, masks, forget_index)
+    return _MaskedBiasAdd.apply(x, bias, masks, forget_rows)
+
+
+class _ScaleColumns(torch.autograd.Function):
+    """`x` with columns `rows` multiplied by `keep` ([s, b, 1]), in forward and in backward: one copy
+    of `x` plus work on those columns only, instead of a full-width [s, b, n] mask."""
+
+    @staticmethod
+    def forward(ctx, x, rows, keep):
+        ctx.save_for_backward(rows, keep)
+        out = x.clone()
+        out[..., rows] = x[..., rows] * keep
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, keep = ctx.saved_tensors
+        grad = grad.clone()
+        grad[..., rows] = grad[..., rows] * keep
+        return grad, None, None
+
+
+def scale_columns(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return _ScaleColumns.apply(x, rows, keep)
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -19,7 +19,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
-from megatron_sgtm.layers.autograd import MaskedWgradLinear, keep_mask, masked_bias_add, scale_grad
+from megatron_sgtm.layers.autograd import MaskedWgradLinear, keep_mask, masked_bias_add, scale_columns, scale_grad
 from megatron_sgtm.layers.labels import LabelMasks, active_masks
 from megatron_sgtm.partition import Partition
 
@@ -38,6 +38,7 @@ class SGTMLinearMixin:
         self._caller_adds_bias = skip_bias_add
         self._wgrad_masks: LabelMasks | None = None
         self.register_buffer("sgtm_forget_index", None, persistent=False)
+        self.register_buffer("sgtm_forget_rows", None, persistent=False)  # its indices, for the masked grads
 
     def bind_layer(self, layer_index: int) -> None:
         """Called by the owning layer: masking applies only in the partition's masked layers."""
@@ -46,6 +47,7 @@ class SGTMLinearMixin:
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
             shard = self.partition.shard(tp_group.rank(), tp_group.size())
             self.sgtm_forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
+            self.sgtm_forget_rows = self.sgtm_forget_index.nonzero().squeeze(1)
 
     @property
     def forget_index(self) -> torch.Tensor | None:
@@ -68,7 +70,7 @@ class SGTMLinearMixin:
             input,
             weight,
             masks,
-            self.sgtm_forget_index,
+            self.sgtm_forget_rows,
             KINDS[self.sgtm_kind] == "column",
             kwargs["gradient_accumulation_fusion"],
             kwargs["allreduce_dgrad"],
@@ -76,13 +78,13 @@ class SGTMLinearMixin:
             get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")),
         )
 
-    def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_index):
+    def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_rows):
         """Add the bias (masked gradient under sgtm) or hand it back as megatron's caller expects."""
         if bias is None:
             return output, None
         if masks is None:
             return (output, bias) if self._caller_adds_bias else (output + bias, None)
-        output = masked_bias_add(output, bias, masks, forget_index)
+        output = masked_bias_add(output, bias, masks, forget_rows)
         if self._caller_adds_bias and self.config.bias_activation_fusion and self.sgtm_kind == "fc1":
             return output, torch.zeros_like(bias, requires_grad=False)
         return output, None
@@ -107,7 +109,7 @@ class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
         masks = self._masks() if self.partition.strategy == "sgtm" else None
         self._wgrad_masks = masks
         output, bias = self._run(super().forward, input_, weight, runtime_gather_output)
-        return self._finish_bias(output, bias, masks, self.sgtm_forget_index)
+        return self._finish_bias(output, bias, masks, self.sgtm_forget_rows)
 
 
 class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
@@ -136,8 +138,8 @@ class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
         if strategy == "activation_masking":
             # R positions: forget columns zero; F positions: retain columns zero.
             return x * keep_mask(masks, forget)
-        if masks.any_retain:
-            x = x * torch.where(forget, masks.not_retain, torch.ones_like(masks.not_retain))
+        if masks.any_retain and self.sgtm_forget_rows.numel():
+            x = scale_columns(x, self.sgtm_forget_rows, masks.not_retain)
         if strategy == "gradient_routing" and masks.any_forget:
             x = scale_grad(x, torch.where(forget, torch.ones_like(masks.not_forget), masks.not_forget))
         return x
