@@ -93,8 +93,10 @@ class MaskedWgradLinear(torch.autograd.Function):
         allreduce_dgrad: bool,
         sequence_parallel: bool,
         tp_group,
+        input_rule: bool = False,
     ) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
+        ctx.input_rule = input_rule  # the input's Θ_F columns are zero at R positions: so is their gradient
         ctx.masks = masks
         ctx.forget_rows = forget_rows
         ctx.mask_grad_output = mask_grad_output
@@ -113,6 +115,8 @@ class MaskedWgradLinear(torch.autograd.Function):
         tp_group = ctx.tp_group
         total_input = _gather_sequence(input, tp_group) if ctx.sequence_parallel else input
         grad_input = grad_output.matmul(weight)
+        if ctx.input_rule:
+            scale_columns_(grad_input, ctx.forget_rows, ctx.masks.to(grad_input.dtype).not_retain)
 
         handle = None
         if ctx.allreduce_dgrad:
@@ -129,7 +133,7 @@ class MaskedWgradLinear(torch.autograd.Function):
 
         if handle is not None:
             handle.wait()
-        return grad_input, grad_weight, None, None, None, None, None, None, None
+        return grad_input, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _gather_sequence(input: torch.Tensor, tp_group) -> torch.Tensor:
@@ -171,6 +175,14 @@ def masked_bias_add(
     x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_rows: torch.Tensor | None
 ) -> torch.Tensor:
     return _MaskedBiasAdd.apply(x, bias, masks, forget_rows)
+
+
+@torch.no_grad()
+def scale_columns_(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> None:
+    """In place, outside autograd: columns `rows` of `x` ([s, b, n]) times `keep` ([s, b, 1]). Only for
+    tensors nothing has saved (fresh outputs and gradients); a saved one would fail its version check."""
+    x = x.detach()
+    x.index_copy_(-1, rows, x.index_select(-1, rows) * keep)
 
 
 class _ScaleColumns(torch.autograd.Function):

@@ -19,7 +19,14 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
-from megatron_sgtm.layers.autograd import MaskedWgradLinear, keep_mask, masked_bias_add, scale_columns, scale_grad
+from megatron_sgtm.layers.autograd import (
+    MaskedWgradLinear,
+    keep_mask,
+    masked_bias_add,
+    scale_columns,
+    scale_columns_,
+    scale_grad,
+)
 from megatron_sgtm.layers.labels import LabelMasks, active_masks
 from megatron_sgtm.partition import Partition
 
@@ -37,6 +44,7 @@ class SGTMLinearMixin:
         self.layer_index: int | None = None
         self._caller_adds_bias = skip_bias_add
         self._wgrad_masks: LabelMasks | None = None
+        self._input_rule = False  # fc2 under sgtm: fc1 zeroed the input's forget units; mask their gradient
         self.register_buffer("sgtm_forget_index", None, persistent=False)
         self.register_buffer("sgtm_forget_rows", None, persistent=False)  # its indices, for the masked grads
 
@@ -76,6 +84,7 @@ class SGTMLinearMixin:
             kwargs["allreduce_dgrad"],
             kwargs["sequence_parallel"],
             get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")),
+            self._input_rule,
         )
 
     def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_rows):
@@ -94,6 +103,14 @@ class SGTMLinearMixin:
             return forward(*args)
         finally:
             self._wgrad_masks = None
+            self._input_rule = False
+
+    def _fc_rule(self, masks: LabelMasks | None) -> bool:
+        """Under sgtm, the MLP's retain-forward rule (forget units' activations zero at R positions) is
+        applied in place at fc1's output, whose zero stays zero through GELU / SwiGLU, and fc2 zeroes the
+        matching input gradient in its backward: no copy of the [s, b, ffn] activation or its gradient."""
+        return (masks is not None and masks.any_retain and self.partition.strategy == "sgtm"
+                and self.sgtm_forget_rows.numel() > 0)
 
 
 class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
@@ -109,7 +126,10 @@ class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
         masks = self._masks() if self.partition.strategy == "sgtm" else None
         self._wgrad_masks = masks
         output, bias = self._run(super().forward, input_, weight, runtime_gather_output)
-        return self._finish_bias(output, bias, masks, self.sgtm_forget_rows)
+        output, bias = self._finish_bias(output, bias, masks, self.sgtm_forget_rows)
+        if self.sgtm_kind == "fc1" and self._fc_rule(masks):
+            scale_columns_(output, self.sgtm_forget_rows, masks.to(output.dtype).not_retain)
+        return output, bias
 
 
 class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
@@ -121,10 +141,12 @@ class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
 
     def forward(self, input_):
         masks = self._masks()
-        if masks is not None:
+        input_rule = self.sgtm_kind == "fc2" and self._fc_rule(masks) and self.weight.requires_grad
+        if masks is not None and not input_rule:
             input_ = self._forward_rule(input_, masks.to(input_.dtype))
         sgtm_masks = masks if self.partition.strategy == "sgtm" else None
         self._wgrad_masks = sgtm_masks
+        self._input_rule = input_rule
         output, bias = self._run(super().forward, input_)
         if sgtm_masks is not None and self.sequence_parallel:
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
