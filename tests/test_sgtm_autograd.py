@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
-from megatron_sgtm.layers.autograd import MaskedWgradLinear, masked_bias_add
+from megatron_sgtm.layers.autograd import MaskedWgradLinear, masked_bias_add, masked_bias_grad, masked_wgrad
 from megatron_sgtm.layers.labels import masks_from_labels
 
 LABELS = torch.tensor([[RETAIN, FORGET, UNLABELED, FORGET], [UNLABELED, RETAIN, RETAIN, FORGET]])  # [b, s]
@@ -101,3 +101,18 @@ def test_cpu_shims_change_nothing_when_cuda_is_available():
         " torch.cuda.get_rng_state), len(stack()))"
     )
     assert out == "False True 0"
+
+
+@pytest.mark.parametrize("column", [True, False], ids=["column", "row"])
+def test_contiguous_forget_rows_as_a_slice_give_the_same_gradients(column):
+    """Linears pass contiguous Θ_F rows as a slice (views instead of gathers): same results as indices."""
+    torch.manual_seed(1)
+    g, x = torch.randn(8, 6), torch.randn(8, 7)
+    masks = masks_from_labels(LABELS)
+    width = 6 if column else 7
+    rows = torch.arange(width - 2, width)
+    span = slice(width - 2, width)
+    torch.testing.assert_close(masked_wgrad(g, x, masks, span, column), masked_wgrad(g, x, masks, rows, column),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(masked_bias_grad(g, masks, slice(4, 6)), masked_bias_grad(g, masks, torch.arange(4, 6)),
+                               rtol=0, atol=0)

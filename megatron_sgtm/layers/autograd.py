@@ -40,12 +40,22 @@ def _position_masks(masks: LabelMasks, dtype: torch.dtype) -> tuple[torch.Tensor
     return keep_retain, keep_forget
 
 
+# Θ_F rows/columns: a slice when contiguous (views, no gathers), else an index tensor.
+Rows = torch.Tensor | slice
+
+
+def _none(rows: Rows | None) -> bool:
+    if rows is None:
+        return True
+    return rows.stop <= rows.start if isinstance(rows, slice) else rows.numel() == 0
+
+
 def _times(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return t if keep is None else t * keep
 
 
 def masked_wgrad(grad_output: torch.Tensor, total_input: torch.Tensor, masks: LabelMasks,
-                 forget_rows: torch.Tensor | None, mask_grad_output: bool) -> torch.Tensor:
+                 forget_rows: Rows | None, mask_grad_output: bool) -> torch.Tensor:
     """``grad_output^T total_input`` over [p, n_out] x [p, n_in] with SGTM's per-position rule.
 
     `forget_rows`: indices of the Θ_F rows (``mask_grad_output``: column-parallel) or columns
@@ -56,7 +66,7 @@ def masked_wgrad(grad_output: torch.Tensor, total_input: torch.Tensor, masks: La
         grad_weight = grad_output.t().matmul(_times(total_input, keep_retain))
     else:  # the columns are inputs: mask the output side
         grad_weight = _times(grad_output, keep_retain).t().matmul(total_input)
-    if forget_rows is None or forget_rows.numel() == 0 or (keep_retain is None and keep_forget is None):
+    if _none(forget_rows) or (keep_retain is None and keep_forget is None):
         return grad_weight
     if mask_grad_output:
         grad_weight[forget_rows] = grad_output[:, forget_rows].t().matmul(_times(total_input, keep_forget))
@@ -65,12 +75,12 @@ def masked_wgrad(grad_output: torch.Tensor, total_input: torch.Tensor, masks: La
     return grad_weight
 
 
-def masked_bias_grad(grad: torch.Tensor, masks: LabelMasks, forget_rows: torch.Tensor | None) -> torch.Tensor:
+def masked_bias_grad(grad: torch.Tensor, masks: LabelMasks, forget_rows: Rows | None) -> torch.Tensor:
     """The bias gradient (sum over positions) under the same rule, as matrix-vector products."""
     grad = grad.reshape(-1, grad.shape[-1])
     keep_retain, keep_forget = _position_masks(masks, grad.dtype)
     out = grad.sum(0) if keep_retain is None else keep_retain.t().matmul(grad)[0]
-    if forget_rows is None or forget_rows.numel() == 0 or (keep_retain is None and keep_forget is None):
+    if _none(forget_rows) or (keep_retain is None and keep_forget is None):
         return out
     forget = grad[:, forget_rows]
     out[forget_rows] = forget.sum(0) if keep_forget is None else keep_forget.t().matmul(forget)[0]
@@ -87,7 +97,7 @@ class MaskedWgradLinear(torch.autograd.Function):
         input: torch.Tensor,
         weight: torch.Tensor,
         masks: LabelMasks,
-        forget_rows: torch.Tensor | None,
+        forget_rows: Rows | None,
         mask_grad_output: bool,
         gradient_accumulation_fusion: bool,
         allreduce_dgrad: bool,
@@ -171,18 +181,19 @@ class _MaskedBiasAdd(torch.autograd.Function):
         return grad, masked_bias_grad(grad, ctx.masks, ctx.forget_rows), None, None
 
 
-def masked_bias_add(
-    x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_rows: torch.Tensor | None
-) -> torch.Tensor:
+def masked_bias_add(x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_rows: Rows | None) -> torch.Tensor:
     return _MaskedBiasAdd.apply(x, bias, masks, forget_rows)
 
 
 @torch.no_grad()
-def scale_columns_(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> None:
+def scale_columns_(x: torch.Tensor, rows: Rows, keep: torch.Tensor) -> None:
     """In place, outside autograd: columns `rows` of `x` ([s, b, n]) times `keep` ([s, b, 1]). Only for
     tensors nothing has saved (fresh outputs and gradients); a saved one would fail its version check."""
     x = x.detach()
-    x.index_copy_(-1, rows, x.index_select(-1, rows) * keep)
+    if isinstance(rows, slice):
+        x[..., rows].mul_(keep)
+    else:
+        x.index_copy_(-1, rows, x.index_select(-1, rows) * keep)
 
 
 class _ScaleColumns(torch.autograd.Function):
@@ -191,20 +202,21 @@ class _ScaleColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, keep):
-        ctx.save_for_backward(rows, keep)
+        ctx.save_for_backward(keep)
+        ctx.rows = rows
         out = x.clone()
-        out[..., rows] = x[..., rows] * keep
+        scale_columns_(out, rows, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        rows, keep = ctx.saved_tensors
+        (keep,) = ctx.saved_tensors
         grad = grad.clone()
-        grad[..., rows] = grad[..., rows] * keep
+        scale_columns_(grad, ctx.rows, keep)
         return grad, None, None
 
 
-def scale_columns(x: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def scale_columns(x: torch.Tensor, rows: Rows, keep: torch.Tensor) -> torch.Tensor:
     return _ScaleColumns.apply(x, rows, keep)
 
 

@@ -47,6 +47,7 @@ class SGTMLinearMixin:
         self._input_rule = False  # fc2 under sgtm: fc1 zeroed the input's forget units; mask their gradient
         self.register_buffer("sgtm_forget_index", None, persistent=False)
         self.register_buffer("sgtm_forget_rows", None, persistent=False)  # its indices, for the masked grads
+        self._forget_span: slice | None = None  # the same rows when contiguous (views instead of gathers)
 
     def bind_layer(self, layer_index: int) -> None:
         """Called by the owning layer: masking applies only in the partition's masked layers."""
@@ -56,6 +57,14 @@ class SGTMLinearMixin:
             shard = self.partition.shard(tp_group.rank(), tp_group.size())
             self.sgtm_forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
             self.sgtm_forget_rows = self.sgtm_forget_index.nonzero().squeeze(1)
+            rows = self.sgtm_forget_rows.tolist()
+            if rows and rows == list(range(rows[0], rows[-1] + 1)):
+                self._forget_span = slice(rows[0], rows[-1] + 1)
+
+    @property
+    def forget_rows(self) -> torch.Tensor | slice | None:
+        """The Θ_F rows/columns for the masked gradients: a slice when contiguous, else indices."""
+        return self._forget_span if self._forget_span is not None else self.sgtm_forget_rows
 
     @property
     def forget_index(self) -> torch.Tensor | None:
@@ -78,7 +87,7 @@ class SGTMLinearMixin:
             input,
             weight,
             masks,
-            self.sgtm_forget_rows,
+            self.forget_rows,
             KINDS[self.sgtm_kind] == "column",
             kwargs["gradient_accumulation_fusion"],
             kwargs["allreduce_dgrad"],
@@ -126,9 +135,9 @@ class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
         masks = self._masks() if self.partition.strategy == "sgtm" else None
         self._wgrad_masks = masks
         output, bias = self._run(super().forward, input_, weight, runtime_gather_output)
-        output, bias = self._finish_bias(output, bias, masks, self.sgtm_forget_rows)
+        output, bias = self._finish_bias(output, bias, masks, self.forget_rows)
         if self.sgtm_kind == "fc1" and self._fc_rule(masks):
-            scale_columns_(output, self.sgtm_forget_rows, masks.to(output.dtype).not_retain)
+            scale_columns_(output, self.forget_rows, masks.to(output.dtype).not_retain)
         return output, bias
 
 
@@ -161,7 +170,7 @@ class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
             # R positions: forget columns zero; F positions: retain columns zero.
             return x * keep_mask(masks, forget)
         if masks.any_retain and self.sgtm_forget_rows.numel():
-            x = scale_columns(x, self.sgtm_forget_rows, masks.not_retain)
+            x = scale_columns(x, self.forget_rows, masks.not_retain)
         if strategy == "gradient_routing" and masks.any_forget:
             x = scale_grad(x, torch.where(forget, torch.ones_like(masks.not_forget), masks.not_forget))
         return x
