@@ -173,11 +173,11 @@ def test_hf_native_hf_round_trip_is_exact(exported, name):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_exports_load_and_generate_offline(exported, arch):
+@pytest.mark.parametrize("name", NAMES)
+def test_every_export_loads_and_generates_offline(exported, name):
     out, _ = exported
-    for kind in ("plain", "pruned"):
-        directory = out / f"{arch}_tp2-{kind}"
+    for directory in (*(out / f"{name}-{kind}" for kind in ("plain", "ablated", "pruned", "reexport")),
+                      out / f"{name}-release" / "capable", out / f"{name}-release" / "safe"):
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         prompt = tokenizer("Once upon a time", return_tensors="pt")
