@@ -7,7 +7,7 @@ import torch
 from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_corpus, label_documents
-from megatron_sgtm.data.sampler import SGTMSampler, document_attention_mask, eval_streams
+from megatron_sgtm.data.sampler import SGTMSampler, document_attention_mask, eval_batches
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
 from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
@@ -175,11 +175,11 @@ def test_upsampling_repeats_categories(corpus, labels):
 
 def test_heldout_eval_streams_per_category(corpus, labels):
     train, held = heldout_split(corpus, 0.25, seed=0)
-    streams = [eval_streams(corpus, held, labels, seq_length=64, micro_batch_size=2, dp_rank=r, dp_size=2)
-               for r in range(2)]
-    for name, code in zip(corpus.category_names, range(len(corpus.category_names)), strict=True):
-        counts = _token_counts(corpus, [b for s in streams for b in s[name]])
+    for code in range(len(corpus.category_names)):
         docs = held[corpus.categories[held] == code]
+        streams = [eval_batches(corpus, docs, labels, seq_length=64, micro_batch_size=2, dp_rank=r, dp_size=2)
+                   for r in range(2)]
+        counts = _token_counts(corpus, [b for s in streams for b in s])
         expected = np.zeros_like(counts)
         for d in docs:
             expected[corpus.offsets[d]:corpus.offsets[d + 1]] = 1

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from megatron_sgtm.data.corpus import check_score
+from megatron_sgtm.data.sources import jsonl_records
 
 
 class Classifier(Protocol):
@@ -163,19 +164,10 @@ class ScoresFileClassifier:
             raise FileNotFoundError(f"scores file {path} does not exist")
         self.path = path
         self.scores: dict[str, float] = {}
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
-                if "id" not in record:
-                    raise ValueError(f"{where}: field 'id' is missing")
-                self.scores[str(record["id"])] = check_score(record.get("score"), f"{where} (document "
-                                                                                  f"{record['id']!r})")
+        for _, where, record in jsonl_records(path):
+            if "id" not in record:
+                raise ValueError(f"{where}: field 'id' is missing")
+            self.scores[str(record["id"])] = check_score(record.get("score"), f"{where} (document {record['id']!r})")
 
     def score(self, ids: Sequence[str], texts: Sequence[str]) -> np.ndarray:
         try:

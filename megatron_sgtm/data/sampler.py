@@ -250,11 +250,3 @@ def eval_batches(corpus: Corpus, documents: np.ndarray, doc_labels: np.ndarray, 
     stride = micro_batch_size * dp_size
     for first in range(dp_rank * micro_batch_size, stream.num_sequences, stride):
         yield _to_torch(stream.sequences(0, np.arange(first, first + micro_batch_size), doc_labels))
-
-
-def eval_streams(corpus: Corpus, heldout: np.ndarray, doc_labels: np.ndarray, **kwargs
-                 ) -> dict[str, Iterator[dict[str, torch.Tensor]]]:
-    """Per-category `eval_batches` over the held-out documents (see `corpus.heldout_split`)."""
-    heldout = np.asarray(heldout, np.int64)
-    return {name: eval_batches(corpus, heldout[corpus.categories[heldout] == code], doc_labels, **kwargs)
-            for code, name in enumerate(corpus.category_names)}

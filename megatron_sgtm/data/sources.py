@@ -43,7 +43,8 @@ def _from_record(record: dict, fields: Fields, default_id: str, where: str) -> D
     return Document(id=str(doc_id), text=text, category=None if category is None else str(category))
 
 
-def read_jsonl(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, str, dict]]:
+    """(line number, "path:line" for messages, record) of each non-blank line of a JSONL file."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -53,7 +54,12 @@ def read_jsonl(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
-            yield _from_record(record, fields, f"{path.stem}-{lineno}", where)
+            yield lineno, where, record
+
+
+def read_jsonl(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
+    for lineno, where, record in jsonl_records(path):
+        yield _from_record(record, fields, f"{path.stem}-{lineno}", where)
 
 
 def read_text(path: Path) -> Iterator[Document]:
