@@ -41,6 +41,7 @@ def _raw(shards: Path, **sections) -> dict:
         ({"method": "magic"}, 1, "method='magic'"),
         ({"optim": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "global_batch_size=6"),
         ({"train": {"eval_batches": 3}}, 2, "train.eval_batches=3"),
+        ({"checkpoint": {"pretrained": "/nonexistent"}}, 1, "checkpoint.pretrained: /nonexistent: incomplete or not"),
         ({"train": {"calibrate_ablated": True, "calibration_iters": 0}}, 1, "train.calibration_iters=0"),
     ],
 )

@@ -205,6 +205,45 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     )
 
 
+# The tensors both directions map one to one: native name -> HF name, per family. Layer entries are
+# suffixes under "decoder.layers.{i}." and _HF_LAYER; GPT2's Conv1D holds linear weights transposed.
+# linear_qkv (and llama's gated fc1) are split/merged by `to_hf`/`from_hf` themselves.
+_HF_LAYER = {"llama": "model.layers.{}.", "gpt2": "transformer.h.{}."}
+_GLOBAL_NAMES = {
+    "llama": {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+              "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"},
+    "gpt2": {"embedding.word_embeddings.weight": "transformer.wte.weight",
+             "embedding.position_embeddings.weight": "transformer.wpe.weight",
+             "decoder.final_layernorm.weight": "transformer.ln_f.weight",
+             "decoder.final_layernorm.bias": "transformer.ln_f.bias"},
+}
+_LAYER_NAMES = {
+    "llama": {"input_layernorm.weight": "input_layernorm.weight",
+              "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+              "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+              "mlp.linear_fc2.weight": "mlp.down_proj.weight"},
+    "gpt2": {f"{native}.{kind}": f"{hf}.{kind}" for kind in ("weight", "bias") for native, hf in (
+        ("input_layernorm", "ln_1"), ("self_attention.linear_proj", "attn.c_proj"), ("pre_mlp_layernorm", "ln_2"),
+        ("mlp.linear_fc1", "mlp.c_fc"), ("mlp.linear_fc2", "mlp.c_proj"))},
+}
+
+
+def _one_to_one(cfg: ModelConfig, family: str) -> list[tuple[str, str, bool]]:
+    """(native name, HF name, is a GPT2 Conv1D linear) of every tensor that maps one to one."""
+    pairs = [(native, hf, False) for native, hf in _GLOBAL_NAMES[family].items()]
+    for i in range(cfg.num_layers):
+        n, p = f"decoder.layers.{i}.", _HF_LAYER[family].format(i)
+        pairs += [(n + native, p + hf, family == "gpt2" and "linear" in native)
+                  for native, hf in _LAYER_NAMES[family].items()]
+    return pairs
+
+
+def _qkv_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(query groups, heads per group, head dim): the layout of megatron's fused linear_qkv."""
+    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+    return groups, heads // groups, cfg.hidden_size // heads
+
+
 def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, *, consume: bool = False
           ) -> tuple[PretrainedConfig, State]:
     """(HF config, HF state dict) of a global megatron state; ValueError for unsupported architectures.
@@ -213,42 +252,21 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, *, consume: bool 
     exist (when the caller holds no other reference), so converting needs about one model of memory."""
     config = hf_config(cfg)
     _check_names("the global state", state, native_shapes(cfg))
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-    hd, per = cfg.hidden_size // heads, heads // groups
-    out: State = {}
-    if config.model_type == "llama":
-        out["model.embed_tokens.weight"] = state["embedding.word_embeddings.weight"]
-        for i in range(cfg.num_layers):
-            n, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-            q, k, v = _split_qkv(state[n + "self_attention.linear_qkv.weight"], groups, per, hd)
+    out: State = {hf: _conv1d(state[native]) if linear else state[native]
+                  for native, hf, linear in _one_to_one(cfg, config.model_type)}
+    dims = _qkv_dims(cfg)
+    for i in range(cfg.num_layers):
+        n, p = f"decoder.layers.{i}.", _HF_LAYER[config.model_type].format(i)
+        if config.model_type == "llama":
+            q, k, v = _split_qkv(state[n + "self_attention.linear_qkv.weight"], *dims)
             gate, up = state[n + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-            out.update({
-                p + "input_layernorm.weight": state[n + "input_layernorm.weight"],
-                p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-                p + "self_attn.o_proj.weight": state[n + "self_attention.linear_proj.weight"],
-                p + "post_attention_layernorm.weight": state[n + "pre_mlp_layernorm.weight"],
-                p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                p + "mlp.down_proj.weight": state[n + "mlp.linear_fc2.weight"],
-            })
-        out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
-        out["lm_head.weight"] = state["output_layer.weight"]
-    else:
-        out["transformer.wte.weight"] = state["embedding.word_embeddings.weight"]
-        out["transformer.wpe.weight"] = state["embedding.position_embeddings.weight"]
-        for i in range(cfg.num_layers):
-            n, p = f"decoder.layers.{i}.", f"transformer.h.{i}."
-            for kind in ("weight", "bias"):
-                qkv = torch.cat(_split_qkv(state[f"{n}self_attention.linear_qkv.{kind}"], groups, per, hd))
-                out.update({
-                    f"{p}ln_1.{kind}": state[f"{n}input_layernorm.{kind}"],
-                    f"{p}attn.c_attn.{kind}": _conv1d(qkv),
-                    f"{p}attn.c_proj.{kind}": _conv1d(state[f"{n}self_attention.linear_proj.{kind}"]),
-                    f"{p}ln_2.{kind}": state[f"{n}pre_mlp_layernorm.{kind}"],
-                    f"{p}mlp.c_fc.{kind}": _conv1d(state[f"{n}mlp.linear_fc1.{kind}"]),
-                    f"{p}mlp.c_proj.{kind}": _conv1d(state[f"{n}mlp.linear_fc2.{kind}"]),
-                })
-        out["transformer.ln_f.weight"] = state["decoder.final_layernorm.weight"]
-        out["transformer.ln_f.bias"] = state["decoder.final_layernorm.bias"]
+            out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                        p + "self_attn.v_proj.weight": v, p + "mlp.gate_proj.weight": gate,
+                        p + "mlp.up_proj.weight": up})
+            continue
+        for kind in ("weight", "bias"):
+            qkv = _split_qkv(state[f"{n}self_attention.linear_qkv.{kind}"], *dims)
+            out[f"{p}attn.c_attn.{kind}"] = _conv1d(torch.cat(qkv))
     if consume:
         state.clear()  # the views in `out` keep each native storage alive until its last copy is made
     return config, {k: _fresh(out.pop(k)) for k in list(out)}
@@ -336,43 +354,20 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], config: PretrainedConfig) -> t
     if family == "gpt2":
         hf_state.pop("lm_head.weight", None)  # tied: the same tensor as transformer.wte.weight
     _check_names("the Hugging Face state", hf_state, hf_shapes(config))
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-    hd, per = cfg.hidden_size // heads, heads // groups
-    s = hf_state
-    out: State = {}
-    if family == "llama":
-        out["embedding.word_embeddings.weight"] = s["model.embed_tokens.weight"]
-        for i in range(cfg.num_layers):
-            n, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-            out.update({
-                n + "input_layernorm.weight": s[p + "input_layernorm.weight"],
-                n + "self_attention.linear_qkv.weight": _merge_qkv(
-                    s[p + "self_attn.q_proj.weight"], s[p + "self_attn.k_proj.weight"],
-                    s[p + "self_attn.v_proj.weight"], groups, per, hd),
-                n + "self_attention.linear_proj.weight": s[p + "self_attn.o_proj.weight"],
-                n + "pre_mlp_layernorm.weight": s[p + "post_attention_layernorm.weight"],
-                n + "mlp.linear_fc1.weight": torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]]),
-                n + "mlp.linear_fc2.weight": s[p + "mlp.down_proj.weight"],
-            })
-        out["decoder.final_layernorm.weight"] = s["model.norm.weight"]
-        out["output_layer.weight"] = s["lm_head.weight"]
-    else:
-        out["embedding.word_embeddings.weight"] = s["transformer.wte.weight"]
-        out["embedding.position_embeddings.weight"] = s["transformer.wpe.weight"]
-        for i in range(cfg.num_layers):
-            n, p = f"decoder.layers.{i}.", f"transformer.h.{i}."
-            for kind in ("weight", "bias"):
-                qkv = _conv1d(s[f"{p}attn.c_attn.{kind}"])
-                out.update({
-                    f"{n}input_layernorm.{kind}": s[f"{p}ln_1.{kind}"],
-                    f"{n}self_attention.linear_qkv.{kind}": _merge_qkv(*qkv.chunk(3, dim=0), groups, per, hd),
-                    f"{n}self_attention.linear_proj.{kind}": _conv1d(s[f"{p}attn.c_proj.{kind}"]),
-                    f"{n}pre_mlp_layernorm.{kind}": s[f"{p}ln_2.{kind}"],
-                    f"{n}mlp.linear_fc1.{kind}": _conv1d(s[f"{p}mlp.c_fc.{kind}"]),
-                    f"{n}mlp.linear_fc2.{kind}": _conv1d(s[f"{p}mlp.c_proj.{kind}"]),
-                })
-        out["decoder.final_layernorm.weight"] = s["transformer.ln_f.weight"]
-        out["decoder.final_layernorm.bias"] = s["transformer.ln_f.bias"]
+    out: State = {native: _conv1d(hf_state[hf]) if linear else hf_state[hf]
+                  for native, hf, linear in _one_to_one(cfg, family)}
+    dims = _qkv_dims(cfg)
+    for i in range(cfg.num_layers):
+        n, p = f"decoder.layers.{i}.", _HF_LAYER[family].format(i)
+        if family == "llama":
+            out[n + "self_attention.linear_qkv.weight"] = _merge_qkv(
+                *(hf_state[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"), *dims)
+            out[n + "mlp.linear_fc1.weight"] = torch.cat([hf_state[p + "mlp.gate_proj.weight"],
+                                                          hf_state[p + "mlp.up_proj.weight"]])
+            continue
+        for kind in ("weight", "bias"):
+            qkv = _conv1d(hf_state[f"{p}attn.c_attn.{kind}"])
+            out[f"{n}self_attention.linear_qkv.{kind}"] = _merge_qkv(*qkv.chunk(3, dim=0), *dims)
     return cfg, {k: _fresh(v) for k, v in out.items()}
 
 

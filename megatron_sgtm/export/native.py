@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sgtm.export.hf import native_shapes
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import Partition, PartitionError
 from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
@@ -100,7 +101,7 @@ def load_native(path: Path | str) -> NativeCheckpoint:
         _load_megatron(path, module)
     else:
         state = load_model_only(path)[1] if engine == "model-only" else _deepspeed_state(path, meta, module)
-        _check_state(path, state, global_shapes(module))
+        _check_state(path, state, native_shapes(model))
         _adopt(module, state)
     state = {n: p.detach() for n, p in module.named_parameters() if not _tied_output(module, n)}
     return NativeCheckpoint(path, meta, model, partition, module, state)
@@ -162,11 +163,6 @@ def _adopt(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
             if tensor.shape != param.shape:
                 raise CheckpointError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
             param.data = tensor.to(param.dtype)
-
-
-def global_shapes(reference: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Global name -> shape of a TP=1, PP=1 model's weights (a tied output layer is the embedding)."""
-    return {n: tuple(p.shape) for n, p in reference.named_parameters() if not _tied_output(reference, n)}
 
 
 def _tied_output(reference: torch.nn.Module, name: str) -> bool:
@@ -231,19 +227,12 @@ def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict
 
 @contextlib.contextmanager
 def _weights_only_torch_load() -> Iterator[None]:
-    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; make those loads weights-only,
-    allowing just DeepSpeed's own plain classes (the engine's checkpoint loads do the same)."""
-    from megatron_sgtm.training.engine_deepspeed import _safe_globals
+    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``: route it to the engine's
+    weights-only loader for the duration."""
+    from megatron_sgtm.training.engine_deepspeed import weights_only_load
 
     original = torch.load
-    allowed = _safe_globals()
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
-
-    torch.load = load
+    torch.load = weights_only_load
     try:
         yield
     finally:

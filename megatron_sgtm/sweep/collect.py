@@ -99,14 +99,8 @@ def _plot_forget_vs_retain(rows: list[dict], path: Path) -> Path:
                 ax.scatter([_value(r["retain_loss_ablated"]) for r in runs],
                            [_value(r["forget_loss_ablated"]) for r in runs], color=colors[method], marker="*",
                            s=140, label=f"{method} (ablated)")
-        ax.set_title(f"{size} ({_params(mine[0]['params'])} params)")
-        ax.set_xlabel("retain loss (nats)")
-        ax.set_ylabel("forget loss (nats)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _label(ax, f"{size} ({_params(mine[0]['params'])} params)", "retain loss (nats)")
+    return _save(plt, fig, path)
 
 
 def _plot_forget_vs_rate(rows: list[dict], path: Path) -> Path:
@@ -126,10 +120,18 @@ def _plot_forget_vs_rate(rows: list[dict], path: Path) -> Path:
             rates = sorted({r["undiscovered_rate"] for r in runs})
             ax.plot(rates, [_mean([r[key] for r in runs if r["undiscovered_rate"] == x]) for x in rates],
                     marker="o", color=f"C{i}", label=label)
-        ax.set_title(size)
-        ax.set_xlabel("undiscovered forget rate")
-        ax.set_ylabel("forget loss (nats)")
-        ax.legend(fontsize=7)
+        _label(ax, size, "undiscovered forget rate")
+    return _save(plt, fig, path)
+
+
+def _label(ax, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("forget loss (nats)")
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -114,15 +114,21 @@ def load(engine, path: Path) -> dict:
     return meta
 
 
-def load_model_only(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, global fp32 weights) of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`)."""
-    meta_file, weights = path / META, path / MODEL_FILE
+def model_only_meta(path: Path) -> dict:
+    """meta.json of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`); refuses anything else."""
+    meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META})")
     meta = json.loads(meta_file.read_text())
     if meta.get("engine") != "model-only":
         raise CheckpointError(f"{path}: a {meta.get('engine')} training checkpoint, not a model-only one (resume "
                               "it with checkpoint.resume, or write one with `megatron-sgtm ablate`)")
+    return meta
+
+
+def load_model_only(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, global fp32 weights) of a model-only checkpoint."""
+    meta, weights = model_only_meta(path), path / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (a model-only checkpoint keeps its weights there)")
     try:

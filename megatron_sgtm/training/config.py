@@ -8,7 +8,6 @@ partition that does not fit the model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,17 +265,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
 
 def _check_pretrained(cfg: TrainConfig) -> None:
     """checkpoint.pretrained must be a model-only checkpoint of this very model shape."""
-    from megatron_sgtm.training.checkpoint import META
+    from megatron_sgtm.training.checkpoint import CheckpointError, model_only_meta
 
-    meta_file = Path(cfg.checkpoint.pretrained) / META
-    if not meta_file.is_file():
-        raise ConfigError(f"checkpoint.pretrained={cfg.checkpoint.pretrained}: not a checkpoint (no {META})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("engine") != "model-only":
-        raise ConfigError(f"checkpoint.pretrained={cfg.checkpoint.pretrained}: a {meta.get('engine')} training "
-                          "checkpoint; pretrained weights come from a model-only one (`megatron-sgtm ablate` or "
-                          "`import-hf`), a training checkpoint is continued with checkpoint.resume")
-    theirs = ModelConfig(**meta["config"]["model"]).dims()
-    if theirs != cfg.model.dims() or meta["config"]["model"]["vocab_size"] != cfg.model.vocab_size:
+    try:
+        meta = model_only_meta(Path(cfg.checkpoint.pretrained))
+    except CheckpointError as err:
+        raise ConfigError(f"checkpoint.pretrained: {err}") from err
+    theirs = ModelConfig(**meta["config"]["model"])
+    if theirs.dims() != cfg.model.dims() or theirs.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"checkpoint.pretrained={cfg.checkpoint.pretrained}: its model ({meta['config']['model']}) "
                           "does not have this config's model shape")
