@@ -227,12 +227,19 @@ def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict
 
 @contextlib.contextmanager
 def _weights_only_torch_load() -> Iterator[None]:
-    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``: route it to the engine's
-    weights-only loader for the duration."""
-    from megatron_sgtm.training.engine_deepspeed import weights_only_load
+    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; make those loads weights-only,
+    allowing just DeepSpeed's own plain classes (the engine's checkpoint loads do the same)."""
+    from megatron_sgtm.training.engine_deepspeed import _safe_globals
 
     original = torch.load
-    torch.load = weights_only_load
+    allowed = _safe_globals()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
     try:
         yield
     finally:

@@ -176,26 +176,23 @@ def _safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-_TORCH_LOAD = torch.load  # the original, also while a caller has patched torch.load with the function below
-
-
-def weights_only_load(*args, **kwargs):
-    """``torch.load`` forced to ``weights_only=True``, allowing only the plain classes DeepSpeed pickles
-    into its checkpoints (DeepSpeed itself loads with ``weights_only=False``)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return _TORCH_LOAD(*args, **{**kwargs, "weights_only": True})
-
-
 @contextlib.contextmanager
 def _weights_only_loads(engine):
-    """Read our checkpoints through DeepSpeed's TorchCheckpointEngine with `weights_only_load`."""
+    """DeepSpeed's TorchCheckpointEngine loads with ``torch.load(weights_only=False)``; read our
+    checkpoints with ``weights_only=True`` instead, allowing just DeepSpeed's own plain classes."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     checkpoint_engine = engine.checkpoint_engine
     if type(checkpoint_engine) is not TorchCheckpointEngine:
         yield  # another checkpoint engine (e.g. a configured async/remote one) keeps its own loader
         return
-    checkpoint_engine.load = weights_only_load
+    allowed = _safe_globals()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
     try:
         yield
     finally:
