@@ -16,8 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_sgtm.labels import active_masks
 from megatron_sgtm.layers.autograd import scale_grad
-from megatron_sgtm.layers.labels import active_masks
 from megatron_sgtm.layers.spec import get_sgtm_block_spec
 from megatron_sgtm.partition import ModelDims, Partition, SGTMConfig
 

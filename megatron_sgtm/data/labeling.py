@@ -16,7 +16,7 @@ import numpy as np
 
 from megatron_sgtm.data.corpus import Corpus
 from megatron_sgtm.data.synthetic import FORGET_CATEGORY
-from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
+from megatron_sgtm.labels import TokenLabel
 
 _RETAIN_DRAW, _UNDISCOVERED_DRAW, _FALSE_POSITIVE_DRAW = 0, 1, 2
 
@@ -58,15 +58,17 @@ def label_documents(scores: np.ndarray, config: LabelingConfig, is_forget: np.nd
     n = len(scores)
     if np.isnan(scores).any():
         raise ValueError(f"labeling: document {int(np.flatnonzero(np.isnan(scores))[0])} has no score")
-    labels = np.full(n, UNLABELED, dtype=np.uint8)
-    labels[(scores <= config.tau_retain) & (_draws(config.seed, _RETAIN_DRAW, n) < config.retain_rate)] = RETAIN
-    labels[scores >= config.tau_forget] = FORGET
+    labels = np.full(n, TokenLabel.UNLABELED, dtype=np.uint8)
+    sampled = _draws(config.seed, _RETAIN_DRAW, n) < config.retain_rate
+    labels[(scores <= config.tau_retain) & sampled] = TokenLabel.RETAIN
+    labels[scores >= config.tau_forget] = TokenLabel.FORGET
     if config.undiscovered_rate > 0 or config.false_positive_rate > 0:
         if is_forget is None:
             raise ValueError("labeling: undiscovered_rate / false_positive_rate need ground-truth categories")
         undiscovered = is_forget & (_draws(config.seed, _UNDISCOVERED_DRAW, n) < config.undiscovered_rate)
-        labels[undiscovered & (labels == FORGET)] = UNLABELED
-        labels[~is_forget & (_draws(config.seed, _FALSE_POSITIVE_DRAW, n) < config.false_positive_rate)] = FORGET
+        labels[undiscovered & (labels == TokenLabel.FORGET)] = TokenLabel.UNLABELED
+        false_positive = ~is_forget & (_draws(config.seed, _FALSE_POSITIVE_DRAW, n) < config.false_positive_rate)
+        labels[false_positive] = TokenLabel.FORGET
     return labels
 
 

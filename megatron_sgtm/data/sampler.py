@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from megatron_sgtm.data.corpus import Corpus
-from megatron_sgtm.labels import FORGET, UNLABELED
+from megatron_sgtm.labels import TokenLabel
 
 MODES = ("packed", "batch_uniform")
 SCHEDULE_BLOCK = 1000
@@ -73,7 +73,7 @@ class PackedStream:
         loss_mask = inputs_valid & valid[:, 1:] & (unit[:, :-1] == unit[:, 1:])
         doc_ids = np.where(inputs_valid, doc[:, :-1], -1)
         doc_offsets = np.where(inputs_valid, offset[:, :-1], -1)
-        token_labels = np.where(inputs_valid, doc_labels[doc[:, :-1]], UNLABELED).astype(np.uint8)
+        token_labels = np.where(inputs_valid, doc_labels[doc[:, :-1]], TokenLabel.UNLABELED).astype(np.uint8)
         return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "token_labels": token_labels,
                 "loss_mask": loss_mask.astype(np.float32), "position_ids": _position_ids(doc_ids, doc_offsets),
                 "doc_ids": doc_ids, "doc_offsets": doc_offsets}
@@ -172,7 +172,7 @@ class SGTMSampler:
         if mode == "packed":
             pools = {"all": units}
         else:
-            is_forget = self.doc_labels[units] == FORGET
+            is_forget = self.doc_labels[units] == TokenLabel.FORGET
             pools = {"forget": units[is_forget], "other": units[~is_forget]}
         self.pool_names = list(pools)
         self.streams = [PackedStream(corpus, pool, seq_length, seed=(seed, _POOL_SEED, i))

@@ -19,6 +19,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
+from megatron_sgtm.labels import LabelMasks, active_masks
 from megatron_sgtm.layers.autograd import (
     MaskedWgradLinear,
     keep_mask,
@@ -27,7 +28,6 @@ from megatron_sgtm.layers.autograd import (
     scale_columns_,
     scale_grad,
 )
-from megatron_sgtm.layers.labels import LabelMasks, active_masks
 from megatron_sgtm.partition import Partition
 
 KINDS = {"qkv": "column", "fc1": "column", "proj": "row", "fc2": "row"}

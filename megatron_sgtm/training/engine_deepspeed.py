@@ -32,16 +32,14 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.data.sampler import document_attention_mask
-from megatron_sgtm.layers.labels import token_labels
+from megatron_sgtm.labels import token_labels
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablate, ablated, param_regions, sgtm_linears
+from megatron_sgtm.strategy import Region
 from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.gating import (
-    CODE_FORGET,
-    CODE_JOINT,
-    CODE_RETAIN,
     Gate,
     SGTMAdamW,
     region_codes,
@@ -76,7 +74,7 @@ class ZeroSGTMAdamW(SGTMAdamW):
             key = id(group)
             if not group["params"] or key in self._advanced:
                 # SGTMAdamW.step adds `increment`; pre-subtract it so this call does not advance.
-                for code in (CODE_JOINT, CODE_RETAIN, CODE_FORGET):
+                for code in (Region.JOINT, Region.RETAIN, Region.FORGET):
                     steps[code] -= increment[code]
             else:
                 self._advanced.add(key)
@@ -277,7 +275,7 @@ class DeepSpeedEngine:
     # -- step gating: region codes of the flat fp32 partitions -------------------------------
     def _param_codes(self, param: torch.Tensor, numel: int) -> torch.Tensor:
         codes = self.codes.get(id(param))
-        return torch.full((numel,), CODE_JOINT, dtype=torch.uint8) if codes is None else codes
+        return torch.full((numel,), Region.JOINT, dtype=torch.uint8) if codes is None else codes
 
     def layout_partitions(self, values, dtype: torch.dtype, fill=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Lay per-parameter flat tensors out as this rank's flat fp32 partitions.
@@ -317,11 +315,11 @@ class DeepSpeedEngine:
 
     def partition_codes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(flat fp32 partition this rank's optimizer steps, its uint8 region codes); padding is Θ_J."""
-        return self.layout_partitions(self._param_codes, torch.uint8, fill=CODE_JOINT)
+        return self.layout_partitions(self._param_codes, torch.uint8, fill=Region.JOINT)
 
     def install_region_codes(self) -> None:
         for fp32, codes in self.partition_codes():
-            gated = codes.to(fp32.device) if bool((codes != CODE_JOINT).any()) else None
+            gated = codes.to(fp32.device) if bool((codes != Region.JOINT).any()) else None
             self.optimizer.set_region_codes(fp32, gated)
             state = self.optimizer.state[fp32]
             if not state:

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.data.sampler import document_attention_mask
-from megatron_sgtm.layers.labels import token_labels
+from megatron_sgtm.labels import token_labels
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated, param_regions

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
+from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.regions import JOINT, ParamRegion
-
-CODE_JOINT, CODE_RETAIN, CODE_FORGET = 0, 1, 2
+from megatron_sgtm.strategy import Region
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,7 @@ class Gate:
     @classmethod
     def from_label_counts(cls, counts: torch.Tensor) -> Gate:
         """`counts[label]` = number of loss-bearing tokens of that label in the *global* batch."""
-        u, r, f = (int(counts[i]) for i in (UNLABELED, RETAIN, FORGET))
+        u, r, f = (int(counts[i]) for i in (TokenLabel.UNLABELED, TokenLabel.RETAIN, TokenLabel.FORGET))
         return cls(retain=r + u == 0, forget=f + u == 0)
 
 
@@ -52,8 +51,8 @@ def region_codes(region: ParamRegion, param: torch.Tensor) -> torch.Tensor | Non
     """uint8 codes (joint/retain/forget) for every element of `param`; None if all joint."""
     if region.region == JOINT:
         return None
-    codes = torch.full(param.shape, CODE_RETAIN, dtype=torch.uint8, device=param.device)
-    codes[region.forget_mask(param)] = CODE_FORGET
+    codes = torch.full(param.shape, Region.RETAIN, dtype=torch.uint8, device=param.device)
+    codes[region.forget_mask(param)] = Region.FORGET
     return codes
 
 
@@ -106,9 +105,9 @@ class SGTMAdamW(torch.optim.AdamW):
         gate = self.gate
         for group in self.param_groups:
             steps = group.setdefault("sgtm_steps", [0, 0, 0])
-            steps[CODE_JOINT] += 1
-            steps[CODE_RETAIN] += 0 if gate.retain else 1
-            steps[CODE_FORGET] += 0 if gate.forget else 1
+            steps[Region.JOINT] += 1
+            steps[Region.RETAIN] += 0 if gate.retain else 1
+            steps[Region.FORGET] += 0 if gate.forget else 1
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -119,7 +118,7 @@ class SGTMAdamW(torch.optim.AdamW):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = torch.tensor(float(steps[CODE_JOINT]))  # megatron's checkpoints read it
+                state["step"] = torch.tensor(float(steps[Region.JOINT]))  # megatron's checkpoints read it
                 codes = self._codes.get(id(p))
                 _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], codes, gate, steps,
                               lr, beta1, beta2, eps, wd)
@@ -128,7 +127,7 @@ class SGTMAdamW(torch.optim.AdamW):
 
 def _adamw_update(p, grad, exp_avg, exp_avg_sq, codes, gate: Gate, steps, lr, beta1, beta2, eps, wd) -> None:
     if codes is None:
-        bc1, bc2 = 1 - beta1 ** steps[CODE_JOINT], 1 - beta2 ** steps[CODE_JOINT]
+        bc1, bc2 = 1 - beta1 ** steps[Region.JOINT], 1 - beta2 ** steps[Region.JOINT]
         p.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -141,9 +140,9 @@ def _adamw_update(p, grad, exp_avg, exp_avg_sq, codes, gate: Gate, steps, lr, be
     bc2 = (1 - beta2 ** table).to(p.dtype)[codes.long()]
     frozen = torch.zeros_like(codes, dtype=torch.bool)
     if gate.retain:
-        frozen |= codes == CODE_RETAIN
+        frozen |= codes == Region.RETAIN
     if gate.forget:
-        frozen |= codes == CODE_FORGET
+        frozen |= codes == Region.FORGET
     new_avg = exp_avg.lerp(grad, 1 - beta1)
     new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     new_p = p.mul(1 - lr * wd).sub_(lr * (new_avg / bc1) / ((new_avg_sq / bc2).sqrt_().add_(eps)))

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
+from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import calibrated
 from megatron_sgtm.training.config import TrainConfig, validate
@@ -58,7 +59,7 @@ def _filter(cfg: TrainConfig, corpus: Corpus, doc_labels: np.ndarray, docs: np.n
     if kind == "oracle":  # perfect filter: the ground truth, not the classifier
         drop = corpus.category_mask(cfg.data.forget_categories)
     else:
-        drop = doc_labels == 2  # F-labelled (labels.FORGET)
+        drop = doc_labels == TokenLabel.FORGET
         if kind == "strict":
             drop = drop | corpus.category_mask(cfg.data.adjacent_categories)
     return docs[~drop[docs]]

@@ -2,7 +2,7 @@
 weights across ZeRO stages, TP=2 and the megatron engine (invariant 4), resume exactness through
 DeepSpeed's own checkpoints (invariant 5), ablated evaluation, and weights_only checkpoint loads.
 
-The distributed part runs once (tests/workers/deepspeed_gating.py, 2 gloo ranks); each test checks
+The distributed part runs once (tests/distributed/workers/deepspeed_gating.py, 2 gloo ranks); each test checks
 one property of its results. Unit tests of the LR schedule, the config merge and the counters of
 `ZeroSGTMAdamW` need no process group.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megatron_sgtm.training.gating import Gate
-from tests.distributed import torchrun
-from tests.workers.deepspeed_gating import LAYOUTS, MODEL, SCHEDULE
+from tests.distributed.launch import torchrun
+from tests.distributed.workers.deepspeed_gating import LAYOUTS, MODEL, SCHEDULE
 
 KEYS = [layout[0] for layout in LAYOUTS]
 JOINT, RETAIN, FORGET = 0, 1, 2  # the worker's region-mask encoding

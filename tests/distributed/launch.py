@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def torchrun(script: str, nproc: int, out_dir: Path, *args: str, timeout: int = 1200) -> dict:
-    """Run tests/workers/<script> on `nproc` ranks; returns the results rank 0 saved."""
+    """Run tests/distributed/workers/<script> on `nproc` ranks; returns the results rank 0 saved."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        str(ROOT / "tests" / "workers" / script), str(out_dir), *args,
+        str(ROOT / "tests" / "distributed" / "workers" / script), str(out_dir), *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from megatron_sgtm.model import ModelConfig
-from tests import reference_gpt
-from tests.distributed import ROOT, torchrun
-from tests.train_fixtures import build_tiny_shards, tiny_config
+from tests.distributed.launch import torchrun
+from tests.support import ROOT, reference_gpt
+from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 LAYOUTS = {
     "dp2": {},

@@ -2,7 +2,7 @@
 
 DESIGN invariants 1 (gradient exactness) and 2 (forward isolation), each baseline strategy's own
 rule, layout invariance of one forward/backward, and `ablate()` at every layout. The distributed
-group runs once (tests/workers/sgtm_core.py); each test checks one property of its results.
+group runs once (tests/distributed/workers/sgtm_core.py); each test checks one property of its results.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import reference_gpt
-from tests.distributed import torchrun
-from tests.sgtm_cases import CASES, MBS, SEQ, layout_key, make_batch, masks_for
+from tests.distributed.launch import torchrun
+from tests.support import reference_gpt
+from tests.support.sgtm_cases import CASES, MBS, SEQ, layout_key, make_batch, masks_for
 
 LAYOUT_CASES = [(case, layout) for case in CASES for layout in case.layouts]
 IDS = [layout_key(case, layout) for case, layout in LAYOUT_CASES]

@@ -1,5 +1,5 @@
 """The SLURM templates and the sweep job array against a real scheduler (munged, slurmctld, slurmd
-started by tests/slurm_cluster.py; srun launching real `megatron-sgtm train` ranks over gloo).
+started by tests/support/slurm_cluster.py; srun launching real `megatron-sgtm train` ranks over gloo).
 
 - slurm/train.sbatch with 2 tasks trains the tiny SGTM model on 2 ranks and ends with a complete
   checkpoint;
@@ -22,9 +22,9 @@ import yaml
 
 from megatron_sgtm.cli import main
 from megatron_sgtm.training.distributed import _first_slurm_host
-from tests.distributed import ROOT
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the session fixture)
-from tests.train_fixtures import build_tiny_shards, tiny_config
+from tests.support import ROOT
+from tests.support.slurm_cluster import SlurmCluster
+from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 STEPS = 60
 LOSSES = ["forget_loss", "retain_loss", "adjacent_loss", "forget_loss_ablated", "retain_loss_ablated",
@@ -72,7 +72,7 @@ def _wait_for_step(cluster: SlurmCluster, job: str, run_dir: Path, step: int, af
 
 
 @pytest.fixture(scope="module")
-def train_jobs(slurm_cluster, data, tmp_path_factory) -> dict:  # noqa: F811
+def train_jobs(slurm_cluster, data, tmp_path_factory) -> dict:
     """An uninterrupted 2-task job, and the same job preempted twice mid-run."""
     cluster, tmp = slurm_cluster, tmp_path_factory.mktemp("train_jobs")
     full, full_dir = _sbatch(cluster, tmp, "full", data)

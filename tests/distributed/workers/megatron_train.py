@@ -18,12 +18,14 @@ from megatron_sgtm.training.distributed import init_distributed
 if __name__ == "__main__":  # megatron's checkpoint writer spawns a process that re-imports this file
     init_distributed()  # CPU shims before megatron modules are imported and built
 
-from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED  # noqa: E402
+from megatron_sgtm.labels import TokenLabel  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
+from megatron_sgtm.strategy import Region  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
-from megatron_sgtm.training.gating import CODE_FORGET, CODE_RETAIN  # noqa: E402
 from megatron_sgtm.training.loop import evaluation_metrics, train  # noqa: E402
+
+UNLABELED, RETAIN, FORGET = TokenLabel
 
 
 def hand_batches(cfg, step: int, labels: list[int]) -> list[dict]:
@@ -68,7 +70,7 @@ def gating(raw: dict) -> dict:
         metrics = engine.train_step(hand_batches(cfg, 10 + label, [label] * per_rank))
         after_params = gather_global(engine.model)
         after_shards = shard_states(engine)
-        frozen, moved = (CODE_RETAIN, CODE_FORGET) if label == FORGET else (CODE_FORGET, CODE_RETAIN)
+        frozen, moved = (Region.RETAIN, Region.FORGET) if label == FORGET else (Region.FORGET, Region.RETAIN)
         same = changed = total = 0
         for (p0, s0, codes), (p1, s1, _) in zip(before_shards, after_shards):
             if codes is None:

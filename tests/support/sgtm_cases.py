@@ -8,7 +8,7 @@ import torch
 
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import SGTMConfig
-from tests import reference_gpt
+from tests.support import reference_gpt
 
 SEQ, MBS = 16, 2
 ALL_LAYOUTS = ((1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (2, 2, False), (2, 2, True))

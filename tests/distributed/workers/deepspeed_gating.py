@@ -25,7 +25,7 @@ if __name__ == "__main__":  # the tests import this module's constants without s
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
-from megatron_sgtm.labels import FORGET, RETAIN  # noqa: E402
+from megatron_sgtm.labels import TokenLabel  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
 from megatron_sgtm.partition import SGTMConfig  # noqa: E402
@@ -39,6 +39,8 @@ from megatron_sgtm.training.config import (  # noqa: E402
 )
 from megatron_sgtm.training.engine_deepspeed import DeepSpeedEngine  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
+
+FORGET, RETAIN = TokenLabel.FORGET, TokenLabel.RETAIN
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=16,
                     ffn_hidden_size=64)

@@ -1,7 +1,7 @@
 """HF export: logit parity with real megatron-core models (live, zero-ablated, pruned), exact Θ_F diffs,
 offline loading and generation, exact round trips, and the refusals.
 
-The native models run once, in their own process (`tests/workers/export_native.py`: the CPU shims and the
+The native models run once, in their own process (`tests/distributed/workers/export_native.py`: the CPU shims and the
 process group are process-wide); everything HF runs here, offline.
 """
 
@@ -27,9 +27,9 @@ from megatron_sgtm.export.prune import ablate_state, ablation_masks, global_regi
 from megatron_sgtm.model import ModelConfig  # noqa: E402
 from megatron_sgtm.partition import Partition, SGTMConfig  # noqa: E402
 from megatron_sgtm.regions import JOINT, RETAIN  # noqa: E402
-from tests.workers.export_native import CASES, TOKENIZER_VOCAB, tokens_for  # noqa: E402
+from tests.distributed.workers.export_native import CASES, TOKENIZER_VOCAB, tokens_for  # noqa: E402
+from tests.support import ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 PARITY = ("llama_gqa", "llama_kept_heads", "gpt2", "gpt2_routing")  # the exportable, prunable cases
 TOL = 1e-4
 
@@ -38,7 +38,7 @@ TOL = 1e-4
 def native(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("native")
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/workers/export_native.py"), str(out)], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/export_native.py"), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return torch.load(out / "results.pt", weights_only=True)

@@ -1,6 +1,6 @@
 """Native side of the checkpoint-tool tests: trained checkpoints read, exported and broken, in one process.
 
-Run as ``python tests/workers/export_checkpoints.py OUT SPEC_JSON`` (its own process: the CPU shims and
+Run as ``python tests/distributed/workers/export_checkpoints.py OUT SPEC_JSON`` (its own process: the CPU shims and
 the process group are process-wide). SPEC maps checkpoint names to directories. Everything goes through
 the real CLI (`megatron_sgtm.cli.main`). Writes, per checkpoint NAME, ``OUT/NAME-{plain,ablated,pruned}``
 (HF exports), ``OUT/NAME-release``, ``OUT/NAME-ablated-native`` (``ablate``), ``OUT/NAME-imported``

@@ -1,6 +1,6 @@
 """Native side of the HF export tests: real megatron-core GPTModels (a world of one, gloo, CPU shims).
 
-Run as ``python tests/workers/export_native.py OUT``. It lives in its own process because the CPU shims and
+Run as ``python tests/distributed/workers/export_native.py OUT``. It lives in its own process because the CPU shims and
 the process group are process-wide. For each case it saves to ``OUT/results.pt``: the random global state,
 the region code of every element (0 = Θ_J, 1 = Θ_R, 2 = Θ_F, from `regions.param_regions`), the logits of
 the live and of the zero-ablated model on fixed tokens, the ablated global state and `ablate`'s count.

@@ -22,8 +22,8 @@ from megatron_sgtm.cli import main
 from megatron_sgtm.sweep.collect import collect
 from megatron_sgtm.sweep.grid import check, load
 from megatron_sgtm.sweep.sizes import SIZES, Budget, SizeError, count_parameters, model_config, recommend_layout
-from tests.distributed import ROOT
-from tests.train_fixtures import build_tiny_shards, tiny_config
+from tests.support import ROOT
+from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 BUILD = """
 import json, sys

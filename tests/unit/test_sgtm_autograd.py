@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
+from megatron_sgtm.labels import TokenLabel, masks_from_labels
 from megatron_sgtm.layers.autograd import MaskedWgradLinear, masked_bias_add, masked_bias_grad, masked_wgrad
-from megatron_sgtm.layers.labels import masks_from_labels
+
+UNLABELED, RETAIN, FORGET = TokenLabel
 
 LABELS = torch.tensor([[RETAIN, FORGET, UNLABELED, FORGET], [UNLABELED, RETAIN, RETAIN, FORGET]])  # [b, s]
 FORGET_ROWS = torch.tensor([False, True, False, False, True])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from megatron_sgtm.training.config import ConfigError, from_dict, load_config, validate
-from tests.distributed import ROOT
-from tests.train_fixtures import tiny_config
+from tests.support import ROOT
+from tests.support.train_fixtures import tiny_config
 
 
 @pytest.fixture(scope="module")

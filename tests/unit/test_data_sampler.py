@@ -10,7 +10,9 @@ from megatron_sgtm.data.labeling import LabelingConfig, label_corpus, label_docu
 from megatron_sgtm.data.sampler import SGTMSampler, document_attention_mask, eval_batches
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
-from megatron_sgtm.labels import FORGET, RETAIN, UNLABELED
+from megatron_sgtm.labels import TokenLabel
+
+UNLABELED, RETAIN, FORGET = TokenLabel
 
 SETTINGS = {"seq_length": 64, "micro_batch_size": 2, "global_batch_size": 8}
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.distributed import ROOT
+from tests.support import ROOT
 
 
 def test_demo_shows_that_ablated_sgtm_forgets_like_filtering_and_keeps_retain(tmp_path):

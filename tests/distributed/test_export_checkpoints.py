@@ -1,7 +1,7 @@
 """Checkpoint tools on checkpoints trained at TP=2, PP=2, ZeRO-3 and ZeRO-1xTP=2, for both architectures.
 
 One 2-process training job writes the checkpoints, one process reads, exports, ablates, imports and breaks
-them through the real CLI (`tests/workers/export_checkpoints.py`), and a second training job starts from the
+them through the real CLI (`tests/distributed/workers/export_checkpoints.py`), and a second training job starts from the
 written model-only checkpoints (`checkpoint.pretrained`). HF models are loaded here, offline. DESIGN
 invariant 6 (export parity) and issue 5's acceptance list.
 """
@@ -27,8 +27,9 @@ from megatron_sgtm.export.prune import ablation_masks  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
 from megatron_sgtm.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.training.checkpoint import complete_checkpoints  # noqa: E402
-from tests.distributed import ROOT, torchrun  # noqa: E402
-from tests.train_fixtures import build_tiny_shards, tiny_config  # noqa: E402
+from tests.distributed.launch import torchrun
+from tests.support import ROOT  # noqa: E402
+from tests.support.train_fixtures import build_tiny_shards, tiny_config  # noqa: E402
 
 ARCHS = {
     "gpt2": {"model": {}, "sgtm": {}},
@@ -78,8 +79,9 @@ def exported(trained, tmp_path_factory) -> tuple[Path, dict]:
     spec = out / "spec.json"
     spec.write_text(json.dumps({k: str(v) for k, v in trained["checkpoints"].items()}))
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/workers/export_checkpoints.py"), str(out), str(spec)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    worker = ROOT / "tests/distributed/workers/export_checkpoints.py"
+    proc = subprocess.run([sys.executable, str(worker), str(out), str(spec)], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out, torch.load(out / "results.pt", weights_only=True)
 

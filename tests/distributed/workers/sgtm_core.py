@@ -24,13 +24,14 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads 
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_sgtm.layers.labels import token_labels  # noqa: E402
+from megatron_sgtm.labels import token_labels  # noqa: E402
 from megatron_sgtm.layout import gather_global, load_global  # noqa: E402
 from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition  # noqa: E402
 from megatron_sgtm.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.regions import ablate, param_regions  # noqa: E402
-from megatron_sgtm.training.gating import CODE_JOINT, region_codes  # noqa: E402
-from tests.sgtm_cases import CASES, MBS, SEQ, make_batch, masks_for, perturb, random_global_state  # noqa: E402
+from megatron_sgtm.strategy import Region  # noqa: E402
+from megatron_sgtm.training.gating import region_codes  # noqa: E402
+from tests.support.sgtm_cases import CASES, MBS, SEQ, make_batch, masks_for, perturb, random_global_state  # noqa: E402
 
 
 def setup(tp: int, pp: int) -> None:
@@ -121,7 +122,7 @@ def main(out_dir: str) -> None:
             load_global(gpt, perturb(state, retain, seed=4, split_only=forget))
             pert_r = last_stage_losses(run(gpt, ddp, batch, ones, forward_only=True))
             regions = param_regions(gpt)
-            codes = {n: p.new_full(p.shape, CODE_JOINT) if (c := region_codes(regions[n], p)) is None else c.float()
+            codes = {n: p.new_full(p.shape, Region.JOINT) if (c := region_codes(regions[n], p)) is None else c.float()
                      for n, p in gpt.named_parameters()}
             codes = gather_global(gpt, codes)
             load_global(gpt, state)
