@@ -1,4 +1,4 @@
-"""Engine ``deepspeed``: step gating under ZeRO 1/2/3 (DESIGN invariant 3), agreement of losses and
+"""Engine ``deepspeed``: step gating under ZeRO 1/2/3 (docs/design.md invariant 3), agreement of losses and
 weights across ZeRO stages, TP=2 and the megatron engine (invariant 4), resume exactness through
 DeepSpeed's own checkpoints (invariant 5), ablated evaluation, and weights_only checkpoint loads.
 

@@ -2,7 +2,7 @@
 
 One 2-process training job writes the checkpoints, one process reads, exports, ablates, imports and breaks
 them through the real CLI (`tests/distributed/workers/export_checkpoints.py`), and a second training job starts from the
-written model-only checkpoints (`checkpoint.pretrained`). HF models are loaded here, offline. DESIGN
+written model-only checkpoints (`checkpoint.pretrained`). HF models are loaded here, offline. docs/design.md
 invariant 6 (export parity) and issue 5's acceptance list.
 """
 

@@ -1,6 +1,6 @@
 """SGTM layers on megatron-core at TP x PP x SP layouts (4 gloo ranks), against the plain-torch reference.
 
-DESIGN invariants 1 (gradient exactness) and 2 (forward isolation), each baseline strategy's own
+Invariants 1 (gradient exactness) and 2 (forward isolation) of docs/design.md, each baseline's own
 rule, layout invariance of one forward/backward, and `ablate()` at every layout. The distributed
 group runs once (tests/distributed/workers/sgtm_core.py); each test checks one property of its results.
 """

@@ -1,6 +1,6 @@
 """`megatron-sgtm train` on the megatron engine: step gating, layout invariance, resume, resharding.
 
-DESIGN invariants 3 (step gating under the DistributedOptimizer at DP=2), 4 (5 training steps give
+docs/design.md invariants 3 (step gating under the DistributedOptimizer at DP=2), 4 (5 steps give
 the same losses at DP=1, DP=2, TP=2, PP=2, TP=2xPP=2) and 5 (SIGKILL + resume reproduces the
 uninterrupted run exactly; a TP=2 checkpoint resumes at TP=1). Each world size launches once.
 """

@@ -56,7 +56,7 @@ def shard_states(engine) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]
 
 
 def gating(raw: dict) -> dict:
-    """DESIGN invariant 3 under the DistributedOptimizer at DP=2."""
+    """Invariant 3 of docs/design.md (step gating) under the DistributedOptimizer at DP=2."""
     cfg = from_dict(raw)
     engine = MegatronEngine(cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
     per_rank = cfg.optim.global_batch_size // engine.dp_size
