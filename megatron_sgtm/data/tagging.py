@@ -70,9 +70,17 @@ class ClassifierSpec:
             return HFClassifier(path, forget_label=self.forget_label)
         raise ValueError(f"unknown classifier {self.kind!r}; choose from {CLASSIFIER_KINDS}")
 
+    def fingerprint(self) -> str:
+        """What a tagged shard was scored with (the file's checksum; an HF model directory, or a missing
+        path, by name), so a resumed run re-tags shards an earlier run scored with other rules or model."""
+        path = Path(self.path)
+        content = sha256_file(path) if path.is_file() else str(path.resolve())
+        return f"{self.kind}:{content}:{self.forget_label}"
+
 
 @lru_cache(maxsize=1)
-def _classifier(spec: ClassifierSpec) -> Classifier:
+def _classifier(spec: ClassifierSpec, fingerprint: str) -> Classifier:
+    """One classifier per process; keyed on the fingerprint too, as a rerun may rewrite the spec's file."""
     return spec.build()
 
 
@@ -119,31 +127,34 @@ def score_docs(classifier: Classifier, docs: list[ShardDoc], where: str) -> np.n
     return scores
 
 
-def _tag_shard(task: tuple[ClassifierSpec, Path, Path, ShardInfo, bool]) -> dict:
+def _tag_shard(task: tuple[ClassifierSpec, str, Path, Path, ShardInfo, bool]) -> dict:
     """Worker: verify, score and write one shard; returns its record (or the reason it was skipped)."""
-    spec, in_dir, out_dir, info, skip_bad = task
+    spec, fingerprint, in_dir, out_dir, info, skip_bad = task
     try:
         docs = list(read_shard(in_dir / info.name, info.sha256))
-        scores = score_docs(_classifier(spec), docs, f"shard {in_dir / info.name}")
+        scores = score_docs(_classifier(spec, fingerprint), docs, f"shard {in_dir / info.name}")
     except ShardError as e:
         if skip_bad:
             return {"name": info.name, "skipped": str(e)}
         raise
     docs = [doc.with_score(float(score)) for doc, score in zip(docs, scores, strict=True)]
     out_info = write_shard(out_dir / info.name, docs)
-    record = {"name": info.name, "info": vars(out_info), "scores": scores.tolist(),
-              "categories": [d.meta.get("category") for d in docs]}
+    record = {"name": info.name, "source_sha256": info.sha256, "classifier": fingerprint, "info": vars(out_info),
+              "scores": scores.tolist(), "categories": [d.meta.get("category") for d in docs]}
     (out_dir / PROGRESS_DIR / f"{info.name}.json").write_text(json.dumps(record))
     return record
 
 
-def _finished_record(out_dir: Path, name: str) -> dict | None:
-    """The record of a shard tagged by an earlier run, if its output is intact."""
-    marker = out_dir / PROGRESS_DIR / f"{name}.json"
+def _finished_record(out_dir: Path, info: ShardInfo, fingerprint: str) -> dict | None:
+    """The record of a shard tagged by an earlier run, if its output is intact and came from the same
+    input shard and classifier."""
+    marker = out_dir / PROGRESS_DIR / f"{info.name}.json"
     if not marker.exists():
         return None
     record = json.loads(marker.read_text())
-    shard = out_dir / name
+    if (record.get("source_sha256"), record.get("classifier")) != (info.sha256, fingerprint):
+        return None
+    shard = out_dir / info.name
     return record if shard.exists() and sha256_file(shard) == record["info"]["sha256"] else None
 
 
@@ -181,17 +192,22 @@ def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: in
         raise ValueError(f"tagging writes new shards; --out must differ from the input {in_dir}")
     check_new_output(out_dir)
     manifest = Manifest.read(in_dir)
-    _classifier(spec)  # fail fast (missing or garbage model, bad scores file) before writing anything
+    fingerprint = spec.fingerprint()
+    classifier = _classifier(spec, fingerprint)  # fail fast (missing or garbage model, bad scores) before writing
     (work / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     tokenizer = in_dir / manifest.tokenizer
     if tokenizer.exists():
         shutil.copyfile(tokenizer, work / manifest.tokenizer)
-    records = {s.name: r for s in manifest.shards if (r := _finished_record(work, s.name))}
+    records = {s.name: r for s in manifest.shards if (r := _finished_record(work, s, fingerprint))}
     todo = [s for s in manifest.shards if s.name not in records]
     if records:
         print(f"[tag] resuming: {len(records)} shard(s) already tagged, {len(todo)} to go", file=sys.stderr)
+    stale = sum((work / PROGRESS_DIR / f"{s.name}.json").exists() for s in todo)
+    if stale:
+        print(f"[tag] re-tagging {stale} shard(s) an earlier run left damaged, or tagged from another input shard "
+              "or with another classifier", file=sys.stderr)
     progress = Progress(len(todo), "tag")
-    tasks = [(spec, in_dir, work, info, skip_bad_shards) for info in todo]
+    tasks = [(spec, fingerprint, in_dir, work, info, skip_bad_shards) for info in todo]
     if workers > 1 and len(tasks) > 1:
         with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
             results = list(_report(pool.imap_unordered(_tag_shard, tasks), progress))
@@ -204,7 +220,7 @@ def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: in
     scores = np.array([x for r in ordered for x in r["scores"]], dtype=np.float64)
     categories = [c for r in ordered for c in r["categories"]]
     summary = summarize(scores, categories, forget_categories, tau_forget, tau_retain)
-    summary.update(classifier=_classifier(spec).describe(), skipped_shards=skipped, **(extra or {}))
+    summary.update(classifier=classifier.describe(), skipped_shards=skipped, **(extra or {}))
     if "metrics" in summary:
         m = summary["metrics"]
         print(f"[tag] ground truth ({m['num_forget']} forget / {m['num_other']} other docs): precision "
