@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -10,12 +12,14 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from megatron_sgtm.data.shards import (
-    MANIFEST,
     TOKENIZER_FILE,
     Manifest,
     Progress,
     ShardDoc,
+    check_new_output,
     encode_tokens,
+    partial_dir,
+    publish,
     write_shards,
 )
 from megatron_sgtm.data.sources import Document
@@ -53,13 +57,23 @@ def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardD
 
 def build_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: Path, docs_per_shard: int = 10_000
                  ) -> Manifest:
-    if (out_dir / MANIFEST).exists():
-        raise FileExistsError(f"{out_dir} already holds a built shard directory; choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out_dir / TOKENIZER_FILE))
-    shards = write_shards(tokenized(docs, tokenizer), out_dir, docs_per_shard, Progress(None, "build"))
-    manifest = Manifest(shards=shards, eod_id=eod_id(tokenizer), vocab_size=tokenizer.get_vocab_size())
-    if manifest.num_docs == 0:
-        raise ValueError("the inputs hold no documents")
-    manifest.write(out_dir)
+    """Write everything into ``OUT.partial`` and rename it to ``out_dir`` once the manifest is in, so a
+    failed build (bad input half-way, full disk) leaves nothing that looks like a shard directory."""
+    check_new_output(out_dir)
+    work = partial_dir(out_dir)
+    if work.exists():
+        print(f"[build] removing {work}, left by an interrupted build", file=sys.stderr)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        tokenizer.save(str(work / TOKENIZER_FILE))
+        shards = write_shards(tokenized(docs, tokenizer), work, docs_per_shard, Progress(None, "build"))
+        manifest = Manifest(shards=shards, eod_id=eod_id(tokenizer), vocab_size=tokenizer.get_vocab_size())
+        if manifest.num_docs == 0:
+            raise ValueError("the inputs hold no documents")
+        manifest.write(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # builds do not resume: nothing in it is worth keeping
+        raise
+    publish(work, out_dir)
     return manifest

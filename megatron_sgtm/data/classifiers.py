@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -123,8 +124,14 @@ class LinearClassifier:
     def load(path: Path) -> LinearClassifier:
         if not path.exists():
             raise FileNotFoundError(f"linear classifier model {path} does not exist")
-        with np.load(path, allow_pickle=False) as data:
-            return LinearClassifier(data["weights"], float(data["bias"]), data["ngram_sizes"].tolist())
+        expected = "expected the .npz (arrays weights, bias, ngram_sizes) that `data tag` writes as classifier.npz"
+        if not zipfile.is_zipfile(path):  # else np.load guesses "pickled data", which names neither file nor format
+            raise ValueError(f"linear classifier model {path} is not an .npz archive; {expected}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return LinearClassifier(data["weights"], float(data["bias"]), data["ngram_sizes"].tolist())
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"linear classifier model {path} is unusable ({e}); {expected}") from None
 
 
 class KeywordClassifier:
@@ -134,6 +141,11 @@ class KeywordClassifier:
     def __init__(self, forget_patterns: Sequence[str], retain_patterns: Sequence[str] = ()):
         if not forget_patterns:
             raise ValueError("keyword classifier needs at least one forget pattern")
+        for pattern in [*forget_patterns, *retain_patterns]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"keyword pattern {pattern!r} is not a valid regex ({e})") from None
         self.forget_patterns, self.retain_patterns = list(forget_patterns), list(retain_patterns)
         self._forget = re.compile("|".join(f"(?:{p})" for p in forget_patterns))
         self._retain = re.compile("|".join(f"(?:{p})" for p in retain_patterns)) if retain_patterns else None
@@ -152,7 +164,10 @@ class KeywordClassifier:
         """JSON ``{"forget": [regex, ...], "retain": [regex, ...]}``."""
         if not path.exists():
             raise FileNotFoundError(f"keyword rules file {path} does not exist")
-        rules = json.loads(path.read_text())
+        try:
+            rules = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"keyword rules file {path}: invalid JSON ({e})") from None
         return KeywordClassifier(rules.get("forget", []), rules.get("retain", []))
 
 
@@ -173,7 +188,7 @@ class ScoresFileClassifier:
         try:
             return np.array([self.scores[i] for i in ids], dtype=np.float64)
         except KeyError as e:
-            raise KeyError(f"document {e.args[0]!r} has no score in {self.path}") from None
+            raise ValueError(f"document {e.args[0]!r} has no score in {self.path}") from None
 
     def describe(self) -> dict:
         return {"kind": "scores", "path": str(self.path)}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
 from itertools import islice
@@ -12,6 +14,8 @@ from pathlib import Path
 from megatron_sgtm.data.synthetic import DEFAULT_MIX, FORGET_CATEGORY
 
 SYNTH_CHUNK = 50_000
+# Options holding a count of something; zero or negative is a user error, not "use the default".
+COUNT_OPTIONS = ("num_docs", "docs_per_shard", "train_tokenizer", "tokenizer_docs", "train_from_truth", "workers")
 
 
 def _mix(text: str) -> dict[str, float]:
@@ -21,18 +25,43 @@ def _mix(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected CATEGORY=WEIGHT[,...], got {text!r}") from e
 
 
+def _guarded(command):
+    """User errors (bad input file, flag, model) become one line ``megatron-sgtm data <cmd>: message`` and
+    exit status 2, as the other subcommands report them."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            for name in COUNT_OPTIONS:
+                value = getattr(args, name, None)
+                if value is not None and value <= 0:
+                    raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            return command(args)
+        except (ValueError, OSError) as err:
+            print(f"megatron-sgtm data {args.data_command}: {err}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def synth(args: argparse.Namespace) -> int:
     from megatron_sgtm.data.synthetic import generate, write_jsonl
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "synthetic.jsonl"
+    partial = path.with_name(path.name + ".partial")
     start, written = time.perf_counter(), 0
-    with open(path, "w", encoding="utf-8") as f:
-        for first in range(0, args.num_docs, SYNTH_CHUNK):
-            count = min(SYNTH_CHUNK, args.num_docs - first)
-            written += write_jsonl(f, generate(count, seed=args.seed, mix=args.mix, start=first))
-            print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} docs/s",
-                  file=sys.stderr, flush=True)
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for first in range(0, args.num_docs, SYNTH_CHUNK):
+                count = min(SYNTH_CHUNK, args.num_docs - first)
+                written += write_jsonl(f, generate(count, seed=args.seed, mix=args.mix, start=first))
+                print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} "
+                      "docs/s", file=sys.stderr, flush=True)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
     print(path)
     return 0
 
@@ -58,35 +87,42 @@ def build(args: argparse.Namespace) -> int:
 def _classifier_spec(args: argparse.Namespace):
     """Resolve the CLI options to a file-backed spec (training or writing rules into --out as needed)."""
     from megatron_sgtm.data.classifiers import LinearClassifier
+    from megatron_sgtm.data.shards import partial_dir
     from megatron_sgtm.data.sources import read_documents
     from megatron_sgtm.data.tagging import ClassifierSpec, forget_targets, ground_truth_sample
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    work = partial_dir(args.out)  # what tagging writes goes there until the output is complete
     if args.classifier == "linear" and args.model is None:
         if args.seed_set:
-            docs = list(read_documents(args.seed_set))
+            docs, source = list(read_documents(args.seed_set)), "--seed-set"
         elif args.train_from_truth:
             docs = ground_truth_sample(args.shards, args.train_from_truth, args.seed)
+            source = f"--train-from-truth {args.train_from_truth}"
         else:
-            raise SystemExit("linear classifier: give --model, --seed-set or --train-from-truth N")
+            raise ValueError("linear classifier: give --model, --seed-set or --train-from-truth N")
+        targets = forget_targets(docs, tuple(args.forget_categories), source)
         print(f"[tag] training the linear classifier on {len(docs)} labelled docs", file=sys.stderr, flush=True)
-        model = LinearClassifier.train([d.text for d in docs], forget_targets(docs, args.forget_categories))
-        args.model = args.out / "classifier.npz"
+        model = LinearClassifier.train([d.text for d in docs], targets)
+        work.mkdir(parents=True, exist_ok=True)
+        args.model = work / "classifier.npz"
         model.save(args.model)
     if args.classifier == "keywords" and args.rules is None:
         if not args.forget_pattern:
-            raise SystemExit("keywords classifier: give --rules FILE or --forget-pattern REGEX")
-        args.rules = args.out / "keywords.json"
+            raise ValueError("keywords classifier: give --rules FILE or --forget-pattern REGEX")
+        work.mkdir(parents=True, exist_ok=True)
+        args.rules = work / "keywords.json"
         args.rules.write_text(json.dumps({"forget": args.forget_pattern, "retain": args.retain_pattern or []}))
     path = {"linear": args.model, "hf": args.model, "keywords": args.rules, "scores": args.scores}[args.classifier]
     if path is None:
-        raise SystemExit(f"{args.classifier} classifier: give --{'model' if args.classifier == 'hf' else 'scores'}")
+        raise ValueError(f"{args.classifier} classifier: give --{'model' if args.classifier == 'hf' else 'scores'}")
     return ClassifierSpec(args.classifier, str(path), args.forget_label)
 
 
 def tag(args: argparse.Namespace) -> int:
+    from megatron_sgtm.data.shards import check_new_output
     from megatron_sgtm.data.tagging import tag_shards
 
+    check_new_output(args.out)  # before training a classifier for an output that would be refused
     spec = _classifier_spec(args)
     manifest = tag_shards(args.shards, args.out, spec, workers=args.workers, skip_bad_shards=args.skip_bad_shards,
                           forget_categories=tuple(args.forget_categories), tau_forget=args.tau_forget,
@@ -106,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", type=_mix, default=DEFAULT_MIX,
                    help="category weights, e.g. english=0.6,spanish=0.3,italian=0.1")
-    p.set_defaults(func=synth)
+    p.set_defaults(func=_guarded(synth))
 
     p = commands.add_parser("build", help="tokenize documents into WebDataset shards + manifest.json")
     p.add_argument("--input", type=Path, nargs="+", required=True,
@@ -120,7 +156,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--id-field", default="id")
     p.add_argument("--text-field", default="text")
     p.add_argument("--category-field", default="category")
-    p.set_defaults(func=build)
+    p.set_defaults(func=_guarded(build))
 
     p = commands.add_parser("tag", help="score documents with P(forget) into new tagged shards")
     p.add_argument("--shards", type=Path, required=True, help="shard directory written by `data build`")
@@ -141,4 +177,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--skip-bad-shards", action="store_true", help="skip (and report) corrupt shards")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=tag)
+    p.set_defaults(func=_guarded(tag))

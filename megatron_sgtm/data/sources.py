@@ -1,7 +1,9 @@
 """Readers turning local corpora (JSONL, text, parquet, WebDataset tars, `datasets.load_from_disk`)
 into documents.
 
-Nothing is downloaded: every source is a local path. Errors name the file and line or row.
+Nothing is downloaded: every source is a local path. Errors name the file and line or row. An empty
+(or whitespace-only) document is refused rather than skipped: it would train on nothing but an
+end-of-document token, and it usually means the wrong --text-field or a broken export.
 """
 
 from __future__ import annotations
@@ -32,29 +34,49 @@ class Fields:
     category: str = "category"
 
 
+def _check_not_empty(text: str, where: str, what: str) -> None:
+    if not text.strip():
+        raise ValueError(f"{where}: {what} is empty (empty documents are refused; remove them from the input)")
+
+
 def _from_record(record: dict, fields: Fields, default_id: str, where: str) -> Document:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
     text = record.get(fields.text)
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {fields.text!r} is missing or not a string")
+    _check_not_empty(text, where, f"field {fields.text!r}")
     doc_id = record.get(fields.id, default_id)
     category = record.get(fields.category)
     return Document(id=str(doc_id), text=text, category=None if category is None else str(category))
 
 
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; bytes that are not UTF-8 are an error naming the line and the
+    byte offset in the file (a text-mode read would only say where in its buffer decoding failed)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset "
+                                 f"{offset + e.start} of the file)") from None
+            yield lineno, line
+            offset += len(raw)
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, str, dict]]:
     """(line number, "path:line" for messages, record) of each non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
-            yield lineno, where, record
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
+        yield lineno, where, record
 
 
 def read_jsonl(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
@@ -63,11 +85,10 @@ def read_jsonl(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
 
 
 def read_text(path: Path) -> Iterator[Document]:
-    """Plain text: one document per non-empty line, id ``<stem>-<line>``."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield Document(id=f"{path.stem}-{lineno}", text=line.rstrip("\n"))
+    """Plain text: one document per non-blank line (blank lines separate), id ``<stem>-<line>``."""
+    for lineno, line in utf8_lines(path):
+        if line.strip():
+            yield Document(id=f"{path.stem}-{lineno}", text=line.rstrip("\r\n"))
 
 
 def read_parquet(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
@@ -107,7 +128,12 @@ def read_webdataset(path: Path, fields: Fields = Fields()) -> Iterator[Document]
                 raise ValueError(f"{where}: invalid JSON ({e})") from e
             return _from_record(record, fields, key, where)
         if "txt" in parts:
-            return Document(id=key, text=parts["txt"].decode("utf-8"))
+            try:
+                text = parts["txt"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: .txt member is not valid UTF-8 (at byte {e.start})") from None
+            _check_not_empty(text, where, ".txt member")
+            return Document(id=key, text=text)
         raise ValueError(f"{where}: no .json or .txt member (has {sorted(parts)})")
 
     key, parts = None, {}

@@ -1,8 +1,9 @@
 """Score every document of a shard directory with P(forget) and write tagged copies.
 
-Originals are never modified. Each output shard is written atomically and then recorded in
-``<out>/.tagging/<shard>.json`` (its manifest entry, scores and categories), so an interrupted run
-resumes by skipping the recorded shards. Shards are tagged in parallel worker processes, each
+Originals are never modified. Everything is written into ``OUT.partial`` and renamed to ``OUT`` once
+the manifest is in, so a failed run leaves no usable-looking output. Each output shard is written
+atomically and then recorded in ``OUT.partial/.tagging/<shard>.json`` (its manifest entry, scores and
+categories), so a rerun resumes by skipping the recorded shards. Shards are tagged in parallel worker processes, each
 building the classifier once from a picklable `ClassifierSpec`.
 """
 
@@ -12,6 +13,7 @@ import json
 import multiprocessing
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +34,9 @@ from megatron_sgtm.data.shards import (
     ShardDoc,
     ShardError,
     ShardInfo,
+    check_new_output,
+    partial_dir,
+    publish,
     read_shard,
     report_skipped,
     sha256_file,
@@ -65,31 +70,50 @@ class ClassifierSpec:
             return HFClassifier(path, forget_label=self.forget_label)
         raise ValueError(f"unknown classifier {self.kind!r}; choose from {CLASSIFIER_KINDS}")
 
+    def fingerprint(self) -> str:
+        """What a tagged shard was scored with (the file's checksum; an HF model directory, or a missing
+        path, by name), so a resumed run re-tags shards an earlier run scored with other rules or model."""
+        path = Path(self.path)
+        content = sha256_file(path) if path.is_file() else str(path.resolve())
+        return f"{self.kind}:{content}:{self.forget_label}"
+
 
 @lru_cache(maxsize=1)
-def _classifier(spec: ClassifierSpec) -> Classifier:
+def _classifier(spec: ClassifierSpec, fingerprint: str) -> Classifier:
+    """One classifier per process; keyed on the fingerprint too, as a rerun may rewrite the spec's file."""
     return spec.build()
 
 
-def forget_targets(docs: list[Document], forget_categories: tuple[str, ...]) -> list[int]:
-    """1 for documents of a forget category, 0 otherwise; a document without a category is an error."""
+def forget_targets(docs: list[Document], forget_categories: tuple[str, ...], source: str) -> list[int]:
+    """1 for documents of a forget category, 0 otherwise. A document without a category, or a set
+    lacking one of the classes, is an error naming ``source`` (the flag the documents came from)."""
     missing = next((d for d in docs if d.category is None), None)
     if missing is not None:
-        raise ValueError(f"training document {missing.id!r} has no field 'category'")
-    return [int(d.category in forget_categories) for d in docs]
+        raise ValueError(f"{source}: training document {missing.id!r} has no field 'category'")
+    targets = [int(d.category in forget_categories) for d in docs]
+    if len(set(targets)) < 2:
+        seen = dict(sorted(Counter(d.category for d in docs).items()))
+        raise ValueError(f"{source}: the {len(docs)} training documents hold {sum(targets)} of a forget category "
+                         f"{list(forget_categories)} and {len(docs) - sum(targets)} others (categories seen: {seen}); "
+                         "training needs both (see --forget-categories)")
+    return targets
 
 
 def ground_truth_sample(directory: Path, num_docs: int, seed: int) -> list[Document]:
-    """Up to ``num_docs`` documents with categories from shards taken in a seeded random order."""
+    """Up to ``num_docs`` documents drawn uniformly without replacement (seeded) from the whole corpus,
+    in corpus order. Whole shards would not do: on a corpus sorted by category a shard holds one class."""
     manifest = Manifest.read(directory)
+    total = manifest.num_docs
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(num_docs, total), replace=False))
     docs: list[Document] = []
-    for i in np.random.default_rng(seed).permutation(len(manifest.shards)):
-        info = manifest.shards[i]
-        docs += [Document(d.id, d.meta["text"], d.meta.get("category"))
-                 for d in read_shard(directory / info.name, info.sha256)]
-        if len(docs) >= num_docs:
-            break
-    return docs[:num_docs]
+    first = 0
+    for info in manifest.shards:
+        local = chosen[(chosen >= first) & (chosen < first + info.num_docs)] - first
+        first += info.num_docs
+        if len(local):
+            shard = list(read_shard(directory / info.name, info.sha256))
+            docs += [Document(shard[i].id, shard[i].meta["text"], shard[i].meta.get("category")) for i in local]
+    return docs
 
 
 def score_docs(classifier: Classifier, docs: list[ShardDoc], where: str) -> np.ndarray:
@@ -103,31 +127,34 @@ def score_docs(classifier: Classifier, docs: list[ShardDoc], where: str) -> np.n
     return scores
 
 
-def _tag_shard(task: tuple[ClassifierSpec, Path, Path, ShardInfo, bool]) -> dict:
+def _tag_shard(task: tuple[ClassifierSpec, str, Path, Path, ShardInfo, bool]) -> dict:
     """Worker: verify, score and write one shard; returns its record (or the reason it was skipped)."""
-    spec, in_dir, out_dir, info, skip_bad = task
+    spec, fingerprint, in_dir, out_dir, info, skip_bad = task
     try:
         docs = list(read_shard(in_dir / info.name, info.sha256))
-        scores = score_docs(_classifier(spec), docs, f"shard {in_dir / info.name}")
+        scores = score_docs(_classifier(spec, fingerprint), docs, f"shard {in_dir / info.name}")
     except ShardError as e:
         if skip_bad:
             return {"name": info.name, "skipped": str(e)}
         raise
     docs = [doc.with_score(float(score)) for doc, score in zip(docs, scores, strict=True)]
     out_info = write_shard(out_dir / info.name, docs)
-    record = {"name": info.name, "info": vars(out_info), "scores": scores.tolist(),
-              "categories": [d.meta.get("category") for d in docs]}
+    record = {"name": info.name, "source_sha256": info.sha256, "classifier": fingerprint, "info": vars(out_info),
+              "scores": scores.tolist(), "categories": [d.meta.get("category") for d in docs]}
     (out_dir / PROGRESS_DIR / f"{info.name}.json").write_text(json.dumps(record))
     return record
 
 
-def _finished_record(out_dir: Path, name: str) -> dict | None:
-    """The record of a shard tagged by an earlier run, if its output is intact."""
-    marker = out_dir / PROGRESS_DIR / f"{name}.json"
+def _finished_record(out_dir: Path, info: ShardInfo, fingerprint: str) -> dict | None:
+    """The record of a shard tagged by an earlier run, if its output is intact and came from the same
+    input shard and classifier."""
+    marker = out_dir / PROGRESS_DIR / f"{info.name}.json"
     if not marker.exists():
         return None
     record = json.loads(marker.read_text())
-    shard = out_dir / name
+    if (record.get("source_sha256"), record.get("classifier")) != (info.sha256, fingerprint):
+        return None
+    shard = out_dir / info.name
     return record if shard.exists() and sha256_file(shard) == record["info"]["sha256"] else None
 
 
@@ -160,20 +187,27 @@ def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: in
                forget_categories: tuple[str, ...] = ("spanish",), tau_forget: float = 0.5, tau_retain: float = 0.5,
                extra: dict | None = None) -> Manifest:
     """Tag every shard of ``in_dir`` into ``out_dir`` and write its manifest (with tagging statistics)."""
-    if in_dir.resolve() == out_dir.resolve():
+    work = partial_dir(out_dir)
+    if in_dir.resolve() in (out_dir.resolve(), work):
         raise ValueError(f"tagging writes new shards; --out must differ from the input {in_dir}")
+    check_new_output(out_dir)
     manifest = Manifest.read(in_dir)
-    (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    fingerprint = spec.fingerprint()
+    classifier = _classifier(spec, fingerprint)  # fail fast (missing or garbage model, bad scores) before writing
+    (work / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     tokenizer = in_dir / manifest.tokenizer
     if tokenizer.exists():
-        shutil.copyfile(tokenizer, out_dir / manifest.tokenizer)
-    records = {s.name: r for s in manifest.shards if (r := _finished_record(out_dir, s.name))}
+        shutil.copyfile(tokenizer, work / manifest.tokenizer)
+    records = {s.name: r for s in manifest.shards if (r := _finished_record(work, s, fingerprint))}
     todo = [s for s in manifest.shards if s.name not in records]
     if records:
         print(f"[tag] resuming: {len(records)} shard(s) already tagged, {len(todo)} to go", file=sys.stderr)
-    _classifier(spec)  # fail fast (missing model, bad scores file) before starting workers
+    stale = sum((work / PROGRESS_DIR / f"{s.name}.json").exists() for s in todo)
+    if stale:
+        print(f"[tag] re-tagging {stale} shard(s) an earlier run left damaged, or tagged from another input shard "
+              "or with another classifier", file=sys.stderr)
     progress = Progress(len(todo), "tag")
-    tasks = [(spec, in_dir, out_dir, info, skip_bad_shards) for info in todo]
+    tasks = [(spec, fingerprint, in_dir, work, info, skip_bad_shards) for info in todo]
     if workers > 1 and len(tasks) > 1:
         with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
             results = list(_report(pool.imap_unordered(_tag_shard, tasks), progress))
@@ -186,7 +220,7 @@ def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: in
     scores = np.array([x for r in ordered for x in r["scores"]], dtype=np.float64)
     categories = [c for r in ordered for c in r["categories"]]
     summary = summarize(scores, categories, forget_categories, tau_forget, tau_retain)
-    summary.update(classifier=_classifier(spec).describe(), skipped_shards=skipped, **(extra or {}))
+    summary.update(classifier=classifier.describe(), skipped_shards=skipped, **(extra or {}))
     if "metrics" in summary:
         m = summary["metrics"]
         print(f"[tag] ground truth ({m['num_forget']} forget / {m['num_other']} other docs): precision "
@@ -195,7 +229,9 @@ def tag_shards(in_dir: Path, out_dir: Path, spec: ClassifierSpec, *, workers: in
     out = Manifest(shards=[ShardInfo(**r["info"]) for r in ordered], eod_id=manifest.eod_id,
                    vocab_size=manifest.vocab_size, tokenizer=manifest.tokenizer,
                    extra={**manifest.extra, "tagging": summary})
-    out.write(out_dir)
+    out.write(work)
+    shutil.rmtree(work / PROGRESS_DIR)
+    publish(work, out_dir)
     return out
 
 

@@ -108,12 +108,12 @@ def test_tokenizer_train_save_load_roundtrip(tmp_path):
     assert load_tokenizer(hf_dir).encode(text).ids == tokenizer.encode(text).ids
 
 
-def test_missing_tokenizer_is_named(tmp_path):
+def test_missing_tokenizer_is_named(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="missing-tok.json"):
         load_tokenizer(tmp_path / "missing-tok.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         load_tokenizer(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="missing-tok.json"):
-        main(["data", "build", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "missing-tok.json"),
-              "--out", str(tmp_path / "out")])
+    assert main(["data", "build", "--input", str(tmp_path), "--tokenizer", str(tmp_path / "missing-tok.json"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "missing-tok.json" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -1,15 +1,17 @@
 """Classifiers and `data tag`: accuracy, exact external scores, resumption, workers, bad input."""
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 
 from megatron_sgtm.cli import main
+from megatron_sgtm.data import tagging
 from megatron_sgtm.data.classifiers import LinearClassifier, auc
 from megatron_sgtm.data.corpus import load_corpus
-from megatron_sgtm.data.shards import Manifest, ShardError
+from megatron_sgtm.data.shards import Manifest
 from megatron_sgtm.data.synthetic import generate
 
 
@@ -77,7 +79,7 @@ def test_external_scores_are_reproduced_exactly(shards, tmp_path):
     (1.5, r"scores.jsonl:6 \(document 'synth-7-000000005'\): field 'score' must be a number in \[0, 1\], got 1.5"),
     (None, r"document 'synth-7-000000005' has no score in .*scores.jsonl"),
 ])
-def test_bad_external_scores_fail_naming_document(shards, tmp_path, bad, message):
+def test_bad_external_scores_fail_naming_document(shards, tmp_path, capsys, bad, message):
     def edit(records):
         if bad is None:
             del records[5]
@@ -85,9 +87,10 @@ def test_bad_external_scores_fail_naming_document(shards, tmp_path, bad, message
             records[5]["score"] = bad
 
     _scores_file(shards, tmp_path / "scores.jsonl", edit)
-    with pytest.raises((ValueError, KeyError), match=message):
-        main(["data", "tag", "--shards", str(shards), "--out", str(tmp_path / "t"), "--classifier", "scores",
-              "--scores", str(tmp_path / "scores.jsonl")])
+    assert main(["data", "tag", "--shards", str(shards), "--out", str(tmp_path / "t"), "--classifier", "scores",
+                 "--scores", str(tmp_path / "scores.jsonl")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "t" / "manifest.json").exists()
 
 
 def test_keywords_and_parallel_workers_agree_with_serial(shards, tmp_path):
@@ -101,17 +104,30 @@ def test_keywords_and_parallel_workers_agree_with_serial(shards, tmp_path):
     assert set(np.unique(corpus.scores)) <= {0.0, 1.0}
 
 
-def test_tagging_resumes_per_shard(shards, tmp_path, capsys):
-    args = ["data", "tag", "--shards", str(shards), "--out", str(tmp_path / "t"), "--classifier", "keywords",
-            "--forget-pattern", "Había"]
-    main(args)
-    first = Manifest.read(tmp_path / "t")
-    (tmp_path / "t" / "shard-000001.tar").unlink()  # as if the run had died while writing it
-    capsys.readouterr()
-    main(args)
+def test_tagging_resumes_per_shard(shards, tmp_path, capsys, monkeypatch):
+    args = ["data", "tag", "--shards", str(shards), "--classifier", "keywords", "--forget-pattern", "Había"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    first = Manifest.read(tmp_path / "whole")
+    assert not (tmp_path / "whole" / ".tagging").exists() and not (tmp_path / "whole.partial").exists()
+    write_shard = tagging.write_shard
+
+    def dies_on_last_shard(path, docs):
+        if path.name == "shard-000002.tar":
+            raise OSError(28, "No space left on device")
+        return write_shard(path, docs)
+
+    monkeypatch.setattr(tagging, "write_shard", dies_on_last_shard)
+    out = tmp_path / "t"
+    assert main([*args, "--out", str(out)]) == 2
+    assert "megatron-sgtm data tag: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert not out.exists()  # nothing usable; the work so far waits in t.partial (no manifest)
+    assert not (tmp_path / "t.partial" / "manifest.json").exists()
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "resuming: 2 shard(s) already tagged, 1 to go" in err and "shard-000001.tar" in err
-    assert Manifest.read(tmp_path / "t").to_json() == first.to_json()
+    assert "resuming: 2 shard(s) already tagged, 1 to go" in err and "shard-000002.tar" in err
+    assert Manifest.read(out).to_json() == first.to_json()
+    assert not (tmp_path / "t.partial").exists() and not (out / ".tagging").exists()
 
 
 def test_tagging_bad_shard_fails_or_is_skipped_and_counted(shards, tmp_path, capsys):
@@ -119,8 +135,8 @@ def test_tagging_bad_shard_fails_or_is_skipped_and_counted(shards, tmp_path, cap
     shutil.copytree(shards, copy)
     (copy / "shard-000001.tar").write_bytes((copy / "shard-000001.tar").read_bytes()[:3000])
     args = ["data", "tag", "--shards", str(copy), "--classifier", "keywords", "--forget-pattern", "Había"]
-    with pytest.raises(ShardError, match="shard-000001.tar"):
-        main([*args, "--out", str(tmp_path / "strict")])
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 2
+    assert re.search(r"megatron-sgtm data tag: shard .*shard-000001.tar", capsys.readouterr().err)
     main([*args, "--out", str(tmp_path / "lenient"), "--skip-bad-shards"])
     assert "skipped 1 bad shard(s) of 3" in capsys.readouterr().err
     manifest = Manifest.read(tmp_path / "lenient")
