@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 # A nested settings object whose keys a section writes flat, beside its own (`data.tau_forget`, not
 # `data.labeling.tau_forget`): existing configs, overrides and sweep grids keep their keys.
-FLAT = "flat"
+_FLAT = "flat"
 # Run-wide settings a flat-nested object holds but a user sets elsewhere (the labeling seed is train.seed).
 _NOT_FLAT_KEYS = {"seed"}
 
@@ -49,7 +49,7 @@ class DataConfig:
     heldout_fraction: float = 0.05
     # tau_forget, tau_retain, retain_rate, undiscovered_rate, false_positive_rate, forget_categories and
     # score_source: written flat in `data:`; their seed is train.seed.
-    labeling: LabelingConfig = field(default_factory=LabelingConfig, metadata={FLAT: LabelingConfig})
+    labeling: LabelingConfig = field(default_factory=LabelingConfig, metadata={_FLAT: LabelingConfig})
     adjacent_categories: list[str] = field(default_factory=lambda: ["italian"])
     retain_categories: list[str] = field(default_factory=lambda: ["english"])
     skip_bad_shards: bool = False
@@ -175,7 +175,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _flat_fields(cls) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if FLAT in f.metadata]
+    return [f for f in dataclasses.fields(cls) if _FLAT in f.metadata]
 
 
 def _flat_keys(nested_cls) -> set[str]:
@@ -189,14 +189,14 @@ def _section(cls, values: Any, where: str):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     flat = _flat_fields(cls)
     names = {f.name for f in dataclasses.fields(cls)} - {f.name for f in flat}
-    names |= {key for f in flat for key in _flat_keys(f.metadata[FLAT])}
+    names |= {key for f in flat for key in _flat_keys(f.metadata[_FLAT])}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
     values = dict(values)
     try:
         for f in flat:
-            nested_cls = f.metadata[FLAT]
+            nested_cls = f.metadata[_FLAT]
             values[f.name] = nested_cls(**{k: values.pop(k) for k in _flat_keys(nested_cls) if k in values})
         return cls(**values)
     except (TypeError, ValueError) as err:
