@@ -1,3 +1,43 @@
-"""Selective Gradient Masking (SGTM) for megatron-core and DeepSpeed pretraining."""
+"""Selective Gradient Masking (SGTM) for megatron-core and DeepSpeed pretraining.
+
+The names below are what a user's own megatron-core training script needs (see
+examples/own_training_script.py). They load on first use, so `megatron-sgtm --help` and the
+data commands do not import torch or megatron-core.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "SGTMConfig": "megatron_sgtm.partition",  # which heads / MLP units are Θ_F, and the strategy
+    "ModelDims": "megatron_sgtm.partition",  # the model shape an SGTMConfig resolves against
+    "get_sgtm_layer_spec": "megatron_sgtm.layers.spec",  # GPTModel's transformer_layer_spec
+    "TokenLabel": "megatron_sgtm.labels",
+    "token_labels": "megatron_sgtm.labels",  # `with token_labels(labels):` around each forward
+    "Region": "megatron_sgtm.strategy",
+    "param_regions": "megatron_sgtm.regions",  # Θ_F / Θ_R / Θ_J of every parameter
+    "ablate": "megatron_sgtm.regions",  # Θ_F := 0, in place
+    "ablated": "megatron_sgtm.regions",  # the same, undone on exit
+    "SGTMAdamW": "megatron_sgtm.training.gating",  # AdamW with step gating
+    "Gate": "megatron_sgtm.training.gating",
+    "region_codes": "megatron_sgtm.training.gating",  # a parameter's per-element Region codes for SGTMAdamW
+    "enable_cpu_execution": "megatron_sgtm.compat.cpu",  # megatron-core on CPU (gloo); a no-op with CUDA
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

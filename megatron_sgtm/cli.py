@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from megatron_sgtm.compat import CompatError
+
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES: list[str] = ["megatron_sgtm.data.cli", "megatron_sgtm.training.cli", "megatron_sgtm.export.cli",
                             "megatron_sgtm.demo", "megatron_sgtm.sweep.cli"]
@@ -26,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides"):  # only subcommands that take --section.key=value overrides
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CompatError as err:  # an installed version our patches were not written for: one line, no traceback
+        print(f"megatron-sgtm {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_sgtm.platform import enable_cpu_execution  # noqa: E402
+from megatron_sgtm.compat.cpu import enable_cpu_execution  # noqa: E402
 
 enable_cpu_execution()
 

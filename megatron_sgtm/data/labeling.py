@@ -23,6 +23,9 @@ _RETAIN_DRAW, _UNDISCOVERED_DRAW, _FALSE_POSITIVE_DRAW = 0, 1, 2
 
 @dataclass(frozen=True)
 class LabelingConfig:
+    """How documents get their labels; a training config's `data:` section holds one (its keys written flat there,
+    its seed = train.seed)."""
+
     tau_forget: float = 0.5
     tau_retain: float = 0.5
     retain_rate: float = 0.25
@@ -34,6 +37,9 @@ class LabelingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.forget_categories, str):
+            raise ValueError(f"labeling: forget_categories must be a list, got {self.forget_categories!r}")
+        object.__setattr__(self, "forget_categories", tuple(self.forget_categories))  # YAML gives a list
         for name in ("tau_forget", "tau_retain", "retain_rate", "undiscovered_rate", "false_positive_rate"):
             value = getattr(self, name)
             if not 0 <= value <= 1:

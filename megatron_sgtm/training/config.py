@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import PartitionError, SGTMConfig
 
@@ -33,19 +34,22 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file, section and key."""
 
 
+# A nested settings object whose keys a section writes flat, beside its own (`data.tau_forget`, not
+# `data.labeling.tau_forget`): existing configs, overrides and sweep grids keep their keys.
+_FLAT = "flat"
+# Run-wide settings a flat-nested object holds but a user sets elsewhere (the labeling seed is train.seed).
+_NOT_FLAT_KEYS = {"seed"}
+
+
 @dataclass
 class DataConfig:
     path: str = ""  # a shard directory written by `megatron-sgtm data build` / `data tag`
     mode: str = "packed"  # packed | batch_uniform
     document_attention: bool = True  # attention stays inside each packed document
     heldout_fraction: float = 0.05
-    score_source: str = "tagged"  # tagged | truth
-    tau_forget: float = 0.5
-    tau_retain: float = 0.5
-    retain_rate: float = 0.25
-    undiscovered_rate: float = 0.0
-    false_positive_rate: float = 0.0
-    forget_categories: list[str] = field(default_factory=lambda: ["spanish"])
+    # tau_forget, tau_retain, retain_rate, undiscovered_rate, false_positive_rate, forget_categories and
+    # score_source: written flat in `data:`; their seed is train.seed.
+    labeling: LabelingConfig = field(default_factory=LabelingConfig, metadata={_FLAT: LabelingConfig})
     adjacent_categories: list[str] = field(default_factory=lambda: ["italian"])
     retain_categories: list[str] = field(default_factory=lambda: ["english"])
     skip_bad_shards: bool = False
@@ -116,6 +120,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        self.data.labeling = dataclasses.replace(self.data.labeling, seed=self.train.seed)
+
     @property
     def strategy(self) -> str:
         return METHODS[self.method][0]
@@ -125,7 +132,13 @@ class TrainConfig:
         return METHODS[self.method][1]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config in its YAML form: `from_dict(cfg.to_dict())` gives `cfg` back."""
+        out = dataclasses.asdict(self)
+        for name, cls in SECTIONS.items():
+            for f in _flat_fields(cls):
+                nested = out[name].pop(f.name)
+                out[name].update({k: v for k, v in nested.items() if k not in _NOT_FLAT_KEYS})
+        return out
 
 
 SECTIONS = {
@@ -161,16 +174,30 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _flat_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if _FLAT in f.metadata]
+
+
+def _flat_keys(nested_cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(nested_cls)} - _NOT_FLAT_KEYS
+
+
 def _section(cls, values: Any, where: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    flat = _flat_fields(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {f.name for f in flat}
+    names |= {key for f in flat for key in _flat_keys(f.metadata[_FLAT])}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    values = dict(values)
     try:
+        for f in flat:
+            nested_cls = f.metadata[_FLAT]
+            values[f.name] = nested_cls(**{k: values.pop(k) for k in _flat_keys(nested_cls) if k in values})
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from err
@@ -187,8 +214,15 @@ def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
     if method not in METHODS:
         raise ConfigError(f"{source}: method={method!r}: expected one of {sorted(METHODS)}")
     sections = {name: _section(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
+    strategy = METHODS[method][0]
+    asked = sections["sgtm"].strategy if "strategy" in (raw.get("sgtm") or {}) else strategy
+    if asked != strategy:
+        methods = [name for name, (s, _) in METHODS.items() if s == asked]
+        fix = f" or set method={'|'.join(methods)}" if methods else ""
+        raise ConfigError(f"{source}: sgtm.strategy={asked!r} conflicts with method={method!r} (method decides the "
+                          f"strategy; remove sgtm.strategy{fix})")
     cfg = TrainConfig(method=method, **sections)
-    cfg.sgtm.strategy = cfg.strategy
+    cfg.sgtm.strategy = strategy
     return cfg
 
 

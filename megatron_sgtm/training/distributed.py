@@ -10,7 +10,7 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-from megatron_sgtm.platform import enable_cpu_execution
+from megatron_sgtm.compat.cpu import enable_cpu_execution
 
 
 def _from_slurm() -> None:

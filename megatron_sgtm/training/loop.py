@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
-from megatron_sgtm.data.labeling import LabelingConfig, label_corpus
+from megatron_sgtm.data.labeling import label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
 from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
@@ -37,16 +37,12 @@ class RunData:
 
 def load_data(cfg: TrainConfig) -> RunData:
     d = cfg.data
-    corpus = load_corpus(Path(d.path), require_scores=d.score_source == "tagged", skip_bad_shards=d.skip_bad_shards)
+    corpus = load_corpus(Path(d.path), require_scores=d.labeling.score_source == "tagged",
+                         skip_bad_shards=d.skip_bad_shards)
     if corpus.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer "
                          f"({corpus.vocab_size} tokens, {d.path})")
-    labeling = LabelingConfig(
-        tau_forget=d.tau_forget, tau_retain=d.tau_retain, retain_rate=d.retain_rate,
-        undiscovered_rate=d.undiscovered_rate, false_positive_rate=d.false_positive_rate,
-        forget_categories=tuple(d.forget_categories), score_source=d.score_source, seed=cfg.train.seed,
-    )
-    doc_labels = label_corpus(corpus, labeling)
+    doc_labels = label_corpus(corpus, d.labeling)
     train_docs, heldout_docs = heldout_split(corpus, d.heldout_fraction, seed=cfg.train.seed)
     return RunData(corpus, doc_labels, _filter(cfg, corpus, doc_labels, train_docs), heldout_docs)
 
@@ -57,7 +53,7 @@ def _filter(cfg: TrainConfig, corpus: Corpus, doc_labels: np.ndarray, docs: np.n
     if kind == "none":
         return docs
     if kind == "oracle":  # perfect filter: the ground truth, not the classifier
-        drop = corpus.category_mask(cfg.data.forget_categories)
+        drop = corpus.category_mask(cfg.data.labeling.forget_categories)
     else:
         drop = doc_labels == TokenLabel.FORGET
         if kind == "strict":
@@ -110,7 +106,7 @@ def evaluate(engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
     """Per-category held-out loss of the live model and of its ablated copy (and, with
     `train.calibrate_ablated`, of the ablated copy with an output bias fitted on retain data)."""
     groups = {
-        "forget": cfg.data.forget_categories,
+        "forget": cfg.data.labeling.forget_categories,
         "retain": cfg.data.retain_categories,
         "adjacent": cfg.data.adjacent_categories,
     }

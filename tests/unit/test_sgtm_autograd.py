@@ -86,7 +86,7 @@ def _python(code: str) -> str:
 
 def test_cpu_shims_map_cuda_devices_to_cpu():
     out = _python(
-        "from megatron_sgtm.platform import enable_cpu_execution; import torch\n"
+        "from megatron_sgtm.compat.cpu import enable_cpu_execution; import torch\n"
         "print(enable_cpu_execution(), torch.empty(2, device='cuda').device, torch.ones(1).cuda().device)"
     )
     assert out == "True cpu cpu"
@@ -96,7 +96,7 @@ def test_cpu_shims_change_nothing_when_cuda_is_available():
     out = _python(
         "import torch; torch.cuda.is_available = lambda: True\n"
         "before = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.get_rng_state)\n"
-        "from megatron_sgtm.platform import enable_cpu_execution\n"
+        "from megatron_sgtm.compat.cpu import enable_cpu_execution\n"
         "from torch.overrides import _get_current_function_mode_stack as stack\n"
         "print(enable_cpu_execution(), before == (torch.cuda.current_device, torch.cuda.synchronize,"
         " torch.cuda.get_rng_state), len(stack()))"

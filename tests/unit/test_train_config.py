@@ -78,3 +78,48 @@ TRAINING_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not 
 def test_example_configs_load_and_their_partition_fits(path):
     cfg = load_config(path)
     cfg.sgtm.resolve(cfg.model.dims()).check_tp(cfg.parallel.tensor_model_parallel_size)
+
+
+@pytest.mark.parametrize(
+    "method,strategy,needle",
+    [
+        ("sgtm", "gradient_routing", "sgtm.strategy='gradient_routing' conflicts with method='sgtm' (method decides "
+         "the strategy; remove sgtm.strategy or set method=gradient_routing)"),
+        ("gradient_routing", "sgtm", "sgtm.strategy='sgtm' conflicts with method='gradient_routing'"),
+        ("weak_filter", "sgtm", "conflicts with method='weak_filter'"),
+    ],
+)
+def test_a_strategy_that_conflicts_with_the_method_is_refused(shards, method, strategy, needle):
+    with pytest.raises(ConfigError) as err:
+        from_dict(_raw(shards, method=method, sgtm={"strategy": strategy}))
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("method,strategy", [("sgtm", "sgtm"), ("gradient_routing", "gradient_routing"),
+                                             ("oracle", "none")])
+def test_a_strategy_that_agrees_with_the_method_is_accepted(shards, method, strategy):
+    assert from_dict(_raw(shards, method=method, sgtm={"strategy": strategy})).sgtm.strategy == strategy
+
+
+def test_flat_labeling_keys_fill_the_data_sections_labeling_config_seeded_by_train_seed(shards):
+    cfg = from_dict(_raw(shards, data={"tau_forget": 0.7, "tau_retain": 0.2, "forget_categories": ["biology"]},
+                         train={"seed": 77}))
+    labeling = cfg.data.labeling
+    assert (labeling.tau_forget, labeling.tau_retain, labeling.retain_rate) == (0.7, 0.2, 0.5)
+    assert (labeling.score_source, labeling.forget_categories, labeling.seed) == ("truth", ("biology",), 77)
+    assert from_dict(cfg.to_dict()) == cfg  # to_dict writes the flat YAML form back
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"seed": 3}, "data: unknown key(s) ['seed']"),  # the labeling seed is train.seed
+        ({"labeling": {"tau_forget": 0.7}}, "data: unknown key(s) ['labeling']"),
+        ({"tau_retain": 0.9, "tau_forget": 0.5}, "data: labeling: tau_retain (0.9) must be <= tau_forget (0.5)"),
+        ({"forget_categories": "biology"}, "data: labeling: forget_categories must be a list"),
+    ],
+)
+def test_bad_labeling_keys_are_refused_when_the_config_loads(shards, data, needle):
+    with pytest.raises(ConfigError) as err:
+        from_dict(_raw(shards, data=data))
+    assert needle in str(err.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sgtm.platform import enable_cpu_execution
+from megatron_sgtm.compat.cpu import enable_cpu_execution
 
 enable_cpu_execution()
 

@@ -6,6 +6,10 @@ tracker and the optimizers' ``param.type() == 'torch.cuda.FloatTensor'`` checks)
 without CUDA, :func:`enable_cpu_execution` maps those to the CPU so that GPTModel with TP/PP/DP/SP,
 megatron DDP, the DistributedOptimizer and the pipeline schedules run under gloo. When CUDA is
 available it returns ``False`` and changes nothing.
+
+Written for megatron-core 0.16 (it replaces private RNG helpers of ``megatron.core.tensor_parallel.random``)
+and torch 2.13 (the frame depth at which a function mode sees its caller); verified on CPU with those only.
+GPU machines never enable the shims, whatever their torch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_sgtm.compat import require
 
 _CPU = torch.device("cpu")
 _MODE: TorchFunctionMode | None = None
@@ -69,6 +75,8 @@ def enable_cpu_execution() -> bool:
     global _MODE
     if torch.cuda.is_available():
         return False
+    require("megatron-core", ("0.16",), "CPU execution shims")
+    require("torch", ("2.13",), "CPU execution shims")
     if _MODE is not None:
         return True
     import megatron.core.tensor_parallel.random as mrandom
