@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-STRATEGIES = ("sgtm", "gradient_routing", "activation_masking", "none")
+from megatron_sgtm.strategy import SGTM, STRATEGIES, Strategy, strategy_of
 
 # Paper defaults: 1 of 32 heads and 64 of 2048 MLP units per layer.
 DEFAULT_HEAD_FRACTION = 1 / 32
@@ -39,17 +39,6 @@ class ModelDims:
     kv_channels: int
     gated_mlp: bool
 
-    @classmethod
-    def from_transformer_config(cls, config) -> ModelDims:
-        return cls(
-            num_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_query_groups=config.num_query_groups or config.num_attention_heads,
-            ffn_hidden_size=config.ffn_hidden_size,
-            kv_channels=config.kv_channels,
-            gated_mlp=bool(config.gated_linear_unit),
-        )
-
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
@@ -65,7 +54,7 @@ class SGTMConfig:
     inside a group. masked_layers: 0-based layer indices; None masks every layer.
     """
 
-    strategy: str = "sgtm"
+    strategy: str = SGTM.name
     masked_layers: list[int] | None = None
     forget_heads: int | list[int] | None = None
     forget_mlp_units: int | list[int] | None = None
@@ -74,9 +63,10 @@ class SGTMConfig:
 
     def resolve(self, dims: ModelDims) -> Partition:
         if self.strategy not in STRATEGIES:
-            raise PartitionError(f"sgtm.strategy={self.strategy!r}: expected one of {STRATEGIES}")
-        if self.mask_embeddings and self.strategy != "sgtm":
-            raise PartitionError("sgtm.mask_embeddings applies to strategy 'sgtm' only")
+            raise PartitionError(f"sgtm.strategy={self.strategy!r}: expected one of {tuple(STRATEGIES)}")
+        if self.mask_embeddings and not STRATEGIES[self.strategy].allows_mask_embeddings:
+            allowed = ", ".join(repr(name) for name, s in STRATEGIES.items() if s.allows_mask_embeddings)
+            raise PartitionError(f"sgtm.mask_embeddings applies to strategy {allowed} only")
         _check_model(dims)
         masked = _resolve_layers(self.masked_layers, dims.num_layers)
         fraction = self.forget_param_fraction
@@ -191,9 +181,8 @@ class ShardIndex:
     fc2_cols: torch.Tensor  # linear_fc2 input columns (one per local MLP unit)
 
     def for_kind(self, kind: str) -> torch.Tensor:
-        return {"qkv": self.qkv_rows, "proj": self.proj_cols, "fc1": self.fc1_rows, "fc2": self.fc2_cols}[
-            kind
-        ]
+        """The indicator of linear kind `kind` (a key of `strategy.LINEARS`)."""
+        return {"qkv": self.qkv_rows, "proj": self.proj_cols, "fc1": self.fc1_rows, "fc2": self.fc2_cols}[kind]
 
 
 @dataclass(frozen=True)
@@ -209,8 +198,12 @@ class Partition:
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
+    def rules(self) -> Strategy:
+        return strategy_of(self.strategy)
+
+    @property
     def active(self) -> bool:
-        return self.strategy != "none"
+        return self.rules.active
 
     def is_masked(self, layer: int) -> bool:
         return layer in self.masked_layers
