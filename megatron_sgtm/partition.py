@@ -72,44 +72,26 @@ class SGTMConfig:
         fraction = self.forget_param_fraction
         if fraction is not None:
             if self.forget_heads is not None or self.forget_mlp_units is not None:
-                raise PartitionError(
-                    "sgtm.forget_param_fraction derives forget_heads and forget_mlp_units; "
-                    "set either the fraction or the explicit settings, not both"
-                )
+                raise PartitionError("sgtm.forget_param_fraction derives forget_heads and forget_mlp_units; "
+                                     "set either the fraction or the explicit settings, not both")
             if not 0.0 < fraction < 1.0:
                 raise PartitionError(f"sgtm.forget_param_fraction={fraction} must lie in (0, 1)")
         head_fraction = DEFAULT_HEAD_FRACTION if fraction is None else fraction
         unit_fraction = DEFAULT_UNIT_FRACTION if fraction is None else fraction
         groups = _default_count(dims.num_query_groups, head_fraction)
-        heads = _resolve_indices(
-            "sgtm.forget_heads",
-            self.forget_heads,
-            dims.num_attention_heads,
-            default_count=groups * dims.heads_per_group,
-        )
+        heads = _resolve_indices("sgtm.forget_heads", self.forget_heads, dims.num_attention_heads,
+                                 default_count=groups * dims.heads_per_group)
         _check_whole_groups(heads, dims)
-        units = _resolve_indices(
-            "sgtm.forget_mlp_units",
-            self.forget_mlp_units,
-            dims.ffn_hidden_size,
-            default_count=_default_count(dims.ffn_hidden_size, unit_fraction),
-        )
-        return Partition(
-            strategy=self.strategy,
-            dims=dims,
-            masked_layers=masked,
-            forget_heads=heads,
-            forget_units=units,
-            mask_embeddings=self.mask_embeddings,
-        )
+        units = _resolve_indices("sgtm.forget_mlp_units", self.forget_mlp_units, dims.ffn_hidden_size,
+                                 default_count=_default_count(dims.ffn_hidden_size, unit_fraction))
+        return Partition(strategy=self.strategy, dims=dims, masked_layers=masked, forget_heads=heads,
+                         forget_units=units, mask_embeddings=self.mask_embeddings)
 
 
 def _check_model(dims: ModelDims) -> None:
     if dims.num_attention_heads % dims.num_query_groups:
-        raise PartitionError(
-            f"num_query_groups={dims.num_query_groups} must divide "
-            f"num_attention_heads={dims.num_attention_heads}"
-        )
+        raise PartitionError(f"num_query_groups={dims.num_query_groups} must divide "
+                             f"num_attention_heads={dims.num_attention_heads}")
 
 
 def _resolve_layers(layers: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
@@ -214,16 +196,10 @@ class Partition:
         return tuple(sorted({h // per for h in self.forget_heads}))
 
     def check_tp(self, tp_size: int) -> None:
-        d = self.dims
-        for name, total in (
-            ("num_attention_heads", d.num_attention_heads),
-            ("num_query_groups", d.num_query_groups),
-            ("ffn_hidden_size", d.ffn_hidden_size),
-        ):
-            if total % tp_size:
-                raise PartitionError(
-                    f"tensor_model_parallel_size={tp_size} does not divide {name}={total}"
-                )
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(self.dims, name) % tp_size:
+                raise PartitionError(f"tensor_model_parallel_size={tp_size} does not divide "
+                                     f"{name}={getattr(self.dims, name)}")
 
     def shard(self, tp_rank: int, tp_size: int) -> ShardIndex:
         """Forget indicators for the rows/columns held by TP rank `tp_rank` of `tp_size`."""
@@ -249,25 +225,15 @@ class Partition:
         return ShardIndex(qkv_rows=qkv_rows, proj_cols=proj_cols, fc1_rows=fc1_rows, fc2_cols=unit)
 
     def to_dict(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "dims": asdict(self.dims),
-            "masked_layers": list(self.masked_layers),
-            "forget_heads": list(self.forget_heads),
-            "forget_units": list(self.forget_units),
-            "mask_embeddings": self.mask_embeddings,
-        }
+        return {"strategy": self.strategy, "dims": asdict(self.dims), "masked_layers": list(self.masked_layers),
+                "forget_heads": list(self.forget_heads), "forget_units": list(self.forget_units),
+                "mask_embeddings": self.mask_embeddings}
 
     @classmethod
     def from_dict(cls, data: dict) -> Partition:
-        return cls(
-            strategy=data["strategy"],
-            dims=ModelDims(**data["dims"]),
-            masked_layers=tuple(data["masked_layers"]),
-            forget_heads=tuple(data["forget_heads"]),
-            forget_units=tuple(data["forget_units"]),
-            mask_embeddings=bool(data["mask_embeddings"]),
-        )
+        return cls(strategy=data["strategy"], dims=ModelDims(**data["dims"]),
+                   masked_layers=tuple(data["masked_layers"]), forget_heads=tuple(data["forget_heads"]),
+                   forget_units=tuple(data["forget_units"]), mask_embeddings=bool(data["mask_embeddings"]))
 
 
 def _local_indicator(global_indices: Sequence[int], rank: int, per_rank: int) -> torch.Tensor:

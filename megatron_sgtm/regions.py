@@ -56,7 +56,7 @@ def linear_regions(
 ) -> tuple[ParamRegion, ParamRegion | None]:
     """(weight, bias) regions of a masked layer's linear: Θ_F lines along `kind.forget_dim`, the rest Θ_R
     (bias None without one)."""
-    bias = ParamRegion(Region.RETAIN, 0, forget_index) if kind.bias_split else ParamRegion(Region.RETAIN)
+    bias = ParamRegion(Region.RETAIN, 0, forget_index) if kind.column_parallel else ParamRegion(Region.RETAIN)
     return ParamRegion(Region.RETAIN, kind.forget_dim, forget_index), bias if has_bias else None
 
 

@@ -21,21 +21,16 @@ class Region(IntEnum):
 
 @dataclass(frozen=True)
 class LinearKind:
-    """One of the four masked linears of a transformer layer."""
+    """One of the four masked linears of a transformer layer. Column-parallel: Θ_F is output rows (weight dim 0)
+    and the bias follows its rows; row-parallel: Θ_F is input columns (dim 1) and the output bias is all Θ_R."""
 
     name: str
     path: str  # module path inside a transformer layer
-    column_parallel: bool  # Θ_F: output rows (column-parallel) or input columns (row-parallel)
+    column_parallel: bool
 
     @property
     def forget_dim(self) -> int:
-        """The weight dimension Θ_F lies along: rows (0) or columns (1)."""
         return 0 if self.column_parallel else 1
-
-    @property
-    def bias_split(self) -> bool:
-        """Column-parallel biases follow their rows; a row-parallel linear's output bias is all Θ_R."""
-        return self.column_parallel
 
 
 LINEARS = {kind.name: kind for kind in (
@@ -47,12 +42,9 @@ LINEARS = {kind.name: kind for kind in (
 
 
 class RetainAtForget(Enum):
-    """The forward rule for retain heads/units at F positions (every active strategy zeroes the forget
-    heads/units at R positions)."""
+    """What retain heads/units do at F positions (every active strategy zeroes forget ones at R positions)."""
 
-    KEEP = "keep"  # the forward pass is unchanged
-    ZERO = "zero"  # zeroed
-    DETACH = "detach"  # unchanged forward, no gradient
+    KEEP, ZERO, DETACH = "keep", "zero", "detach"  # DETACH: unchanged forward, no gradient
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,7 @@ STRATEGIES = {strategy.name: strategy for strategy in (
 
 
 def strategy_of(name: str) -> Strategy:
-    if name not in STRATEGIES:
+    if name not in STRATEGIES:  # a stored partition or method that this version does not know
         raise ValueError(f"unknown strategy {name!r}: expected one of {list(STRATEGIES)}")
     return STRATEGIES[name]
 

@@ -93,19 +93,9 @@ class MaskedWgradLinear(torch.autograd.Function):
 
     @staticmethod
     @mlayers.custom_fwd
-    def forward(
-        ctx,
-        input: torch.Tensor,
-        weight: torch.Tensor,
-        masks: LabelMasks,
-        forget_lines: Lines | None,
-        mask_grad_output: bool,
-        gradient_accumulation_fusion: bool,
-        allreduce_dgrad: bool,
-        sequence_parallel: bool,
-        tp_group,
-        input_rule: bool = False,
-    ) -> torch.Tensor:
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, masks: LabelMasks, forget_lines: Lines | None,
+                mask_grad_output: bool, gradient_accumulation_fusion: bool, allreduce_dgrad: bool,
+                sequence_parallel: bool, tp_group, input_rule: bool = False) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
         ctx.input_rule = input_rule  # the input's Θ_F columns are zero at R positions: so is their gradient
         ctx.masks = masks

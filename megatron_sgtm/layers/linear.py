@@ -44,7 +44,7 @@ class SGTMLinearMixin:
         self._caller_adds_bias = skip_bias_add
         self._wgrad_masks: LabelMasks | None = None
         self._input_rule = False  # fc2 with masked gradients: fc1 zeroed the input's forget units; mask their gradient
-        self.register_buffer("sgtm_forget_index", None, persistent=False)
+        self.register_buffer("forget_index", None, persistent=False)  # bool over this rank's rows/columns: Θ_F
         self.register_buffer("sgtm_forget_lines", None, persistent=False)  # its indices, for the masked grads
         self._forget_span: slice | None = None  # the same lines when contiguous (views instead of gathers)
 
@@ -53,8 +53,8 @@ class SGTMLinearMixin:
         if self.partition.active and self.partition.is_masked(layer_index):
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
             shard = self.partition.shard(tp_group.rank(), tp_group.size())
-            self.sgtm_forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
-            self.sgtm_forget_lines = self.sgtm_forget_index.nonzero().squeeze(1)
+            self.forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
+            self.sgtm_forget_lines = self.forget_index.nonzero().squeeze(1)
             lines = self.sgtm_forget_lines.tolist()
             if lines and lines == list(range(lines[0], lines[-1] + 1)):
                 self._forget_span = slice(lines[0], lines[-1] + 1)
@@ -65,16 +65,8 @@ class SGTMLinearMixin:
         contiguous, else indices."""
         return self._forget_span if self._forget_span is not None else self.sgtm_forget_lines
 
-    @property
-    def forget_index(self) -> torch.Tensor | None:
-        """Bool over this rank's rows (column-parallel) or columns (row-parallel): Θ_F or Θ_R."""
-        return self.sgtm_forget_index
-
     def _masks(self) -> LabelMasks | None:
-        masks = active_masks()
-        if masks is None or self.sgtm_forget_index is None:
-            return None
-        return masks
+        return None if self.forget_index is None else active_masks()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         masks = self._wgrad_masks
@@ -83,16 +75,9 @@ class SGTMLinearMixin:
         if kwargs.get("grad_output_buffer") is not None:
             raise NotImplementedError("SGTM linears do not support defer_embedding_wgrad_compute")
         return MaskedWgradLinear.apply(
-            input,
-            weight,
-            masks,
-            self.forget_lines,
-            LINEARS[self.sgtm_kind].column_parallel,
-            kwargs["gradient_accumulation_fusion"],
-            kwargs["allreduce_dgrad"],
-            kwargs["sequence_parallel"],
-            get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")),
-            self._input_rule,
+            input, weight, masks, self.forget_lines, LINEARS[self.sgtm_kind].column_parallel,
+            kwargs["gradient_accumulation_fusion"], kwargs["allreduce_dgrad"], kwargs["sequence_parallel"],
+            get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")), self._input_rule,
         )
 
     def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_lines):
@@ -152,18 +137,18 @@ class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
         input_rule = self.sgtm_kind == "fc2" and self._fc_rule(masks) and self.weight.requires_grad
         if masks is not None and not input_rule:
             input_ = self._forward_rule(input_, masks.to(input_.dtype))
-        sgtm_masks = masks if self.rules.masks_gradients else None
-        self._wgrad_masks = sgtm_masks
+        wgrad_masks = masks if self.rules.masks_gradients else None
+        self._wgrad_masks = wgrad_masks
         self._input_rule = input_rule
         output, bias = self._run(super().forward, input_)
-        if sgtm_masks is not None and self.sequence_parallel:
+        if wgrad_masks is not None and self.sequence_parallel:
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
-            sgtm_masks = sgtm_masks.seq_slice(tp_group.rank(), tp_group.size())
+            wgrad_masks = wgrad_masks.seq_slice(tp_group.rank(), tp_group.size())
         # The output bias is entirely Θ_R.
-        return self._finish_bias(output, bias, sgtm_masks, None)
+        return self._finish_bias(output, bias, wgrad_masks, None)
 
     def _forward_rule(self, x: torch.Tensor, masks: LabelMasks) -> torch.Tensor:
-        forget = self.sgtm_forget_index
+        forget = self.forget_index
         rule = self.rules.retain_at_forget
         if rule is RetainAtForget.ZERO:
             # R positions: forget columns zero; F positions: retain columns zero.
