@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_sgtm.strategy import METHODS, SGTM
+
 RUNS = {  # name -> (method, processes)
-    "sgtm": ("sgtm", 2),
+    SGTM.name: (SGTM.name, 2),
     "weak_filter": ("weak_filter", 1),
     "no_filter": ("none", 1),
     "oracle": ("oracle", 1),
@@ -94,8 +96,9 @@ def write_report(out: Path, results: dict[str, dict]) -> Path:
         rows.append(f"| {name} | {r['forget_loss']:.3f} | {r['retain_loss']:.3f} | {r['adjacent_loss']:.3f} | "
                     f"{r['forget_loss_ablated']:.3f} | {r['retain_loss_ablated']:.3f} |")
         ax.scatter(r["retain_loss"], r["forget_loss"], label=name, s=60)
-        if name == "sgtm":
-            ax.scatter(r["retain_loss_ablated"], r["forget_loss_ablated"], label="sgtm (ablated)", marker="*", s=160)
+        if METHODS[RUNS[name][0]].strategy.active:
+            ax.scatter(r["retain_loss_ablated"], r["forget_loss_ablated"], label=f"{name} (ablated)", marker="*",
+                       s=160)
     ax.set_xlabel("retain (English) loss, nats")
     ax.set_ylabel("forget (Spanish) loss, nats")
     ax.set_title("SGTM vs data filtering, 20% undiscovered forget data")
@@ -103,7 +106,7 @@ def write_report(out: Path, results: dict[str, dict]) -> Path:
     fig.tight_layout()
     plot = out / "forget_vs_retain.png"
     fig.savefig(plot, dpi=120)
-    s, weak, oracle = results["sgtm"], results["weak_filter"], results["oracle"]
+    s, weak, oracle = results[SGTM.name], results["weak_filter"], results["oracle"]
     checks = {
         "SGTM ablated forget loss >= weak filter's": s["forget_loss_ablated"] >= weak["forget_loss"],
         "SGTM ablation raises forget loss by >= 1.0 nat": s["forget_loss_ablated"] - s["forget_loss"] >= 1.0,

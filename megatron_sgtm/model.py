@@ -62,54 +62,30 @@ class ModelConfig:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"model.num_attention_heads={self.num_attention_heads} must divide "
-                f"model.hidden_size={self.hidden_size}"
-            )
+            raise ValueError(f"model.num_attention_heads={self.num_attention_heads} must divide "
+                             f"model.hidden_size={self.hidden_size}")
 
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
 
     def dims(self) -> ModelDims:
-        return ModelDims(
-            num_layers=self.num_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            ffn_hidden_size=self.ffn_hidden_size,
-            kv_channels=self.hidden_size // self.num_attention_heads,
-            gated_mlp=self.gated,
-        )
+        return ModelDims(num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
+                         num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size,
+                         kv_channels=self.hidden_size // self.num_attention_heads, gated_mlp=self.gated)
 
     def transformer_config(self, *, on_gpu: bool, bf16: bool = False, **parallel) -> TransformerConfig:
         """megatron's TransformerConfig; `parallel` takes TP/PP/SP and other ModelParallelConfig keys."""
-        fused = dict(
-            gradient_accumulation_fusion=False,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-        )
+        fused = dict(gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+                     bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False)
+        dtype = torch.bfloat16 if bf16 else torch.float32
         return TransformerConfig(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            ffn_hidden_size=self.ffn_hidden_size,
-            normalization=self.normalization,
-            activation_func=F.silu if self.gated else F.gelu,
-            gated_linear_unit=self.gated,
-            add_bias_linear=self.bias,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            init_method_std=self.init_method_std,
-            use_cpu_initialization=not on_gpu,
-            bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-            **({} if on_gpu else fused),
-            **parallel,
+            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups, ffn_hidden_size=self.ffn_hidden_size,
+            normalization=self.normalization, activation_func=F.silu if self.gated else F.gelu,
+            gated_linear_unit=self.gated, add_bias_linear=self.bias, hidden_dropout=0.0, attention_dropout=0.0,
+            init_method_std=self.init_method_std, use_cpu_initialization=not on_gpu, bf16=bf16,
+            params_dtype=dtype, pipeline_dtype=dtype, **({} if on_gpu else fused), **parallel,
         )
 
 
@@ -119,28 +95,18 @@ def resolve_partition(sgtm: SGTMConfig, model: ModelConfig, tp_size: int = 1) ->
     return partition
 
 
-def build_gpt_model(
-    model: ModelConfig,
-    config: TransformerConfig,
-    partition: Partition | None,
-    backend: str = "local",
-) -> GPTModel:
+def build_gpt_model(model: ModelConfig, config: TransformerConfig, partition: Partition | None,
+                    backend: str = "local") -> GPTModel:
     """The GPTModel chunk of this pipeline stage, with SGTM layers when `partition` is given."""
     if partition is not None and partition.active and config.recompute_granularity == "full":
         # Full recompute re-runs layer forwards during backward, outside the micro-batch's labels.
-        raise ValueError(
-            "recompute_granularity='full' is not supported with SGTM (the recomputed forward would not "
-            "see the micro-batch's token labels); use recompute_granularity='selective'"
-        )
+        raise ValueError("recompute_granularity='full' is not supported with SGTM (the recomputed forward would "
+                         "not see the micro-batch's token labels); use recompute_granularity='selective'")
     gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=get_sgtm_block_spec(config, partition, backend),
-        vocab_size=model.vocab_size,
-        max_sequence_length=model.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=model.tie_embeddings,
-        position_embedding_type=model.position_embedding,
+        config=config, transformer_layer_spec=get_sgtm_block_spec(config, partition, backend),
+        vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_embeddings, position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
     )
     gpt.sgtm_partition = partition  # read by regions.param_regions on every pipeline stage
@@ -158,10 +124,8 @@ def _mask_embedding_gradients(gpt: GPTModel) -> None:
         if masks is None or not masks.any_forget:
             return output
         if sequence_parallel:  # the output is this rank's slice of the sequence
-            masks = masks.seq_slice(
-                parallel_state.get_tensor_model_parallel_rank(),
-                parallel_state.get_tensor_model_parallel_world_size(),
-            )
+            masks = masks.seq_slice(parallel_state.get_tensor_model_parallel_rank(),
+                                    parallel_state.get_tensor_model_parallel_world_size())
         return scale_grad(output, masks.not_forget.to(output.dtype))
 
     gpt.embedding.register_forward_hook(hook)

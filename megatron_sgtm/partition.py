@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-STRATEGIES = ("sgtm", "gradient_routing", "activation_masking", "none")
+from megatron_sgtm.strategy import SGTM, STRATEGIES, Strategy, strategy_of
 
 # Paper defaults: 1 of 32 heads and 64 of 2048 MLP units per layer.
 DEFAULT_HEAD_FRACTION = 1 / 32
@@ -39,17 +39,6 @@ class ModelDims:
     kv_channels: int
     gated_mlp: bool
 
-    @classmethod
-    def from_transformer_config(cls, config) -> ModelDims:
-        return cls(
-            num_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_query_groups=config.num_query_groups or config.num_attention_heads,
-            ffn_hidden_size=config.ffn_hidden_size,
-            kv_channels=config.kv_channels,
-            gated_mlp=bool(config.gated_linear_unit),
-        )
-
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
@@ -65,7 +54,7 @@ class SGTMConfig:
     inside a group. masked_layers: 0-based layer indices; None masks every layer.
     """
 
-    strategy: str = "sgtm"
+    strategy: str = SGTM.name
     masked_layers: list[int] | None = None
     forget_heads: int | list[int] | None = None
     forget_mlp_units: int | list[int] | None = None
@@ -74,52 +63,35 @@ class SGTMConfig:
 
     def resolve(self, dims: ModelDims) -> Partition:
         if self.strategy not in STRATEGIES:
-            raise PartitionError(f"sgtm.strategy={self.strategy!r}: expected one of {STRATEGIES}")
-        if self.mask_embeddings and self.strategy != "sgtm":
-            raise PartitionError("sgtm.mask_embeddings applies to strategy 'sgtm' only")
+            raise PartitionError(f"sgtm.strategy={self.strategy!r}: expected one of {tuple(STRATEGIES)}")
+        if self.mask_embeddings and not STRATEGIES[self.strategy].allows_mask_embeddings:
+            allowed = ", ".join(repr(name) for name, s in STRATEGIES.items() if s.allows_mask_embeddings)
+            raise PartitionError(f"sgtm.mask_embeddings applies to strategy {allowed} only")
         _check_model(dims)
         masked = _resolve_layers(self.masked_layers, dims.num_layers)
         fraction = self.forget_param_fraction
         if fraction is not None:
             if self.forget_heads is not None or self.forget_mlp_units is not None:
-                raise PartitionError(
-                    "sgtm.forget_param_fraction derives forget_heads and forget_mlp_units; "
-                    "set either the fraction or the explicit settings, not both"
-                )
+                raise PartitionError("sgtm.forget_param_fraction derives forget_heads and forget_mlp_units; "
+                                     "set either the fraction or the explicit settings, not both")
             if not 0.0 < fraction < 1.0:
                 raise PartitionError(f"sgtm.forget_param_fraction={fraction} must lie in (0, 1)")
         head_fraction = DEFAULT_HEAD_FRACTION if fraction is None else fraction
         unit_fraction = DEFAULT_UNIT_FRACTION if fraction is None else fraction
         groups = _default_count(dims.num_query_groups, head_fraction)
-        heads = _resolve_indices(
-            "sgtm.forget_heads",
-            self.forget_heads,
-            dims.num_attention_heads,
-            default_count=groups * dims.heads_per_group,
-        )
+        heads = _resolve_indices("sgtm.forget_heads", self.forget_heads, dims.num_attention_heads,
+                                 default_count=groups * dims.heads_per_group)
         _check_whole_groups(heads, dims)
-        units = _resolve_indices(
-            "sgtm.forget_mlp_units",
-            self.forget_mlp_units,
-            dims.ffn_hidden_size,
-            default_count=_default_count(dims.ffn_hidden_size, unit_fraction),
-        )
-        return Partition(
-            strategy=self.strategy,
-            dims=dims,
-            masked_layers=masked,
-            forget_heads=heads,
-            forget_units=units,
-            mask_embeddings=self.mask_embeddings,
-        )
+        units = _resolve_indices("sgtm.forget_mlp_units", self.forget_mlp_units, dims.ffn_hidden_size,
+                                 default_count=_default_count(dims.ffn_hidden_size, unit_fraction))
+        return Partition(strategy=self.strategy, dims=dims, masked_layers=masked, forget_heads=heads,
+                         forget_units=units, mask_embeddings=self.mask_embeddings)
 
 
 def _check_model(dims: ModelDims) -> None:
     if dims.num_attention_heads % dims.num_query_groups:
-        raise PartitionError(
-            f"num_query_groups={dims.num_query_groups} must divide "
-            f"num_attention_heads={dims.num_attention_heads}"
-        )
+        raise PartitionError(f"num_query_groups={dims.num_query_groups} must divide "
+                             f"num_attention_heads={dims.num_attention_heads}")
 
 
 def _resolve_layers(layers: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
@@ -191,9 +163,8 @@ class ShardIndex:
     fc2_cols: torch.Tensor  # linear_fc2 input columns (one per local MLP unit)
 
     def for_kind(self, kind: str) -> torch.Tensor:
-        return {"qkv": self.qkv_rows, "proj": self.proj_cols, "fc1": self.fc1_rows, "fc2": self.fc2_cols}[
-            kind
-        ]
+        """The indicator of linear kind `kind` (a key of `strategy.LINEARS`)."""
+        return {"qkv": self.qkv_rows, "proj": self.proj_cols, "fc1": self.fc1_rows, "fc2": self.fc2_cols}[kind]
 
 
 @dataclass(frozen=True)
@@ -209,8 +180,12 @@ class Partition:
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
+    def rules(self) -> Strategy:
+        return strategy_of(self.strategy)
+
+    @property
     def active(self) -> bool:
-        return self.strategy != "none"
+        return self.rules.active
 
     def is_masked(self, layer: int) -> bool:
         return layer in self.masked_layers
@@ -221,16 +196,10 @@ class Partition:
         return tuple(sorted({h // per for h in self.forget_heads}))
 
     def check_tp(self, tp_size: int) -> None:
-        d = self.dims
-        for name, total in (
-            ("num_attention_heads", d.num_attention_heads),
-            ("num_query_groups", d.num_query_groups),
-            ("ffn_hidden_size", d.ffn_hidden_size),
-        ):
-            if total % tp_size:
-                raise PartitionError(
-                    f"tensor_model_parallel_size={tp_size} does not divide {name}={total}"
-                )
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(self.dims, name) % tp_size:
+                raise PartitionError(f"tensor_model_parallel_size={tp_size} does not divide "
+                                     f"{name}={getattr(self.dims, name)}")
 
     def shard(self, tp_rank: int, tp_size: int) -> ShardIndex:
         """Forget indicators for the rows/columns held by TP rank `tp_rank` of `tp_size`."""
@@ -256,25 +225,15 @@ class Partition:
         return ShardIndex(qkv_rows=qkv_rows, proj_cols=proj_cols, fc1_rows=fc1_rows, fc2_cols=unit)
 
     def to_dict(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "dims": asdict(self.dims),
-            "masked_layers": list(self.masked_layers),
-            "forget_heads": list(self.forget_heads),
-            "forget_units": list(self.forget_units),
-            "mask_embeddings": self.mask_embeddings,
-        }
+        return {"strategy": self.strategy, "dims": asdict(self.dims), "masked_layers": list(self.masked_layers),
+                "forget_heads": list(self.forget_heads), "forget_units": list(self.forget_units),
+                "mask_embeddings": self.mask_embeddings}
 
     @classmethod
     def from_dict(cls, data: dict) -> Partition:
-        return cls(
-            strategy=data["strategy"],
-            dims=ModelDims(**data["dims"]),
-            masked_layers=tuple(data["masked_layers"]),
-            forget_heads=tuple(data["forget_heads"]),
-            forget_units=tuple(data["forget_units"]),
-            mask_embeddings=bool(data["mask_embeddings"]),
-        )
+        return cls(strategy=data["strategy"], dims=ModelDims(**data["dims"]),
+                   masked_layers=tuple(data["masked_layers"]), forget_heads=tuple(data["forget_heads"]),
+                   forget_units=tuple(data["forget_units"]), mask_embeddings=bool(data["mask_embeddings"]))
 
 
 def _local_indicator(global_indices: Sequence[int], rank: int, per_rank: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Region maps (Θ_F / Θ_R / Θ_J of every local parameter element) and in-memory ablation.
 
 Step gating (the optimizers) and ablation (here and in the exporters) read the same maps, so
-"what is forget" is decided once, by the partition and the SGTM linears.
+"what is forget" is decided once: `linear_regions` and `masked_embeddings` state the rule, which
+`param_regions` applies to a live model chunk and `export.prune.global_regions` to global names.
 """
 
 from __future__ import annotations
@@ -12,22 +13,26 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sgtm.layers.linear import KINDS, SGTMLinearMixin
-
-JOINT, RETAIN, SPLIT = "joint", "retain", "split"
+from megatron_sgtm.layers.linear import SGTMLinearMixin
+from megatron_sgtm.partition import Partition
+from megatron_sgtm.strategy import LINEARS, LinearKind, Region
 
 
 @dataclass(frozen=True)
 class ParamRegion:
-    """A parameter's region: all Θ_J, all Θ_R, or split along `dim` by `forget_index` (Θ_F where True)."""
+    """A parameter's region: all Θ_J, all Θ_R, or Θ_R split along `dim` by `forget_index` (Θ_F where True)."""
 
-    region: str
+    region: Region  # JOINT or RETAIN: that of every element `forget_index` does not mark
     dim: int = 0
     forget_index: torch.Tensor | None = None
 
+    @property
+    def split(self) -> bool:
+        return self.forget_index is not None
+
     def forget_mask(self, param: torch.Tensor) -> torch.Tensor:
         """Elementwise bool: True on Θ_F elements of `param` (this rank's shard)."""
-        if self.region != SPLIT:
+        if not self.split:
             return torch.zeros(param.shape, dtype=torch.bool, device=param.device)
         shape = [1] * param.dim()
         shape[self.dim] = -1
@@ -35,9 +40,33 @@ class ParamRegion:
 
     def retain_mask(self, param: torch.Tensor) -> torch.Tensor:
         """Elementwise bool: True on Θ_R elements."""
-        if self.region == JOINT:
+        if self.region == Region.JOINT:
             return torch.zeros(param.shape, dtype=torch.bool, device=param.device)
         return ~self.forget_mask(param)
+
+    def forget_numel(self, shape: torch.Size | tuple[int, ...]) -> int:
+        """How many elements of a tensor of `shape` are Θ_F."""
+        if not self.split:
+            return 0
+        return int(self.forget_index.sum()) * torch.Size(shape).numel() // len(self.forget_index)
+
+
+def linear_regions(
+    kind: LinearKind, forget_index: torch.Tensor, has_bias: bool
+) -> tuple[ParamRegion, ParamRegion | None]:
+    """(weight, bias) regions of a masked layer's linear: Θ_F lines along `kind.forget_dim`, the rest Θ_R
+    (bias None without one)."""
+    bias = ParamRegion(Region.RETAIN, 0, forget_index) if kind.column_parallel else ParamRegion(Region.RETAIN)
+    return ParamRegion(Region.RETAIN, kind.forget_dim, forget_index), bias if has_bias else None
+
+
+def masked_embeddings(partition: Partition | None, tied: bool, position: bool) -> tuple[str, ...]:
+    """The Θ_R embeddings (submodules of the embedding): those of `mask_embeddings`, except tied word
+    embeddings, which are the output layer too, which is Θ_J."""
+    if partition is None or not partition.active or not partition.mask_embeddings:
+        return ()
+    names = ("position_embeddings",) if position else ()
+    return names if tied else ("word_embeddings", *names)
 
 
 def sgtm_linears(model: torch.nn.Module):
@@ -47,47 +76,44 @@ def sgtm_linears(model: torch.nn.Module):
             yield module
 
 
+def _linear_regions(linear: SGTMLinearMixin) -> tuple[ParamRegion, ParamRegion | None]:
+    return linear_regions(LINEARS[linear.sgtm_kind], linear.forget_index, linear.bias is not None)
+
+
 def param_regions(model: torch.nn.Module) -> dict[str, ParamRegion]:
     """Region of every named parameter of this rank's model chunk."""
     special: dict[int, ParamRegion] = {}
     linears = list(sgtm_linears(model))
     for linear in linears:
-        column = KINDS[linear.sgtm_kind] == "column"
-        special[id(linear.weight)] = ParamRegion(SPLIT, 0 if column else 1, linear.forget_index)
-        if linear.bias is not None:
-            # Column-parallel biases follow their rows; the output bias of proj/fc2 is Θ_R.
-            special[id(linear.bias)] = ParamRegion(SPLIT, 0, linear.forget_index) if column else ParamRegion(RETAIN)
+        for param, region in zip((linear.weight, linear.bias), _linear_regions(linear)):
+            if param is not None:
+                special[id(param)] = region
     embedding = getattr(model, "embedding", None)
     # The model's own partition: a first pipeline stage without masked layers still masks its embeddings.
     partition = getattr(model, "sgtm_partition", None) or (linears[0].partition if linears else None)
-    if partition is not None and partition.active and partition.mask_embeddings and embedding is not None:
-        if not getattr(model, "share_embeddings_and_output_weights", False):
-            # Tied embeddings are the output layer too, which is Θ_J.
-            special[id(embedding.word_embeddings.weight)] = ParamRegion(RETAIN)
-        if embedding.add_position_embedding:
-            special[id(embedding.position_embeddings.weight)] = ParamRegion(RETAIN)
-    return {name: special.get(id(p), ParamRegion(JOINT)) for name, p in model.named_parameters()}
+    if embedding is not None:
+        tied = getattr(model, "share_embeddings_and_output_weights", False)
+        for name in masked_embeddings(partition, tied, embedding.add_position_embedding):
+            special[id(getattr(embedding, name).weight)] = ParamRegion(Region.RETAIN)
+    return {name: special.get(id(p), ParamRegion(Region.JOINT)) for name, p in model.named_parameters()}
 
 
 @torch.no_grad()
 def ablate(model: torch.nn.Module) -> int:
     """Zero the forget parameters in place; returns how many elements were zeroed on this rank.
 
-    sgtm / activation masking / none: all of Θ_F (forget rows of qkv and fc1 with their bias entries,
-    forget columns of proj and fc2). gradient routing: the forget rows of qkv and fc1 only.
+    Θ_F of the linears of the strategy's `ablated_kinds`: all of Θ_F (forget rows of qkv and fc1 with
+    their bias entries, forget columns of proj and fc2) but for gradient routing's qkv and fc1 only.
     """
     zeroed = 0
     for linear in sgtm_linears(model):
-        column = KINDS[linear.sgtm_kind] == "column"
-        if linear.partition.strategy == "gradient_routing" and not column:
+        if linear.sgtm_kind not in linear.rules.ablated_kinds:
             continue
-        params = [(linear.weight, 0 if column else 1)]
-        if column and linear.bias is not None:
-            params.append((linear.bias, 0))
-        for param, dim in params:
-            mask = ParamRegion(SPLIT, dim, linear.forget_index).forget_mask(param)
-            param.masked_fill_(mask, 0.0)
-            zeroed += int(mask.sum())
+        for param, region in zip((linear.weight, linear.bias), _linear_regions(linear)):
+            if region is not None and region.split:
+                mask = region.forget_mask(param)
+                param.masked_fill_(mask, 0.0)
+                zeroed += int(mask.sum())
     return zeroed
 
 

@@ -1,8 +1,9 @@
 """Θ_F of a global state, ablation without a model, and physical pruning of HF exports.
 
-`global_regions` states `regions.param_regions`'s rules in global (TP=1/PP=1) names, with the index sets
-from `Partition.shard(0, 1)`, so a checkpoint can be ablated or summarised without building a model;
-the tests check both agree with the live model element for element.
+`global_regions` applies the region rule of `regions.param_regions` (`linear_regions`, `masked_embeddings`)
+to global (TP=1/PP=1) names, with the index sets from `Partition.shard(0, 1)`, so a checkpoint can be
+ablated or summarised without building a model; the tests check both agree with the live model element
+for element.
 
 Pruning works on the HF side because only HF configs can describe the smaller model: a pruned llama has
 ``num_attention_heads * head_dim != hidden_size`` (LlamaConfig has `head_dim`; `ModelConfig` derives
@@ -18,7 +19,7 @@ has zero pre-activation (GELU(0) = SiLU(0)·0 = 0), whatever the strategy's abla
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from transformers import PretrainedConfig
@@ -26,14 +27,8 @@ from transformers import PretrainedConfig
 from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes, native_shapes
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import ModelDims, Partition
-from megatron_sgtm.regions import JOINT, RETAIN, SPLIT, ParamRegion
-
-_SPLIT_LINEARS = {  # linear -> (weight split dim, bias region)
-    "self_attention.linear_qkv": ("qkv", 0, "split"),
-    "self_attention.linear_proj": ("proj", 1, "retain"),
-    "mlp.linear_fc1": ("fc1", 0, "split"),
-    "mlp.linear_fc2": ("fc2", 1, "retain"),
-}
+from megatron_sgtm.regions import ParamRegion, linear_regions, masked_embeddings
+from megatron_sgtm.strategy import LINEARS, LinearKind, Region
 
 
 def _check_partition(dims: ModelDims, partition: Partition, what: str) -> None:
@@ -41,32 +36,38 @@ def _check_partition(dims: ModelDims, partition: Partition, what: str) -> None:
         raise ValueError(f"the partition was resolved for {partition.dims}, but {what} has {dims}")
 
 
-def global_regions(cfg: ModelConfig, partition: Partition | None) -> dict[str, ParamRegion]:
-    """The region of every tensor of the global state of `cfg` (the rules of `regions.param_regions`)."""
+def _masked_linears(cfg: ModelConfig, partition: Partition | None) -> Iterator[tuple[str, LinearKind, ParamRegion]]:
+    """(global name, linear kind, region) of the weights and biases of the masked layers' linears."""
+    if partition is None or not partition.active:
+        return
     names = native_shapes(cfg)
-    regions = dict.fromkeys(names, ParamRegion(JOINT))
-    if partition is None or not partition.active or not partition.masked_layers:
-        return regions
     _check_partition(cfg.dims(), partition, "the model")
     index = partition.shard(0, 1)
     for layer in partition.masked_layers:
-        for linear, (kind, dim, bias) in _SPLIT_LINEARS.items():
-            name = f"decoder.layers.{layer}.{linear}"
-            forget = index.for_kind(kind)
-            regions[f"{name}.weight"] = ParamRegion(SPLIT, dim, forget)
-            if f"{name}.bias" in names:
-                regions[f"{name}.bias"] = ParamRegion(SPLIT, 0, forget) if bias == "split" else ParamRegion(RETAIN)
-    if partition.mask_embeddings:
-        if not cfg.tie_embeddings:  # tied embeddings are the output layer too: Θ_J
-            regions["embedding.word_embeddings.weight"] = ParamRegion(RETAIN)
-        if "embedding.position_embeddings.weight" in names:
-            regions["embedding.position_embeddings.weight"] = ParamRegion(RETAIN)
+        for kind in LINEARS.values():
+            name = f"decoder.layers.{layer}.{kind.path}"
+            weight, bias = linear_regions(kind, index.for_kind(kind.name), f"{name}.bias" in names)
+            yield f"{name}.weight", kind, weight
+            if bias is not None:
+                yield f"{name}.bias", kind, bias
+
+
+def global_regions(cfg: ModelConfig, partition: Partition | None) -> dict[str, ParamRegion]:
+    """The region of every tensor of the global state of `cfg` (the rules of `regions.param_regions`)."""
+    names = native_shapes(cfg)
+    regions = dict.fromkeys(names, ParamRegion(Region.JOINT))
+    regions.update((name, region) for name, _, region in _masked_linears(cfg, partition))
+    position = "embedding.position_embeddings.weight" in names
+    for name in masked_embeddings(partition, cfg.tie_embeddings, position):
+        regions[f"embedding.{name}.weight"] = ParamRegion(Region.RETAIN)
     return regions
 
 
-def _ablated(region: ParamRegion, partition: Partition) -> bool:
-    """Whether ablation zeros this region's forget part: gradient routing leaves proj/fc2 columns (dim 1)."""
-    return region.region == SPLIT and not (partition.strategy == "gradient_routing" and region.dim == 1)
+def _ablated_regions(cfg: ModelConfig, partition: Partition | None) -> Iterator[tuple[str, ParamRegion]]:
+    """(name, region) of the tensors whose Θ_F ablation zeros: those of the strategy's `ablated_kinds`."""
+    for name, kind, region in _masked_linears(cfg, partition):
+        if region.split and kind.name in partition.rules.ablated_kinds:
+            yield name, region
 
 
 def ablation_masks(cfg: ModelConfig, partition: Partition | None) -> dict[str, torch.Tensor]:
@@ -74,10 +75,9 @@ def ablation_masks(cfg: ModelConfig, partition: Partition | None) -> dict[str, t
     are left out). sgtm / activation masking / none: all of Θ_F; gradient routing: the forget rows of
     `linear_qkv` and `linear_fc1` (and their bias entries) only."""
     shapes = native_shapes(cfg)
-    return {
-        name: region.forget_mask(torch.empty(()).expand(shapes[name]))  # a broadcast view: no copy
-        for name, region in global_regions(cfg, partition).items()
-        if _ablated(region, partition)
+    return {  # broadcast views: no copy
+        name: region.forget_mask(torch.empty(()).expand(shapes[name]))
+        for name, region in _ablated_regions(cfg, partition)
     }
 
 
@@ -219,16 +219,11 @@ def summarize(cfg: ModelConfig, partition: Partition | None, pruned: bool = Fals
     Parameter counts are of the global state (tied embeddings counted once)."""
     shapes = native_shapes(cfg)
     counts = {"forget": 0, "retain": 0, "joint": 0}
-    ablated = 0
     for name, region in global_regions(cfg, partition).items():
-        numel = torch.Size(shapes[name]).numel()
-        if region.region == SPLIT:
-            forget = int(region.forget_index.sum()) * numel // len(region.forget_index)
-            counts["forget"] += forget
-            counts["retain"] += numel - forget
-            ablated += forget if _ablated(region, partition) else 0
-        else:
-            counts["retain" if region.region == RETAIN else "joint"] += numel
+        forget = region.forget_numel(shapes[name])
+        counts["forget"] += forget
+        counts[region.region.name.lower()] += torch.Size(shapes[name]).numel() - forget
+    ablated = sum(region.forget_numel(shapes[name]) for name, region in _ablated_regions(cfg, partition))
     summary: dict = {"params": {"total": _numel(shapes), **counts}, "ablated_params": ablated}
     if partition is not None:
         summary.update(

@@ -40,14 +40,15 @@ def _position_masks(masks: LabelMasks, dtype: torch.dtype) -> tuple[torch.Tensor
     return keep_retain, keep_forget
 
 
-# Θ_F rows/columns: a slice when contiguous (views, no gathers), else an index tensor.
-Rows = torch.Tensor | slice
+# Lines: the rows (column-parallel: outputs) or columns (row-parallel: inputs) of a weight, equally the
+# output columns of an activation. A slice when contiguous (views, no gathers), else an index tensor.
+Lines = torch.Tensor | slice
 
 
-def _none(rows: Rows | None) -> bool:
-    if rows is None:
+def _none(lines: Lines | None) -> bool:
+    if lines is None:
         return True
-    return rows.stop <= rows.start if isinstance(rows, slice) else rows.numel() == 0
+    return lines.stop <= lines.start if isinstance(lines, slice) else lines.numel() == 0
 
 
 def _times(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -55,10 +56,10 @@ def _times(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def masked_wgrad(grad_output: torch.Tensor, total_input: torch.Tensor, masks: LabelMasks,
-                 forget_rows: Rows | None, mask_grad_output: bool) -> torch.Tensor:
+                 forget_lines: Lines | None, mask_grad_output: bool) -> torch.Tensor:
     """``grad_output^T total_input`` over [p, n_out] x [p, n_in] with SGTM's per-position rule.
 
-    `forget_rows`: indices of the Θ_F rows (``mask_grad_output``: column-parallel) or columns
+    `forget_lines`: indices of the Θ_F rows (``mask_grad_output``: column-parallel) or columns
     (row-parallel); None if the weight is entirely Θ_R.
     """
     keep_retain, keep_forget = _position_masks(masks, grad_output.dtype)
@@ -66,24 +67,24 @@ def masked_wgrad(grad_output: torch.Tensor, total_input: torch.Tensor, masks: La
         grad_weight = grad_output.t().matmul(_times(total_input, keep_retain))
     else:  # the columns are inputs: mask the output side
         grad_weight = _times(grad_output, keep_retain).t().matmul(total_input)
-    if _none(forget_rows) or (keep_retain is None and keep_forget is None):
+    if _none(forget_lines) or (keep_retain is None and keep_forget is None):
         return grad_weight
     if mask_grad_output:
-        grad_weight[forget_rows] = grad_output[:, forget_rows].t().matmul(_times(total_input, keep_forget))
+        grad_weight[forget_lines] = grad_output[:, forget_lines].t().matmul(_times(total_input, keep_forget))
     else:
-        grad_weight[:, forget_rows] = _times(grad_output, keep_forget).t().matmul(total_input[:, forget_rows])
+        grad_weight[:, forget_lines] = _times(grad_output, keep_forget).t().matmul(total_input[:, forget_lines])
     return grad_weight
 
 
-def masked_bias_grad(grad: torch.Tensor, masks: LabelMasks, forget_rows: Rows | None) -> torch.Tensor:
+def masked_bias_grad(grad: torch.Tensor, masks: LabelMasks, forget_lines: Lines | None) -> torch.Tensor:
     """The bias gradient (sum over positions) under the same rule, as matrix-vector products."""
     grad = grad.reshape(-1, grad.shape[-1])
     keep_retain, keep_forget = _position_masks(masks, grad.dtype)
     out = grad.sum(0) if keep_retain is None else keep_retain.t().matmul(grad)[0]
-    if _none(forget_rows) or (keep_retain is None and keep_forget is None):
+    if _none(forget_lines) or (keep_retain is None and keep_forget is None):
         return out
-    forget = grad[:, forget_rows]
-    out[forget_rows] = forget.sum(0) if keep_forget is None else keep_forget.t().matmul(forget)[0]
+    forget = grad[:, forget_lines]
+    out[forget_lines] = forget.sum(0) if keep_forget is None else keep_forget.t().matmul(forget)[0]
     return out
 
 
@@ -92,23 +93,13 @@ class MaskedWgradLinear(torch.autograd.Function):
 
     @staticmethod
     @mlayers.custom_fwd
-    def forward(
-        ctx,
-        input: torch.Tensor,
-        weight: torch.Tensor,
-        masks: LabelMasks,
-        forget_rows: Rows | None,
-        mask_grad_output: bool,
-        gradient_accumulation_fusion: bool,
-        allreduce_dgrad: bool,
-        sequence_parallel: bool,
-        tp_group,
-        input_rule: bool = False,
-    ) -> torch.Tensor:
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, masks: LabelMasks, forget_lines: Lines | None,
+                mask_grad_output: bool, gradient_accumulation_fusion: bool, allreduce_dgrad: bool,
+                sequence_parallel: bool, tp_group, input_rule: bool = False) -> torch.Tensor:
         ctx.save_for_backward(input, weight)
         ctx.input_rule = input_rule  # the input's Θ_F columns are zero at R positions: so is their gradient
         ctx.masks = masks
-        ctx.forget_rows = forget_rows
+        ctx.forget_lines = forget_lines
         ctx.mask_grad_output = mask_grad_output
         ctx.main_grad = weight.main_grad if gradient_accumulation_fusion and hasattr(weight, "main_grad") else None
         ctx.gradient_accumulation_fusion = gradient_accumulation_fusion
@@ -126,7 +117,7 @@ class MaskedWgradLinear(torch.autograd.Function):
         total_input = _gather_sequence(input, tp_group) if ctx.sequence_parallel else input
         grad_input = grad_output.matmul(weight)
         if ctx.input_rule:
-            scale_columns_(grad_input, ctx.forget_rows, ctx.masks.to(grad_input.dtype).not_retain)
+            scale_columns_(grad_input, ctx.forget_lines, ctx.masks.to(grad_input.dtype).not_retain)
 
         handle = None
         if ctx.allreduce_dgrad:
@@ -137,7 +128,7 @@ class MaskedWgradLinear(torch.autograd.Function):
             grad_input = sub_grad_input
 
         grad_output, total_input = prepare_input_tensors_for_wgrad_compute(grad_output, total_input)
-        grad_weight = masked_wgrad(grad_output, total_input, ctx.masks, ctx.forget_rows, ctx.mask_grad_output)
+        grad_weight = masked_wgrad(grad_output, total_input, ctx.masks, ctx.forget_lines, ctx.mask_grad_output)
         if ctx.gradient_accumulation_fusion:
             grad_weight = _accumulate_into_main_grad(weight, ctx.main_grad, grad_weight)
 
@@ -171,53 +162,53 @@ class _MaskedBiasAdd(torch.autograd.Function):
     """``x + bias`` whose bias gradient sums only the positions SGTM's rule keeps."""
 
     @staticmethod
-    def forward(ctx, x, bias, masks, forget_rows):
+    def forward(ctx, x, bias, masks, forget_lines):
         ctx.masks = masks
-        ctx.forget_rows = forget_rows
+        ctx.forget_lines = forget_lines
         return x + bias
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, masked_bias_grad(grad, ctx.masks, ctx.forget_rows), None, None
+        return grad, masked_bias_grad(grad, ctx.masks, ctx.forget_lines), None, None
 
 
-def masked_bias_add(x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_rows: Rows | None) -> torch.Tensor:
-    return _MaskedBiasAdd.apply(x, bias, masks, forget_rows)
+def masked_bias_add(x: torch.Tensor, bias: torch.Tensor, masks: LabelMasks, forget_lines: Lines | None) -> torch.Tensor:
+    return _MaskedBiasAdd.apply(x, bias, masks, forget_lines)
 
 
 @torch.no_grad()
-def scale_columns_(x: torch.Tensor, rows: Rows, keep: torch.Tensor) -> None:
-    """In place, outside autograd: columns `rows` of `x` ([s, b, n]) times `keep` ([s, b, 1]). Only for
+def scale_columns_(x: torch.Tensor, cols: Lines, keep: torch.Tensor) -> None:
+    """In place, outside autograd: columns `cols` of `x` ([s, b, n]) times `keep` ([s, b, 1]). Only for
     tensors nothing has saved (fresh outputs and gradients); a saved one would fail its version check."""
     x = x.detach()
-    if isinstance(rows, slice):
-        x[..., rows].mul_(keep)
+    if isinstance(cols, slice):
+        x[..., cols].mul_(keep)
     else:
-        x.index_copy_(-1, rows, x.index_select(-1, rows) * keep)
+        x.index_copy_(-1, cols, x.index_select(-1, cols) * keep)
 
 
 class _ScaleColumns(torch.autograd.Function):
-    """`x` with columns `rows` multiplied by `keep` ([s, b, 1]), in forward and in backward: one copy
+    """`x` with columns `cols` multiplied by `keep` ([s, b, 1]), in forward and in backward: one copy
     of `x` plus work on those columns only, instead of a full-width [s, b, n] mask."""
 
     @staticmethod
-    def forward(ctx, x, rows, keep):
+    def forward(ctx, x, cols, keep):
         ctx.save_for_backward(keep)
-        ctx.rows = rows
+        ctx.cols = cols
         out = x.clone()
-        scale_columns_(out, rows, keep)
+        scale_columns_(out, cols, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         grad = grad.clone()
-        scale_columns_(grad, ctx.rows, keep)
+        scale_columns_(grad, ctx.cols, keep)
         return grad, None, None
 
 
-def scale_columns(x: torch.Tensor, rows: Rows, keep: torch.Tensor) -> torch.Tensor:
-    return _ScaleColumns.apply(x, rows, keep)
+def scale_columns(x: torch.Tensor, cols: Lines, keep: torch.Tensor) -> torch.Tensor:
+    return _ScaleColumns.apply(x, cols, keep)
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -1,11 +1,11 @@
 """SGTM versions of megatron's column- and row-parallel linears (extended at `_forward_impl`).
 
 Each of the four linears of a masked layer knows which of its rows (qkv, fc1) or columns (proj,
-fc2) are Θ_F on this TP rank. With labels active:
-- every strategy applies the retain-forward rule at the row-parallel inputs (forget heads' context
-  and forget units' activations are zero at R positions); activation masking also zeroes the retain
-  ones at F positions, gradient routing stops their gradient there;
-- strategy ``sgtm`` masks the weight and bias gradients (`MaskedWgradLinear`, `masked_bias_add`).
+fc2) are Θ_F on this TP rank. With labels active, the partition's `Strategy` decides:
+- every active strategy applies the retain-forward rule at the row-parallel inputs (forget heads'
+  context and forget units' activations are zero at R positions); `retain_at_forget` says what the
+  retain ones do at F positions (kept, zeroed, or kept without gradient);
+- `masks_gradients`: the weight and bias gradients follow SGTM's rule (`MaskedWgradLinear`, `masked_bias_add`).
 Without labels (inference, evaluation, unmasked layers) they are plain megatron linears.
 
 Biases are added here rather than by megatron's callers, so their gradient can be masked too; a
@@ -29,53 +29,44 @@ from megatron_sgtm.layers.autograd import (
     scale_grad,
 )
 from megatron_sgtm.partition import Partition
-
-KINDS = {"qkv": "column", "fc1": "column", "proj": "row", "fc2": "row"}
+from megatron_sgtm.strategy import LINEARS, RetainAtForget
 
 
 class SGTMLinearMixin:
     """State shared by both SGTM linears: partition, kind and (once bound) local forget index."""
 
     def _init_sgtm(self, partition: Partition, sgtm_kind: str, skip_bias_add: bool) -> None:
-        if sgtm_kind not in KINDS:
-            raise ValueError(f"sgtm_kind={sgtm_kind!r}: expected one of {sorted(KINDS)}")
+        if sgtm_kind not in LINEARS:
+            raise ValueError(f"sgtm_kind={sgtm_kind!r}: expected one of {sorted(LINEARS)}")
         self.partition = partition
+        self.rules = partition.rules
         self.sgtm_kind = sgtm_kind
-        self.layer_index: int | None = None
         self._caller_adds_bias = skip_bias_add
         self._wgrad_masks: LabelMasks | None = None
-        self._input_rule = False  # fc2 under sgtm: fc1 zeroed the input's forget units; mask their gradient
-        self.register_buffer("sgtm_forget_index", None, persistent=False)
-        self.register_buffer("sgtm_forget_rows", None, persistent=False)  # its indices, for the masked grads
-        self._forget_span: slice | None = None  # the same rows when contiguous (views instead of gathers)
+        self._input_rule = False  # fc2 with masked gradients: fc1 zeroed the input's forget units; mask their gradient
+        self.register_buffer("forget_index", None, persistent=False)  # bool over this rank's rows/columns: Θ_F
+        self.register_buffer("sgtm_forget_lines", None, persistent=False)  # its indices, for the masked grads
+        self._forget_span: slice | None = None  # the same lines when contiguous (views instead of gathers)
 
     def bind_layer(self, layer_index: int) -> None:
         """Called by the owning layer: masking applies only in the partition's masked layers."""
-        self.layer_index = layer_index
         if self.partition.active and self.partition.is_masked(layer_index):
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
             shard = self.partition.shard(tp_group.rank(), tp_group.size())
-            self.sgtm_forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
-            self.sgtm_forget_rows = self.sgtm_forget_index.nonzero().squeeze(1)
-            rows = self.sgtm_forget_rows.tolist()
-            if rows and rows == list(range(rows[0], rows[-1] + 1)):
-                self._forget_span = slice(rows[0], rows[-1] + 1)
+            self.forget_index = shard.for_kind(self.sgtm_kind).to(self.weight.device)
+            self.sgtm_forget_lines = self.forget_index.nonzero().squeeze(1)
+            lines = self.sgtm_forget_lines.tolist()
+            if lines and lines == list(range(lines[0], lines[-1] + 1)):
+                self._forget_span = slice(lines[0], lines[-1] + 1)
 
     @property
-    def forget_rows(self) -> torch.Tensor | slice | None:
-        """The Θ_F rows/columns for the masked gradients: a slice when contiguous, else indices."""
-        return self._forget_span if self._forget_span is not None else self.sgtm_forget_rows
-
-    @property
-    def forget_index(self) -> torch.Tensor | None:
-        """Bool over this rank's rows (column-parallel) or columns (row-parallel): Θ_F or Θ_R."""
-        return self.sgtm_forget_index
+    def forget_lines(self) -> torch.Tensor | slice | None:
+        """The Θ_F rows (column-parallel) or columns (row-parallel) for the masked gradients: a slice when
+        contiguous, else indices."""
+        return self._forget_span if self._forget_span is not None else self.sgtm_forget_lines
 
     def _masks(self) -> LabelMasks | None:
-        masks = active_masks()
-        if masks is None or self.sgtm_forget_index is None:
-            return None
-        return masks
+        return None if self.forget_index is None else active_masks()
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         masks = self._wgrad_masks
@@ -84,25 +75,18 @@ class SGTMLinearMixin:
         if kwargs.get("grad_output_buffer") is not None:
             raise NotImplementedError("SGTM linears do not support defer_embedding_wgrad_compute")
         return MaskedWgradLinear.apply(
-            input,
-            weight,
-            masks,
-            self.forget_rows,
-            KINDS[self.sgtm_kind] == "column",
-            kwargs["gradient_accumulation_fusion"],
-            kwargs["allreduce_dgrad"],
-            kwargs["sequence_parallel"],
-            get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")),
-            self._input_rule,
+            input, weight, masks, self.forget_lines, LINEARS[self.sgtm_kind].column_parallel,
+            kwargs["gradient_accumulation_fusion"], kwargs["allreduce_dgrad"], kwargs["sequence_parallel"],
+            get_tensor_model_parallel_group_if_none(kwargs.get("tp_group")), self._input_rule,
         )
 
-    def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_rows):
-        """Add the bias (masked gradient under sgtm) or hand it back as megatron's caller expects."""
+    def _finish_bias(self, output, bias, masks: LabelMasks | None, forget_lines):
+        """Add the bias (with a masked gradient given `masks`) or hand it back as megatron's caller expects."""
         if bias is None:
             return output, None
         if masks is None:
             return (output, bias) if self._caller_adds_bias else (output + bias, None)
-        output = masked_bias_add(output, bias, masks, forget_rows)
+        output = masked_bias_add(output, bias, masks, forget_lines)
         if self._caller_adds_bias and self.config.bias_activation_fusion and self.sgtm_kind == "fc1":
             return output, torch.zeros_like(bias, requires_grad=False)
         return output, None
@@ -115,11 +99,11 @@ class SGTMLinearMixin:
             self._input_rule = False
 
     def _fc_rule(self, masks: LabelMasks | None) -> bool:
-        """Under sgtm, the MLP's retain-forward rule (forget units' activations zero at R positions) is
+        """With masked gradients, the MLP's retain-forward rule (forget units' activations zero at R positions) is
         applied in place at fc1's output, whose zero stays zero through GELU / SwiGLU, and fc2 zeroes the
         matching input gradient in its backward: no copy of the [s, b, ffn] activation or its gradient."""
-        return (masks is not None and masks.any_retain and self.partition.strategy == "sgtm"
-                and self.sgtm_forget_rows.numel() > 0)
+        return (masks is not None and masks.any_retain and self.rules.masks_gradients
+                and self.sgtm_forget_lines.numel() > 0)
 
 
 class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
@@ -132,12 +116,12 @@ class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
         self._init_sgtm(partition, sgtm_kind, skip_bias_add)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        masks = self._masks() if self.partition.strategy == "sgtm" else None
+        masks = self._masks() if self.rules.masks_gradients else None
         self._wgrad_masks = masks
         output, bias = self._run(super().forward, input_, weight, runtime_gather_output)
-        output, bias = self._finish_bias(output, bias, masks, self.forget_rows)
+        output, bias = self._finish_bias(output, bias, masks, self.forget_lines)
         if self.sgtm_kind == "fc1" and self._fc_rule(masks):
-            scale_columns_(output, self.forget_rows, masks.to(output.dtype).not_retain)
+            scale_columns_(output, self.forget_lines, masks.to(output.dtype).not_retain)
         return output, bias
 
 
@@ -153,24 +137,24 @@ class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
         input_rule = self.sgtm_kind == "fc2" and self._fc_rule(masks) and self.weight.requires_grad
         if masks is not None and not input_rule:
             input_ = self._forward_rule(input_, masks.to(input_.dtype))
-        sgtm_masks = masks if self.partition.strategy == "sgtm" else None
-        self._wgrad_masks = sgtm_masks
+        wgrad_masks = masks if self.rules.masks_gradients else None
+        self._wgrad_masks = wgrad_masks
         self._input_rule = input_rule
         output, bias = self._run(super().forward, input_)
-        if sgtm_masks is not None and self.sequence_parallel:
+        if wgrad_masks is not None and self.sequence_parallel:
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
-            sgtm_masks = sgtm_masks.seq_slice(tp_group.rank(), tp_group.size())
+            wgrad_masks = wgrad_masks.seq_slice(tp_group.rank(), tp_group.size())
         # The output bias is entirely Θ_R.
-        return self._finish_bias(output, bias, sgtm_masks, None)
+        return self._finish_bias(output, bias, wgrad_masks, None)
 
     def _forward_rule(self, x: torch.Tensor, masks: LabelMasks) -> torch.Tensor:
-        forget = self.sgtm_forget_index
-        strategy = self.partition.strategy
-        if strategy == "activation_masking":
+        forget = self.forget_index
+        rule = self.rules.retain_at_forget
+        if rule is RetainAtForget.ZERO:
             # R positions: forget columns zero; F positions: retain columns zero.
             return x * keep_mask(masks, forget)
-        if masks.any_retain and self.sgtm_forget_rows.numel():
-            x = scale_columns(x, self.forget_rows, masks.not_retain)
-        if strategy == "gradient_routing" and masks.any_forget:
+        if masks.any_retain and self.sgtm_forget_lines.numel():
+            x = scale_columns(x, self.forget_lines, masks.not_retain)
+        if rule is RetainAtForget.DETACH and masks.any_forget:
             x = scale_grad(x, torch.where(forget, torch.ones_like(masks.not_forget), masks.not_forget))
         return x

@@ -30,6 +30,7 @@ from megatron_sgtm.layers.attention import SDPACoreAttention
 from megatron_sgtm.layers.linear import SGTMColumnParallelLinear, SGTMLinearMixin, SGTMRowParallelLinear
 from megatron_sgtm.layers.norm import SequenceParallelTorchNorm
 from megatron_sgtm.partition import Partition
+from megatron_sgtm.strategy import LINEARS
 
 BACKENDS = ("local", "gpu")
 
@@ -68,7 +69,7 @@ def _backend_modules(backend: str) -> tuple[type, type]:
 
 
 def _linear(partition: Partition | None, kind: str) -> ModuleSpec | type:
-    column = kind in ("qkv", "fc1")
+    column = LINEARS[kind].column_parallel
     if partition is None:
         return ColumnParallelLinear if column else RowParallelLinear
     module = SGTMColumnParallelLinear if column else SGTMRowParallelLinear

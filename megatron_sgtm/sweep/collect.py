@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_sgtm.strategy import METHODS
 from megatron_sgtm.sweep.grid import Grid, Run
-from megatron_sgtm.training.config import METHODS
 
 LOSSES = ["forget_loss", "retain_loss", "adjacent_loss", "forget_loss_ablated", "retain_loss_ablated",
           "adjacent_loss_ablated"]
@@ -40,7 +40,7 @@ def _row(run: Run) -> dict:
 
 
 def _ablates(method: str) -> bool:
-    return METHODS[method][0] != "none"
+    return METHODS[method].strategy.active
 
 
 def _value(v) -> float:

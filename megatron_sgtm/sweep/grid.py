@@ -3,7 +3,7 @@
     base: ../examples/tiny_cpu.yaml        # a training config, relative to the grid file
     out: runs/sweep_tiny                   # runs go to <out>/<run name>/ (relative to the working directory)
     sizes: [tiny-h32, tiny-h64]            # names from the size table (`megatron-sgtm sizes`)
-    methods: [sgtm, weak_filter]           # training methods (config.METHODS)
+    methods: [sgtm, weak_filter]           # training methods (strategy.METHODS)
     undiscovered_rates: [0.2]              # data.undiscovered_rate
     seeds: [0]                             # train.seed
     budget: {coefficient: 20}              # tokens = coefficient x N^exponent, or {train_steps: N}
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_sgtm.strategy import METHODS
 from megatron_sgtm.sweep.sizes import (
     SIZES,
     Budget,
@@ -38,7 +39,6 @@ from megatron_sgtm.sweep.sizes import (
     recommend_layout,
 )
 from megatron_sgtm.training.config import (
-    METHODS,
     ConfigError,
     OptimConfig,
     TrainLoopConfig,
@@ -53,8 +53,7 @@ RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "g
 SLURM_KEYS = {"partition", "account", "time", "max_concurrent", "extra_args"}
 PARALLEL_KEYS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel"}
 # Methods whose training does not depend on the F/R/U labels: the undiscovered rate cannot change them.
-RATE_FREE = {m for m, (strategy, data_filter) in METHODS.items() if strategy == "none" and data_filter in
-             ("none", "oracle")}
+RATE_FREE = {name for name, m in METHODS.items() if not m.strategy.active and m.data_filter in ("none", "oracle")}
 
 
 class GridError(ValueError):

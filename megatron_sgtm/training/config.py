@@ -17,17 +17,7 @@ import yaml
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import PartitionError, SGTMConfig
-
-# method -> (SGTM strategy, data filter)
-METHODS = {
-    "sgtm": ("sgtm", "none"),
-    "none": ("none", "none"),
-    "weak_filter": ("none", "weak"),
-    "strict_filter": ("none", "strict"),
-    "oracle": ("none", "oracle"),
-    "gradient_routing": ("gradient_routing", "none"),
-    "activation_masking": ("activation_masking", "none"),
-}
+from megatron_sgtm.strategy import METHODS
 
 
 class ConfigError(ValueError):
@@ -125,11 +115,11 @@ class TrainConfig:
 
     @property
     def strategy(self) -> str:
-        return METHODS[self.method][0]
+        return METHODS[self.method].strategy.name
 
     @property
     def data_filter(self) -> str:
-        return METHODS[self.method][1]
+        return METHODS[self.method].data_filter
 
     def to_dict(self) -> dict:
         """The config in its YAML form: `from_dict(cfg.to_dict())` gives `cfg` back."""

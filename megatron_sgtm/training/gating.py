@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sgtm.labels import TokenLabel
-from megatron_sgtm.regions import JOINT, ParamRegion
+from megatron_sgtm.regions import ParamRegion
 from megatron_sgtm.strategy import Region
 
 
@@ -49,7 +49,7 @@ def step_metrics(loss_sum: float, tokens: float, grad_norm, lr: float, counts: t
 
 def region_codes(region: ParamRegion, param: torch.Tensor) -> torch.Tensor | None:
     """uint8 codes (joint/retain/forget) for every element of `param`; None if all joint."""
-    if region.region == JOINT:
+    if region.region == Region.JOINT:
         return None
     codes = torch.full(param.shape, Region.RETAIN, dtype=torch.uint8, device=param.device)
     codes[region.forget_mask(param)] = Region.FORGET

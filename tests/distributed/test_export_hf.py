@@ -26,7 +26,7 @@ from megatron_sgtm.export.hf import from_hf, hf_config, native_shapes, read_hf_d
 from megatron_sgtm.export.prune import ablate_state, ablation_masks, global_regions, prune, summarize  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
 from megatron_sgtm.partition import Partition, SGTMConfig  # noqa: E402
-from megatron_sgtm.regions import JOINT, RETAIN  # noqa: E402
+from megatron_sgtm.strategy import Region  # noqa: E402
 from tests.distributed.workers.export_native import CASES, TOKENIZER_VOCAB, tokens_for  # noqa: E402
 from tests.support import ROOT  # noqa: E402
 
@@ -151,7 +151,7 @@ def test_global_regions_and_ablate_state_match_the_live_model(native, name):
     partition = _partition(name)
     assert Partition.from_dict(result["partition"]) == partition
     assert {k: tuple(v.shape) for k, v in result["state"].items()} == native_shapes(cfg)
-    code_of = {JOINT: 0, RETAIN: 1}
+    code_of = {Region.JOINT: 0, Region.RETAIN: 1}
     for key, region in global_regions(cfg, partition).items():
         param = result["state"][key]
         expected = torch.full(param.shape, code_of.get(region.region, 1), dtype=torch.int8)
