@@ -17,7 +17,7 @@ import yaml
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import PartitionError, SGTMConfig
-from megatron_sgtm.strategy import METHODS
+from megatron_sgtm.strategy import METHODS, SGTM
 
 
 class ConfigError(ValueError):
@@ -101,7 +101,7 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig
-    method: str = "sgtm"
+    method: str = SGTM.name
     sgtm: SGTMConfig = field(default_factory=SGTMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -200,14 +200,14 @@ def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['method']}")
     if "model" not in raw:
         raise ConfigError(f"{source}: section 'model' is required")
-    method = raw.pop("method", "sgtm")
+    method = raw.pop("method", SGTM.name)
     if method not in METHODS:
         raise ConfigError(f"{source}: method={method!r}: expected one of {sorted(METHODS)}")
     sections = {name: _section(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
-    strategy = METHODS[method][0]
+    strategy = METHODS[method].strategy.name
     asked = sections["sgtm"].strategy if "strategy" in (raw.get("sgtm") or {}) else strategy
     if asked != strategy:
-        methods = [name for name, (s, _) in METHODS.items() if s == asked]
+        methods = [name for name, m in METHODS.items() if m.strategy.name == asked]
         fix = f" or set method={'|'.join(methods)}" if methods else ""
         raise ConfigError(f"{source}: sgtm.strategy={asked!r} conflicts with method={method!r} (method decides the "
                           f"strategy; remove sgtm.strategy{fix})")
