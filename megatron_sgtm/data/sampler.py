@@ -74,7 +74,7 @@ class PackedStream:
         doc_ids = np.where(inputs_valid, doc[:, :-1], -1)
         doc_offsets = np.where(inputs_valid, offset[:, :-1], -1)
         token_labels = np.where(inputs_valid, doc_labels[doc[:, :-1]], TokenLabel.UNLABELED).astype(np.uint8)
-        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "token_labels": token_labels,
+        return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "token_labels": token_labels,
                 "loss_mask": loss_mask.astype(np.float32), "position_ids": _position_ids(doc_ids, doc_offsets),
                 "doc_ids": doc_ids, "doc_offsets": doc_offsets}
 
@@ -142,7 +142,7 @@ class _StepSchedule:
 class SGTMSampler:
     """Iterator of micro-batches (dicts of torch tensors) for one data-parallel rank.
 
-    Keys: ``tokens``/``labels`` [b, s] int64 (inputs and next-token targets); ``token_labels``
+    Keys: ``tokens``/``targets`` [b, s] int64 (inputs and next-token targets); ``token_labels``
     [b, s] uint8, the SGTM label (`megatron_sgtm.labels`) of the document each position belongs to;
     ``loss_mask`` [b, s] float32; ``position_ids`` [b, s], restarting at document starts (feed them
     to `document_attention_mask`); ``doc_ids``/``doc_offsets`` [b, s], the corpus index and offset

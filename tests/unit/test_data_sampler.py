@@ -41,7 +41,7 @@ def _token_counts(corpus, batches):
         has_loss = b["loss_mask"].numpy() > 0
         assert not (has_loss & ~valid).any()
         # Targets are the next token of the same document wherever the loss counts.
-        np.testing.assert_array_equal(b["labels"].numpy()[has_loss],
+        np.testing.assert_array_equal(b["targets"].numpy()[has_loss],
                                       corpus.tokens[(corpus.offsets[b["doc_ids"].numpy()] + b["doc_offsets"].numpy()
                                                      + 1)[has_loss]])
     return counts
@@ -91,7 +91,7 @@ def test_pipeline_stages_get_identical_micro_batches(corpus, labels):
 
 def test_batch_tensors_labels_positions_and_attention_mask(corpus, labels):
     batch = SGTMSampler(corpus, labels, seed=2, **SETTINGS).micro_batch(1, 0)
-    assert batch["tokens"].dtype == batch["labels"].dtype == torch.int64 and batch["tokens"].shape == (2, 64)
+    assert batch["tokens"].dtype == batch["targets"].dtype == torch.int64 and batch["tokens"].shape == (2, 64)
     assert batch["token_labels"].dtype == torch.uint8 and batch["loss_mask"].dtype == torch.float32
     doc_ids, offsets = batch["doc_ids"].numpy(), batch["doc_offsets"].numpy()
     np.testing.assert_array_equal(batch["token_labels"].numpy(), labels[doc_ids])
