@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-if TYPE_CHECKING:
-    from megatron_sgtm.training.engine import Engine
+from megatron_sgtm.training.engine import Engine
 
 SMOOTHING = 0.1  # ε of the label-smoothed objective
 MAX_STEP = 4.0  # nats per iteration, so a badly calibrated start cannot overshoot

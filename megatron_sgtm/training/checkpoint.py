@@ -14,15 +14,11 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-if TYPE_CHECKING:
-    from megatron_sgtm.training.engine import Engine
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
@@ -80,7 +76,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
+def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     final = iteration_dir(root, step)
     partial = final.with_name(final.name + ".partial")
@@ -105,7 +101,7 @@ def save(engine: Engine, root: Path, step: int, meta: dict, keep_last: int) -> P
     return final
 
 
-def load(engine: Engine, path: Path) -> dict:
+def load(engine, path: Path) -> dict:
     """Collective. Loads the engine state and this rank's RNG (when the world size matches)."""
     meta_file = path / META
     if not meta_file.is_file():

@@ -84,7 +84,7 @@ class Engine(abc.ABC):
         self.scheduler = lr_scheduler(self.optimizer, self.cfg)
 
     # -- what every framework shares ---------------------------------------------------------
-    def gate(self, counts: torch.Tensor) -> Gate:
+    def step_gate(self, counts: torch.Tensor) -> Gate:
         """The regions this step leaves untouched, from the global batch's label counts."""
         return Gate.from_label_counts(counts) if self.cfg.strategy == "sgtm" else Gate()
 
@@ -117,7 +117,7 @@ class Engine(abc.ABC):
         """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""
         batches = self._to_device(batches)
         counts, loss_weight = self._global_counts(batches)
-        gate = self.gate(counts)
+        gate = self.step_gate(counts)
         loss_sum, tokens, grad_norm = self._optimizer_step(batches, gate, loss_weight)
         self.scheduler.step(increment=1)
         return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts, gate)
