@@ -58,11 +58,8 @@ def weights_only_loads(engine) -> Iterator[None]:
 
 @contextlib.contextmanager
 def weights_only_torch_load() -> Iterator[None]:
-    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; make those loads weights-only,
-    allowing just DeepSpeed's own plain classes (`weights_only_loads` does the same for the engine).
-
-    A function of its own: it wraps `torch.load` as found on entry (a caller may have wrapped it too),
-    whereas the engine's loader calls `torch.load` at each load."""
+    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; make those loads weights-only
+    (as `weights_only_loads`, which must call `torch.load` as patched at load time, not wrap it here)."""
     require("deepspeed", KNOWN, "weights_only_torch_load")
     original = torch.load
     allowed = _safe_globals()

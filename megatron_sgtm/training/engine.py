@@ -1,11 +1,8 @@
-"""The engine contract: everything the trainer (loop, calibration, checkpoints) uses of an engine.
+"""The engine contract: all the trainer (loop, calibration, checkpoints) uses of an engine.
 
-An engine owns the model under one training framework: it builds it the same way for every framework
-(megatron parallel state, the SGTM GPTModel, layout-invariant weights), routes each step's gradients
-by the token labels, gates the optimizer step by the global batch's label counts, and schedules the
-learning rate with megatron's `OptimizerParamScheduler`. A subclass supplies only what its framework
-does differently: wrapping the model, building the optimizer (with step gating installed), running a
-step's and an evaluation's micro-batches, and the checkpoint format.
+Every framework builds the model the same way, routes gradients by the token labels, gates each step by
+the global batch's label counts and schedules the LR with megatron's `OptimizerParamScheduler`; a
+subclass adds only its model wrapping, gated optimizer, micro-batch execution and checkpoint format.
 """
 
 from __future__ import annotations
@@ -45,12 +42,9 @@ def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
 
 
 class Engine(abc.ABC):
-    """One training job's model, optimizer and schedule on one framework (collective calls throughout).
-
-    Attributes the trainer reads: `cfg`, `partition`, `model` (the unwrapped GPTModel of this rank),
-    `dp_rank`/`dp_size`/`dp_group`, and `output_bias`, which calibration sets while it runs and every
-    forward then feeds (`OutputBias.observe`). Batches are lists of this DP rank's micro-batches.
-    """
+    """One job's model, optimizer and schedule (every call is collective). The trainer also reads `cfg`,
+    `partition`, `model` (this rank's unwrapped GPTModel), `dp_rank`/`dp_size`/`dp_group`, and sets
+    `output_bias` while calibrating. Batches are lists of this DP rank's micro-batches."""
 
     name: ClassVar[str]
     # Set by the subclass: the model as its framework wraps it, and the optimizer whose param_groups
@@ -61,13 +55,12 @@ class Engine(abc.ABC):
 
     def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool, *, bf16: bool,
                  **config_options):
-        """Parallel state, then the model built, initialised and placed; `config_options` go to
-        megatron's TransformerConfig."""
+        """Parallel state and the initialised model; `config_options` go to the TransformerConfig."""
         par = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                      pipeline_model_parallel_size=par.pipeline_model_parallel_size)
         model_parallel_cuda_manual_seed(cfg.train.seed)
-        self.cfg, self.partition, self.on_gpu = cfg, partition, on_gpu
+        self.cfg, self.partition = cfg, partition
         self.config = cfg.model.transformer_config(
             on_gpu=on_gpu, bf16=bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
             pipeline_model_parallel_size=par.pipeline_model_parallel_size, **config_options,
@@ -124,8 +117,7 @@ class Engine(abc.ABC):
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict], ablate: bool = False) -> tuple[float, float]:
-        """(loss sum, tokens) over the global batch of a forward pass without labels, of the live or
-        the ablated model."""
+        """(loss sum, tokens) of a forward pass without labels over the global batch, live or ablated."""
         self.wrapped.eval()
         with self._ablated() if ablate else contextlib.nullcontext():
             result = self._forward_only(self._to_device(batches))
