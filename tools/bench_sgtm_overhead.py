@@ -189,7 +189,7 @@ def make_batch(model_cfg: ModelConfig, args: argparse.Namespace, device: torch.d
     batch = {
         "tokens": torch.randint(0, model_cfg.vocab_size, (b, s), generator=gen),
         "targets": torch.randint(0, model_cfg.vocab_size, (b, s), generator=gen),
-        "labels": torch.stack([rows[i % len(rows)] for i in range(b)]),
+        "token_labels": torch.stack([rows[i % len(rows)] for i in range(b)]),
         "position_ids": torch.arange(s).expand(b, s).contiguous(),
     }
     return {k: v.to(device) for k, v in batch.items()}
@@ -231,7 +231,7 @@ def train_step(variant: Variant, batch: dict[str, torch.Tensor], device: torch.d
     losses: list[torch.Tensor] = []
 
     def forward_step(_data_iterator, model):
-        with token_labels(batch["labels"] if variant.use_labels else None):
+        with token_labels(batch["token_labels"] if variant.use_labels else None):
             out = model(batch["tokens"], batch["position_ids"], None, labels=batch["targets"])
 
         def loss_func(per_token: torch.Tensor):

@@ -9,8 +9,8 @@ every token of every document is delivered exactly once per epoch.
 
 Modes. ``packed``: one pool with every document. ``batch_uniform`` (the paper's schedule): two
 pools, F-labelled documents ("forget") and R/U-labelled ones ("other"); each global step draws
-one pool, in stratified blocks of 1000 steps that reproduce ``step_proportions`` (default: each
-pool's share of tokens, so both run through their documents at the same pace).
+one pool, in stratified blocks of 1000 steps that reproduce each pool's share of tokens, so both
+run through their documents at the same pace.
 
 Pipeline stages. A micro-batch is a pure function of ``(step, micro)`` and the constructor
 arguments: every pipeline stage of a DP rank builds the same sampler and iterates it (or calls
@@ -32,25 +32,25 @@ from megatron_sgtm.labels import TokenLabel
 
 MODES = ("packed", "batch_uniform")
 SCHEDULE_BLOCK = 1000
-_POOL_SEED, _SCHEDULE_SEED, _UPSAMPLE_SEED = 10, 11, 12
+_POOL_SEED, _SCHEDULE_SEED = 10, 11
 
 
 class PackedStream:
-    """A pool of documents ("units"; an upsampled document appears more than once) concatenated in a
-    per-epoch order and read as windows of ``seq_length + 1`` tokens."""
+    """A pool of documents concatenated in a per-epoch order and read as windows of ``seq_length + 1``
+    tokens."""
 
-    def __init__(self, corpus: Corpus, units: np.ndarray, seq_length: int, seed: tuple[int, ...] | None):
-        self.corpus, self.units, self.seq_length, self.seed = corpus, units, seq_length, seed
-        self.num_tokens = int(corpus.lengths[units].sum())
+    def __init__(self, corpus: Corpus, documents: np.ndarray, seq_length: int, seed: tuple[int, ...] | None):
+        self.corpus, self.documents, self.seq_length, self.seed = corpus, documents, seq_length, seed
+        self.num_tokens = int(corpus.lengths[documents].sum())
         self.num_sequences = math.ceil(self.num_tokens / seq_length)
-        self._epoch, self._order, self._cum = -1, units, np.zeros(1, np.int64)
+        self._epoch, self._order, self._cum = -1, documents, np.zeros(1, np.int64)
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Unit order of ``epoch`` (the given order when unseeded) and its cumulative token counts."""
+        """Document order of ``epoch`` (the given order when unseeded) and its cumulative token counts."""
         if epoch != self._epoch:
-            order = self.units
+            order = self.documents
             if self.seed is not None:
-                order = self.units[np.random.default_rng([*self.seed, epoch]).permutation(len(self.units))]
+                order = self.documents[np.random.default_rng([*self.seed, epoch]).permutation(len(self.documents))]
             cum = np.zeros(len(order) + 1, dtype=np.int64)
             np.cumsum(self.corpus.lengths[order], out=cum[1:])
             self._epoch, self._order, self._cum = epoch, order, cum
@@ -74,7 +74,7 @@ class PackedStream:
         doc_ids = np.where(inputs_valid, doc[:, :-1], -1)
         doc_offsets = np.where(inputs_valid, offset[:, :-1], -1)
         token_labels = np.where(inputs_valid, doc_labels[doc[:, :-1]], TokenLabel.UNLABELED).astype(np.uint8)
-        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "token_labels": token_labels,
+        return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "token_labels": token_labels,
                 "loss_mask": loss_mask.astype(np.float32), "position_ids": _position_ids(doc_ids, doc_offsets),
                 "doc_ids": doc_ids, "doc_offsets": doc_offsets}
 
@@ -100,20 +100,6 @@ def document_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
-
-
-def _upsampled_units(corpus: Corpus, documents: np.ndarray, upsample: Mapping[str, float], seed: int) -> np.ndarray:
-    """Each document repeated floor(f) times plus once more with probability frac(f), f its category's factor."""
-    factors = np.ones(corpus.num_docs)
-    for category, factor in upsample.items():
-        if factor < 0:
-            raise ValueError(f"upsample factor of {category!r} must be >= 0, got {factor}")
-        if category not in corpus.category_names:
-            raise ValueError(f"upsample: no document has category {category!r} (known: {corpus.category_names})")
-        factors[corpus.category_mask([category])] = factor
-    draws = np.random.default_rng([seed, _UPSAMPLE_SEED]).random(corpus.num_docs)
-    repeats = (np.floor(factors) + (draws < factors - np.floor(factors)))[documents].astype(np.int64)
-    return np.repeat(documents, repeats)
 
 
 class _StepSchedule:
@@ -142,7 +128,7 @@ class _StepSchedule:
 class SGTMSampler:
     """Iterator of micro-batches (dicts of torch tensors) for one data-parallel rank.
 
-    Keys: ``tokens``/``labels`` [b, s] int64 (inputs and next-token targets); ``token_labels``
+    Keys: ``tokens``/``targets`` [b, s] int64 (inputs and next-token targets); ``token_labels``
     [b, s] uint8, the SGTM label (`megatron_sgtm.labels`) of the document each position belongs to;
     ``loss_mask`` [b, s] float32; ``position_ids`` [b, s], restarting at document starts (feed them
     to `document_attention_mask`); ``doc_ids``/``doc_offsets`` [b, s], the corpus index and offset
@@ -152,8 +138,7 @@ class SGTMSampler:
 
     def __init__(self, corpus: Corpus, doc_labels: np.ndarray, *, seq_length: int, micro_batch_size: int,
                  global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, mode: str = "packed",
-                 documents: np.ndarray | None = None, upsample: Mapping[str, float] | None = None,
-                 step_proportions: Mapping[str, float] | None = None):
+                 documents: np.ndarray | None = None):
         if mode not in MODES:
             raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
         if not 0 <= dp_rank < dp_size:
@@ -168,34 +153,20 @@ class SGTMSampler:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.num_micro_batches = global_batch_size // (micro_batch_size * dp_size)
         documents = np.arange(corpus.num_docs) if documents is None else np.asarray(documents, np.int64)
-        units = _upsampled_units(corpus, documents, upsample or {}, seed)
         if mode == "packed":
-            pools = {"all": units}
+            pools = {"all": documents}
         else:
-            is_forget = self.doc_labels[units] == TokenLabel.FORGET
-            pools = {"forget": units[is_forget], "other": units[~is_forget]}
+            is_forget = self.doc_labels[documents] == TokenLabel.FORGET
+            pools = {"forget": documents[is_forget], "other": documents[~is_forget]}
         self.pool_names = list(pools)
         self.streams = [PackedStream(corpus, pool, seq_length, seed=(seed, _POOL_SEED, i))
                         for i, pool in enumerate(pools.values())]
-        self.proportions = self._proportions(step_proportions)
+        total = sum(s.num_tokens for s in self.streams)
+        if total == 0:
+            raise ValueError("the sampler's documents hold no tokens")
+        self.proportions = [s.num_tokens / total for s in self.streams]  # pools advance at the same pace
         self.schedule = _StepSchedule(self.proportions, seed)
         self.step, self.micro = 0, 0
-
-    def _proportions(self, step_proportions: Mapping[str, float] | None) -> list[float]:
-        if step_proportions is None:
-            proportions = [float(s.num_tokens) for s in self.streams]
-        else:
-            unknown = set(step_proportions) - set(self.pool_names)
-            if unknown:
-                raise ValueError(f"step_proportions: unknown pools {sorted(unknown)}; pools are {self.pool_names}")
-            proportions = [float(step_proportions.get(name, 0.0)) for name in self.pool_names]
-        if any(p < 0 for p in proportions) or sum(proportions) <= 0:
-            raise ValueError(f"step proportions must be >= 0 with a positive sum, got {proportions}")
-        for name, p, stream in zip(self.pool_names, proportions, self.streams, strict=True):
-            if p > 0 and stream.num_tokens == 0:
-                raise ValueError(f"pool {name!r} has no documents but step proportion {p}")
-        total = sum(proportions)
-        return [p / total for p in proportions]
 
     def steps_per_epoch(self, pool: str | None = None) -> int:
         """Global steps of ``pool`` (default: the only pool, in packed mode) that cover it once."""
@@ -227,9 +198,9 @@ class SGTMSampler:
     def _fingerprint(self) -> str:
         """Everything that determines the batch sequence except the position (and the DP rank)."""
         labels = hashlib.sha256(self.doc_labels.tobytes()).hexdigest()
-        units = [hashlib.sha256(s.units.tobytes()).hexdigest() for s in self.streams]
+        documents = [hashlib.sha256(s.documents.tobytes()).hexdigest() for s in self.streams]
         key = [self.mode, self.seed, self.seq_length, self.micro_batch_size, self.global_batch_size,
-               self.dp_size, self.corpus.num_docs, int(self.corpus.offsets[-1]), labels, units, self.proportions]
+               self.dp_size, self.corpus.num_docs, int(self.corpus.offsets[-1]), labels, documents, self.proportions]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
     def state_dict(self) -> dict:

@@ -11,17 +11,16 @@ with the global weights beside ``meta.json``; ``train`` starts from one with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megatron_sgtm.compat.deepspeed import weights_only_torch_load
 from megatron_sgtm.export.hf import native_shapes
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import Partition, PartitionError
@@ -207,7 +206,7 @@ def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict
             for file in files:  # zero_to_fp32 reads one model-parallel rank, named mp_rank_00
                 os.symlink(file, Path(tmp) / file.name.replace(f"mp_rank_{rank:02d}", "mp_rank_00"))
             try:
-                with _weights_only_torch_load():
+                with weights_only_torch_load():
                     lazy = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tmp, False)
                     state = zero_to_fp32.to_torch_tensor(lazy)  # ZeRO-3 gives lazily merged tensors
             except pickle.UnpicklingError as err:
@@ -223,24 +222,3 @@ def _deepspeed_state(path: Path, meta: dict, reference: torch.nn.Module) -> dict
             raise CheckpointError(f"{tag_dir}: TP rank {rank} lacks {missing[:5]}")
     return {n: merge_tp_shards(reference, n, [s[n].float() for s in shards]) for n in names
             if not _tied_output(reference, n)}
-
-
-@contextlib.contextmanager
-def _weights_only_torch_load() -> Iterator[None]:
-    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; make those loads weights-only,
-    allowing just DeepSpeed's own plain classes (the engine's checkpoint loads do the same)."""
-    from megatron_sgtm.training.engine_deepspeed import _safe_globals
-
-    original = torch.load
-    allowed = _safe_globals()
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(allowed):
-            return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original

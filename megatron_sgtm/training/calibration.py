@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_sgtm.training.engine import Engine
+
 SMOOTHING = 0.1  # ε of the label-smoothed objective
 MAX_STEP = 4.0  # nats per iteration, so a badly calibrated start cannot overshoot
 
@@ -73,12 +75,12 @@ def target_counts(batches: list[dict], vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     for mb in batches:
         keep = mb["loss_mask"].cpu() > 0
-        counts += torch.bincount(mb["labels"].cpu()[keep].long(), minlength=vocab_size)[:vocab_size].double()
+        counts += torch.bincount(mb["targets"].cpu()[keep].long(), minlength=vocab_size)[:vocab_size].double()
     return counts
 
 
 @contextlib.contextmanager
-def calibrated(engine, batches: list[dict], iterations: int) -> Iterator[OutputBias]:
+def calibrated(engine: Engine, batches: list[dict], iterations: int) -> Iterator[OutputBias]:
     """Within the block, the engine's ablated evaluations include an output bias fitted on `batches`.
 
     Collective over the world: every rank runs the same forward passes. `OutputBias.residuals`

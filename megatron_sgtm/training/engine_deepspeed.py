@@ -23,28 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron_sgtm.data.sampler import document_attention_mask
-from megatron_sgtm.labels import token_labels
-from megatron_sgtm.model import build_gpt_model
+from megatron_sgtm.compat.deepspeed import relink_optimizer_states, skip_cpu_shm_comm_build, weights_only_loads
 from megatron_sgtm.partition import Partition
-from megatron_sgtm.regions import ablate, ablated, param_regions, sgtm_linears
+from megatron_sgtm.regions import ablate, param_regions, sgtm_linears
 from megatron_sgtm.strategy import Region
-from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
-from megatron_sgtm.training.gating import (
-    Gate,
-    SGTMAdamW,
-    region_codes,
-    step_metrics,
-)
+from megatron_sgtm.training.engine import Engine
+from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -144,90 +135,16 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool, dp_size: int) -> dict:
     }
 
 
-def warmup_cosine_lr(num_steps: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """megatron's OptimizerParamScheduler (init_lr=0, style 'cosine') at `num_steps`."""
-    if warmup_steps > 0 and num_steps <= warmup_steps:
-        return max_lr * num_steps / warmup_steps
-    if num_steps > decay_steps:
-        return min_lr
-    ratio = (num_steps - warmup_steps) / (decay_steps - warmup_steps)
-    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (max_lr - min_lr)
-
-
-def _skip_cpu_shm_comm_build() -> None:
-    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (~2 min, needs a
-    compiler) that only its inference all-reduce uses; training runs on torch.distributed (gloo) as
-    it does when the op is unavailable, so skip the build."""
-    import importlib
-
-    # importlib, not `import deepspeed.comm.torch as m`: that can resolve to the `torch` package
-    # re-exported by deepspeed.comm, and the patch would then miss DeepSpeed's module.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-
-
-def _safe_globals() -> list:
-    """The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints (found by loading them)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def _weights_only_loads(engine):
-    """DeepSpeed's TorchCheckpointEngine loads with ``torch.load(weights_only=False)``; read our
-    checkpoints with ``weights_only=True`` instead, allowing just DeepSpeed's own plain classes."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    checkpoint_engine = engine.checkpoint_engine
-    if type(checkpoint_engine) is not TorchCheckpointEngine:
-        yield  # another checkpoint engine (e.g. a configured async/remote one) keeps its own loader
-        return
-    allowed = _safe_globals()
-
-    def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    checkpoint_engine.load = load
-    try:
-        yield
-    finally:
-        del checkpoint_engine.load
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool):
         if not on_gpu:
-            _skip_cpu_shm_comm_build()
+            skip_cpu_shm_comm_build()
         import deepspeed
 
-        par = cfg.parallel
-        if par.pipeline_model_parallel_size != 1:
-            raise ValueError("engine=deepspeed runs pipeline_model_parallel_size=1 only")
-        if par.sequence_parallel:
-            raise ValueError(
-                "engine=deepspeed does not support parallel.sequence_parallel (its layer-norm gradients need "
-                "megatron's TP all-reduce, which DeepSpeed's ZeRO reduction does not do); use engine=megatron"
-            )
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=1)
-        model_parallel_cuda_manual_seed(cfg.train.seed)
-        self.cfg, self.partition, self.on_gpu = cfg, partition, on_gpu
-        self.config = cfg.model.transformer_config(
-            on_gpu=on_gpu, bf16=bool(on_gpu and cfg.train.bf16),
-            tensor_model_parallel_size=par.tensor_model_parallel_size, pipeline_model_parallel_size=1,
-        )
-        self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
-        init_weights(self.model, cfg)
-        if on_gpu:
-            self.model.cuda()
-        self.dp_group = ps.get_data_parallel_group()
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        super().__init__(cfg, partition, on_gpu, bf16=bool(on_gpu and cfg.train.bf16))
 
         # Region codes per parameter, computed while parameters still have their full local shape.
         regions = param_regions(self.model)
@@ -244,15 +161,17 @@ class DeepSpeedEngine:
         for name, param in self.named.items():
             if param.requires_grad:
                 (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
-        groups = [dict(params=p, weight_decay=wd) for p, wd in ((decay, o.weight_decay), (no_decay, 0.0)) if p]
+        # wd_mult: the scheduler sets every group's weight decay to optim.weight_decay x wd_mult.
+        groups = [dict(params=p, weight_decay=o.weight_decay * m, wd_mult=m)
+                  for p, m in ((decay, 1.0), (no_decay, 0.0)) if p]
         self.optimizer = ZeroSGTMAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                        weight_decay=o.weight_decay)
         self.ds_config = deepspeed_config(cfg, on_gpu, self.dp_size)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
-        self.engine, _, _, _ = deepspeed.initialize(
+        self.wrapped = self.engine = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=self.ds_config, mpu=_MegatronMPU,
             dist_init_required=False,
-        )
+        )[0]
         if self.zero_stage == 3 and cfg.model.tie_embeddings:
             # The output layer reads the word embedding that the embedding module owns.
             deepspeed.zero.register_external_parameter(self.model.output_layer,
@@ -267,9 +186,7 @@ class DeepSpeedEngine:
             raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(self.zero).__name__}, expected "
                                f"{expected.__name__} for ZeRO stage {self.zero_stage}")
         self.micro_batches = self.ds_config["gradient_accumulation_steps"]
-        self.num_steps = 0
-        self.output_bias = None  # set while a calibrated evaluation runs (training/calibration.py)
-        self._set_lr()
+        self.start_schedule()
         self.install_region_codes()
 
     # -- step gating: region codes of the flat fp32 partitions -------------------------------
@@ -322,80 +239,46 @@ class DeepSpeedEngine:
             gated = codes.to(fp32.device) if bool((codes != Region.JOINT).any()) else None
             self.optimizer.set_region_codes(fp32, gated)
             state = self.optimizer.state[fp32]
-            if not state:
-                # Eager Adam state: ZeRO-1/2 link each parameter's optimizer-state fragments once, after
-                # the first group's step, so lazily created state of later groups would never be linked
-                # (DeepSpeed's safe_get_full_optimizer_state would then fail for them).
+            if not state:  # eager Adam state, for ZeRO-1/2 to link (below) before any step
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
-        if self.zero_stage in (1, 2) and getattr(self.zero, "_hp_optimizer_states_linked", None) is not None:
-            self.zero._hp_optimizer_states_linked = False
-            self.zero._lazy_init_hp_params_optimizer_state()
+        if self.zero_stage in (1, 2):
+            relink_optimizer_states(self.zero)
 
-    # -- one optimizer step ------------------------------------------------------------------
-    def _lr_at(self, num_steps: int) -> float:
-        o, total = self.cfg.optim, self.cfg.train.train_steps
-        return warmup_cosine_lr(num_steps, o.lr, o.min_lr, o.warmup_steps, max(total, o.warmup_steps + 1))
-
-    def _set_lr(self) -> None:
-        lr = self._lr_at(self.num_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def _attention_mask(self, mb: dict) -> torch.Tensor | None:
-        return document_attention_mask(mb["position_ids"]) if self.cfg.data.document_attention else None
-
-    def _to_device(self, batches: list[dict]) -> list[dict]:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        return [{k: v.to(device) for k, v in mb.items()} for mb in batches]
-
-    def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, float]:
-        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch."""
-        stats = torch.zeros(4, dtype=torch.float64)
-        for mb in batches:
-            keep = mb["loss_mask"] > 0
-            stats[:3] += torch.bincount(mb["token_labels"][keep].long().cpu(), minlength=3)[:3].double()
-            stats[3] += mb["loss_mask"].double().sum().cpu()
-        dist.all_reduce(stats, group=self.dp_group)
-        return stats[:3], float(stats[3])
-
-    def _forward(self, mb: dict, use_labels: bool) -> torch.Tensor:
-        if self.output_bias is not None:
-            self.output_bias.observe(mb["loss_mask"])
-        with token_labels(mb["token_labels"] if use_labels else None):
-            return self.engine(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["labels"])
-
-    def train_step(self, batches: list[dict]) -> dict:
+    # -- one optimizer step: DeepSpeed's forward/backward/step per micro-batch ---------------
+    def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[torch.Tensor, float, float]:
         if len(batches) != self.micro_batches:
             raise ValueError(f"train_step got {len(batches)} micro-batches; DeepSpeed was configured for "
                              f"{self.micro_batches} (global_batch_size / (micro_batch_size x DP))")
-        batches = self._to_device(batches)
-        counts, tokens = self._global_counts(batches)
-        gate = Gate.from_label_counts(counts) if self.cfg.strategy == "sgtm" else Gate()
         self.optimizer.gate = gate
         self.optimizer.begin_step()
-        self._set_lr()
         # DeepSpeed averages gradients over DP; the per-token normalisation wants their sum.
-        scale = self.dp_size / max(tokens, 1.0)
+        scale = self.dp_size / max(loss_weight, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for mb in batches:
-            per_token = self._forward(mb, use_labels=True)
+            per_token = self._forward(self.engine, mb, use_labels=True)
             weighted = (per_token.float() * mb["loss_mask"]).sum()
             loss_sum += weighted.detach().double().cpu()
             self.engine.backward(weighted * scale, scale_wrt_gas=False)
             self.engine.step()
-        grad_norm = self.engine.get_global_grad_norm()
-        self.num_steps += 1
-        self._set_lr()
         dist.all_reduce(loss_sum, group=self.dp_group)
-        return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts, gate)
+        return loss_sum, loss_weight, self.engine.get_global_grad_norm()
+
+    def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
+        total = torch.zeros(2, dtype=torch.float64)
+        for mb in batches:
+            per_token = self._forward(self.engine, mb, use_labels=False)
+            total[0] += (per_token.float() * mb["loss_mask"]).sum().double().cpu()
+            total[1] += mb["loss_mask"].double().sum().cpu()
+        dist.all_reduce(total, group=self.dp_group)
+        return float(total[0]), float(total[1])
 
     @contextlib.contextmanager
     def _ablated(self):
         """Θ_F := 0 for the duration; under ZeRO-3 through gathered (then re-partitioned) parameters."""
         if self.zero_stage != 3:
-            with ablated(self.model):
+            with super()._ablated():
                 yield
             return
         import deepspeed
@@ -411,41 +294,20 @@ class DeepSpeedEngine:
                 for param, value in zip(params, saved):
                     param.copy_(value)
 
-    @torch.no_grad()
-    def evaluate(self, batches: list[dict], ablate: bool = False) -> tuple[float, float]:
-        """(loss sum, tokens) of a forward pass without labels over the global batch."""
-        self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        with self._ablated() if ablate else contextlib.nullcontext():
-            for mb in self._to_device(batches):
-                per_token = self._forward(mb, use_labels=False)
-                total[0] += (per_token.float() * mb["loss_mask"]).sum().double().cpu()
-                total[1] += mb["loss_mask"].double().sum().cpu()
-        self.engine.train()
-        dist.all_reduce(total, group=self.dp_group)
-        return float(total[0]), float(total[1])
-
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints: DeepSpeed's own format -------------------------------------------------
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
 
     def load(self, directory: str) -> None:
-        with _weights_only_loads(self.engine):
+        with weights_only_loads(self.engine):
             path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+        for group in self.optimizer.param_groups:  # the saved groups replace ours; older ones lack wd_mult
+            group.setdefault("wd_mult", 1.0 if group["weight_decay"] else 0.0)
         self.install_region_codes()
-
-    def scheduler_state(self) -> dict:
-        o = self.cfg.optim
-        return {"num_steps": self.num_steps, "max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": o.warmup_steps,
-                "lr_decay_steps": max(self.cfg.train.train_steps, o.warmup_steps + 1), "lr_decay_style": "cosine"}
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.num_steps = int(state["num_steps"])
-        self._set_lr()
 
     def shutdown(self) -> None:
         self.engine.destroy()
-        ps.destroy_model_parallel()
+        super().shutdown()

@@ -24,6 +24,7 @@ from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import calibrated
 from megatron_sgtm.training.config import TrainConfig, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
+from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.logging import RunLogger
 
 
@@ -78,7 +79,7 @@ class _Signals:
         return bool(flag.item())
 
 
-def _make_engine(cfg: TrainConfig, on_gpu: bool):
+def _make_engine(cfg: TrainConfig, on_gpu: bool) -> Engine:
     partition = cfg.sgtm.resolve(cfg.model.dims())
     if cfg.parallel.engine == "deepspeed":
         from megatron_sgtm.training.engine_deepspeed import DeepSpeedEngine
@@ -89,7 +90,7 @@ def _make_engine(cfg: TrainConfig, on_gpu: bool):
     return MegatronEngine(cfg, partition, on_gpu)
 
 
-def _batches(cfg: TrainConfig, engine, data: RunData, docs: np.ndarray) -> list[dict]:
+def _batches(cfg: TrainConfig, engine: Engine, data: RunData, docs: np.ndarray) -> list[dict]:
     """This rank's share of the first `train.eval_batches` micro-batches over `docs` (the same
     sequences at every layout), the same count on every rank."""
     stream = eval_batches(data.corpus, docs, data.doc_labels, seq_length=cfg.model.seq_length,
@@ -102,7 +103,7 @@ def _batches(cfg: TrainConfig, engine, data: RunData, docs: np.ndarray) -> list[
     return batches[: int(count)]
 
 
-def evaluate(engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
+def evaluate(engine: Engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
     """Per-category held-out loss of the live model and of its ablated copy (and, with
     `train.calibrate_ablated`, of the ablated copy with an output bias fitted on retain data)."""
     groups = {

@@ -140,21 +140,29 @@ def test_ablated_evaluation(results, key):
 
 
 # -- single-process unit tests ---------------------------------------------------------------
-def test_lr_schedule_matches_megatron():
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+def test_lr_schedule_drives_the_client_optimizer():
+    """The DeepSpeed engine's client optimizer is scheduled by megatron's scheduler, as the megatron engine's:
+    warmup from 0 then cosine to min_lr, weight decay scaled by each group's wd_mult, and a scheduler state
+    saved before (without weight-decay entries) continues at its step."""
+    from megatron_sgtm.training.config import OptimConfig, TrainConfig, TrainLoopConfig
+    from megatron_sgtm.training.engine import lr_scheduler
 
-    from megatron_sgtm.training.engine_deepspeed import warmup_cosine_lr
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    for warmup, total in ((0, 10), (3, 10), (5, 5)):
-        decay = max(total, warmup + 1)
-        sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=warmup,
-                                        lr_decay_steps=decay, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
-                                        wd_incr_steps=total, wd_incr_style="constant")
-        for n in range(total + 3):
-            assert warmup_cosine_lr(n, 1e-3, 1e-4, warmup, decay) == pytest.approx(opt.param_groups[0]["lr"],
-                                                                                   rel=1e-12, abs=0)
-            sched.step(increment=1)
+    cfg = TrainConfig(model=MODEL, optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=3, weight_decay=0.1),
+                      train=TrainLoopConfig(train_steps=10))
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": params[:1], "wd_mult": 1.0}, {"params": params[1:], "wd_mult": 0.0}])
+    sched = lr_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(13):
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step(increment=1)
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(1e-3, rel=1e-12) and lrs[10:] == [pytest.approx(1e-4)] * 3
+    assert all(a > b for a, b in zip(lrs[3:10], lrs[4:11]))
+    old = {"num_steps": 5, "max_lr": 1e-3, "min_lr": 1e-4, "lr_warmup_steps": 3, "lr_decay_steps": 10,
+           "lr_decay_style": "cosine"}
+    lr_scheduler(opt, cfg).load_state_dict(old)
+    assert opt.param_groups[0]["lr"] == lrs[5]
 
 
 def _cfg(tmp_path, user: dict | None, stage: int = 2, offload: bool = False):

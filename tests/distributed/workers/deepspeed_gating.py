@@ -76,7 +76,7 @@ def global_batch(step: int, kind: str) -> list[dict]:
         else:
             labels = torch.full((MBS, s), FORGET if kind == "forget" else RETAIN, dtype=torch.uint8)
         mask = (torch.rand(MBS, s, generator=g) > 0.1).float()
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "token_labels": labels,
+        out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "token_labels": labels,
                     "loss_mask": mask, "position_ids": pos})
     return out
 

@@ -36,7 +36,7 @@ def hand_batches(cfg, step: int, labels: list[int]) -> list[dict]:
     for i in range(0, len(labels), mbs):
         tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=gen)
         batches.append({
-            "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+            "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
             "token_labels": torch.tensor(labels[i:i + mbs], dtype=torch.uint8)[:, None].expand(mbs, seq).clone(),
             "loss_mask": torch.ones(mbs, seq), "position_ids": torch.arange(seq).expand(mbs, seq).clone(),
         })

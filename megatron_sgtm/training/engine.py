@@ -1,0 +1,159 @@
+"""The engine contract: all the trainer (loop, calibration, checkpoints) uses of an engine.
+
+Every framework builds the model the same way, routes gradients by the token labels, gates each step by
+the global batch's label counts and schedules the LR with megatron's `OptimizerParamScheduler`; a
+subclass adds only its model wrapping, gated optimizer, micro-batch execution and checkpoint format.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_sgtm.data.sampler import document_attention_mask
+from megatron_sgtm.labels import token_labels
+from megatron_sgtm.model import build_gpt_model
+from megatron_sgtm.partition import Partition
+from megatron_sgtm.regions import ablated
+from megatron_sgtm.training.checkpoint import init_weights
+from megatron_sgtm.training.config import TrainConfig
+from megatron_sgtm.training.gating import Gate, step_metrics
+
+if TYPE_CHECKING:
+    from megatron_sgtm.training.calibration import OutputBias
+
+
+def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
+    """Linear warmup from 0, cosine decay to `optim.min_lr` over the run; constant weight decay (each
+    param group's ``wd_mult`` scales it). Sets the groups' lr and weight decay for step 0."""
+    o, total = cfg.optim, cfg.train.train_steps
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(total, o.warmup_steps + 1), lr_decay_style="cosine",
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=total, wd_incr_style="constant",
+    )
+
+
+class Engine(abc.ABC):
+    """One job's model, optimizer and schedule (every call is collective). The trainer also reads `cfg`,
+    `partition`, `model` (this rank's unwrapped GPTModel), `dp_rank`/`dp_size`/`dp_group`, and sets
+    `output_bias` while calibrating. Batches are lists of this DP rank's micro-batches."""
+
+    name: ClassVar[str]
+    # Set by the subclass: the model as its framework wraps it, and the optimizer whose param_groups
+    # the scheduler (`start_schedule`) drives.
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: OptimizerParamScheduler
+
+    def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool, *, bf16: bool,
+                 **config_options):
+        """Parallel state and the initialised model; `config_options` go to the TransformerConfig."""
+        par = cfg.parallel
+        ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
+                                     pipeline_model_parallel_size=par.pipeline_model_parallel_size)
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.cfg, self.partition = cfg, partition
+        self.config = cfg.model.transformer_config(
+            on_gpu=on_gpu, bf16=bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size, **config_options,
+        )
+        self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
+        init_weights(self.model, cfg)
+        if on_gpu:
+            self.model.cuda()
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.output_bias: OutputBias | None = None
+
+    def start_schedule(self) -> None:
+        self.scheduler = lr_scheduler(self.optimizer, self.cfg)
+
+    # -- what every framework shares ---------------------------------------------------------
+    def step_gate(self, counts: torch.Tensor) -> Gate:
+        """The regions this step leaves untouched, from the global batch's label counts."""
+        return Gate.from_label_counts(counts) if self.cfg.strategy == "sgtm" else Gate()
+
+    def _to_device(self, batches: list[dict]) -> list[dict]:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        return [{k: v.to(device) for k, v in mb.items()} for mb in batches]
+
+    def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, float]:
+        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch."""
+        stats = torch.zeros(4, dtype=torch.float64)
+        for mb in batches:
+            keep = mb["loss_mask"] > 0
+            stats[:3] += torch.bincount(mb["token_labels"][keep].long().cpu(), minlength=3)[:3].double()
+            stats[3] += mb["loss_mask"].double().sum().cpu()
+        dist.all_reduce(stats, group=self.dp_group)
+        return stats[:3], float(stats[3])
+
+    def _attention_mask(self, mb: dict) -> torch.Tensor | None:
+        return document_attention_mask(mb["position_ids"]) if self.cfg.data.document_attention else None
+
+    def _forward(self, module: torch.nn.Module, mb: dict, use_labels: bool) -> torch.Tensor:
+        """Per-token losses of one micro-batch; with `use_labels` the SGTM layers route its gradients
+        by the token labels (training), without them it is the plain model (evaluation)."""
+        if self.output_bias is not None:
+            self.output_bias.observe(mb["loss_mask"])
+        with token_labels(mb["token_labels"] if use_labels else None):
+            return module(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["targets"])
+
+    def train_step(self, batches: list[dict]) -> dict:
+        """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""
+        batches = self._to_device(batches)
+        counts, loss_weight = self._global_counts(batches)
+        gate = self.step_gate(counts)
+        loss_sum, tokens, grad_norm = self._optimizer_step(batches, gate, loss_weight)
+        self.scheduler.step(increment=1)
+        return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts, gate)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict], ablate: bool = False) -> tuple[float, float]:
+        """(loss sum, tokens) of a forward pass without labels over the global batch, live or ablated."""
+        self.wrapped.eval()
+        with self._ablated() if ablate else contextlib.nullcontext():
+            result = self._forward_only(self._to_device(batches))
+        self.wrapped.train()
+        return result
+
+    def _ablated(self) -> contextlib.AbstractContextManager:
+        """Θ_F := 0 for the duration."""
+        return ablated(self.model)
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        """Continue the schedule at the saved step (megatron's `load_state_dict` counts from where the
+        scheduler stands, so from a fresh one)."""
+        self.start_schedule()
+        self.scheduler.load_state_dict(state)
+
+    def shutdown(self) -> None:
+        ps.destroy_model_parallel()
+
+    # -- what each framework does its own way ------------------------------------------------
+    @abc.abstractmethod
+    def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[float, float, float | None]:
+        """Forward/backward of every micro-batch and the gated optimizer step; (loss sum, tokens,
+        grad norm) over the global batch. `loss_weight` is the global batch's loss-mask sum."""
+
+    @abc.abstractmethod
+    def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
+        """(loss sum, tokens) of a forward pass without labels over the global batch."""
+
+    @abc.abstractmethod
+    def save(self, directory: str) -> None:
+        """Model and optimizer state into `directory` (collective)."""
+
+    @abc.abstractmethod
+    def load(self, directory: str) -> None:
+        """Model and optimizer state from `directory` (collective), step gating re-installed."""
