@@ -22,6 +22,7 @@ from megatron_sgtm.labels import token_labels
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated
+from megatron_sgtm.strategy import strategy_of
 from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.gating import Gate, step_metrics
@@ -79,7 +80,7 @@ class Engine(abc.ABC):
     # -- what every framework shares ---------------------------------------------------------
     def step_gate(self, counts: torch.Tensor) -> Gate:
         """The regions this step leaves untouched, from the global batch's label counts."""
-        return Gate.from_label_counts(counts) if self.cfg.strategy == "sgtm" else Gate()
+        return Gate.from_label_counts(counts) if strategy_of(self.cfg.strategy).gates_steps else Gate()
 
     def _to_device(self, batches: list[dict]) -> list[dict]:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
