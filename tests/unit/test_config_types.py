@@ -4,12 +4,17 @@ names against the data, and each refusal is one line naming the file, the key an
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from megatron_sgtm.cli import main
+from megatron_sgtm.model import TIED_MASK_EMBEDDINGS
 from megatron_sgtm.training.config import ConfigError, from_dict, load_config, validate
+from tests.support import ROOT
 from tests.support.train_fixtures import tiny_config, write_manifest
 
 
@@ -184,3 +189,32 @@ def test_cli_refuses_broken_yaml_with_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{path}: not valid YAML: line 2" in err, err
+
+
+BUILD_TIED_MASKED = """
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition
+from megatron_sgtm.partition import SGTMConfig
+from megatron_sgtm.training.distributed import init_distributed
+
+init_distributed()
+parallel_state.initialize_model_parallel(1, 1)
+model_parallel_cuda_manual_seed(0)
+m = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=32, seq_length=8, arch="gpt2")
+try:
+    build_gpt_model(m, m.transformer_config(on_gpu=False), resolve_partition(SGTMConfig(mask_embeddings=True), m))
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_the_embedding_hook_refuses_a_tied_model():
+    """No path around the config reaches the half-way rule: building the model refuses it too."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", BUILD_TIED_MASKED], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == TIED_MASK_EMBEDDINGS
