@@ -262,7 +262,7 @@ _RULES: dict[str, dict[str, _Rule]] = {
     "optim": {"lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
               "beta1": _BETA, "beta2": _BETA, "eps": _POSITIVE, "clip_grad": _NON_NEGATIVE,
               "global_batch_size": _AT_LEAST_ONE, "micro_batch_size": _AT_LEAST_ONE},
-    # log_interval divides the step number, so 0 is no "never" there
+    # log_interval divides the step number: unlike the eval and save intervals, 0 cannot mean "never"
     "train": {"train_steps": _AT_LEAST_ONE, "log_interval": _AT_LEAST_ONE, "eval_interval": _NON_NEGATIVE,
               "eval_batches": _NON_NEGATIVE, "calibration_iters": _NON_NEGATIVE},
     "checkpoint": {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE},
@@ -308,9 +308,9 @@ def _section(cls, values: Any, source: str, name: str):
             converted[key] = _convert(value, key_types[key])
         except _Mismatch:
             raise ConfigError(f"{source}: {name}.{key}={value!r}: expected {_describe(key_types[key])}") from None
-        test, rule = _RULES.get(name, {}).get(key, (None, ""))
-        if test is not None and converted[key] is not None and not test(converted[key]):
-            raise ConfigError(f"{source}: {name}.{key}={value!r}: {rule}")
+        rule = _RULES.get(name, {}).get(key)
+        if rule is not None and converted[key] is not None and not rule[0](converted[key]):
+            raise ConfigError(f"{source}: {name}.{key}={value!r}: {rule[1]}")
     try:
         for f in _flat_fields(cls):
             nested_cls = f.metadata[_FLAT]
