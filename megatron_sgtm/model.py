@@ -21,6 +21,11 @@ from megatron_sgtm.layers.autograd import scale_grad
 from megatron_sgtm.layers.spec import get_sgtm_block_spec
 from megatron_sgtm.partition import ModelDims, Partition, SGTMConfig
 
+# The embedding hook drops the lookup gradient at F positions; a tied word embedding is also the output layer, which
+# every token updates (Θ_J), so that rule would hold only half-way.
+TIED_MASK_EMBEDDINGS = ("sgtm.mask_embeddings=true needs untied embeddings (model.tie_embeddings=false; gpt2-style "
+                        "models tie them): the tied matrix is also the output layer (Θ_J)")
+
 ARCHITECTURES = {
     "gpt2": dict(normalization="LayerNorm", activation="gelu", position_embedding="learned_absolute",
                  tie_embeddings=True, bias=True),
@@ -117,6 +122,8 @@ def build_gpt_model(model: ModelConfig, config: TransformerConfig, partition: Pa
 
 def _mask_embedding_gradients(gpt: GPTModel) -> None:
     """Θ_R embeddings: the gradient of the embedding output at F positions is dropped."""
+    if gpt.share_embeddings_and_output_weights:
+        raise ValueError(TIED_MASK_EMBEDDINGS)
     sequence_parallel = gpt.config.sequence_parallel
 
     def hook(_module, _inputs, output):

@@ -61,8 +61,9 @@ def linear_regions(
 
 
 def masked_embeddings(partition: Partition | None, tied: bool, position: bool) -> tuple[str, ...]:
-    """The Θ_R embeddings (submodules of the embedding): those of `mask_embeddings`, except tied word
-    embeddings, which are the output layer too, which is Θ_J."""
+    """The Θ_R embeddings (submodules of the embedding) of `mask_embeddings`. It needs untied embeddings: config
+    loading and `model.build_gpt_model` refuse a tied model (its word embedding is the output layer too, Θ_J).
+    A tied checkpoint written before that refusal keeps its word embeddings Θ_J, as its optimizer treated them."""
     if partition is None or not partition.active or not partition.mask_embeddings:
         return ()
     names = ("position_embeddings",) if position else ()

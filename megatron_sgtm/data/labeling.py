@@ -43,7 +43,7 @@ class LabelingConfig:
         for name in ("tau_forget", "tau_retain", "retain_rate", "undiscovered_rate", "false_positive_rate"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
-                raise ValueError(f"labeling: {name} must be in [0, 1], got {value}")
+                raise ValueError(f"labeling: {name}={value} must be in [0, 1]")
         if self.tau_retain > self.tau_forget:
             raise ValueError(f"labeling: tau_retain ({self.tau_retain}) must be <= tau_forget ({self.tau_forget})")
         if self.score_source not in ("tagged", "truth"):

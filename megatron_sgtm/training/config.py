@@ -1,13 +1,19 @@
 """Training configuration: one YAML file plus ``--section.key=value`` overrides, validated up front.
 
-Everything a run needs is checked here, before any process group exists: unknown keys, a layout
-that does not divide the world size, DeepSpeed stage 3 with PP > 1, a missing data path, a
-partition that does not fit the model.
+Everything a run needs is checked here, before any process group exists: broken YAML, unknown keys,
+values of the wrong type or out of range, a layout that does not divide the world size, DeepSpeed
+stage 3 with PP > 1, a missing data path, categories the data does not hold, a partition that does
+not fit the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,9 @@ from typing import Any
 import yaml
 
 from megatron_sgtm.data.labeling import LabelingConfig
-from megatron_sgtm.model import ModelConfig
+from megatron_sgtm.data.sampler import MODES
+from megatron_sgtm.data.shards import Manifest
+from megatron_sgtm.model import TIED_MASK_EMBEDDINGS, ModelConfig
 from megatron_sgtm.partition import PartitionError, SGTMConfig
 from megatron_sgtm.strategy import METHODS, SGTM
 
@@ -143,8 +151,11 @@ SECTIONS = {
 }
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(item: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from err
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -160,8 +171,103 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(item, value)
     return raw
+
+
+# Value types. YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string, so numeric strings count as numbers.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_TYPE_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+               str: ("a string", "strings")}
+
+
+class _Mismatch(Exception):
+    """A value that does not fit its field's type."""
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """`value` as field type `tp` (a scalar, a list or tuple of scalars, or a union with None); else _Mismatch."""
+    if _is_union(tp):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for member in (m for m in typing.get_args(tp) if m is not type(None)):
+            try:
+                return _convert(value, member)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        items = [_convert(item, typing.get_args(tp)[0]) for item in value]
+        return tuple(items) if origin is tuple else items
+    if (tp is bool and isinstance(value, bool)) or (tp is str and isinstance(value, str)):
+        return value
+    number = _number(value) if tp in (int, float) else None
+    if tp is float and number is not None:
+        return float(number)
+    if tp is int and number is not None and float(number).is_integer():
+        return int(number)
+    if tp not in _TYPE_NAMES:
+        raise TypeError(f"config field type {tp!r} is not supported")
+    raise _Mismatch
+
+
+def _describe(tp: Any) -> str:
+    """What a value of type `tp` is, in words: 'an integer, a list of integers or null'."""
+    if _is_union(tp):
+        words = [_describe(member) for member in typing.get_args(tp) if member is not type(None)]
+        words += ["null"] if type(None) in typing.get_args(tp) else []
+        return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list of {_TYPE_NAMES[typing.get_args(tp)[0]][1]}"
+    return _TYPE_NAMES[tp][0]
+
+
+# Range rules of single keys, checked on the values a config gives (the defaults obey them).
+_Rule = tuple[Callable[[Any], bool], str]
+_POSITIVE: _Rule = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE: _Rule = (lambda v: v >= 0, "must be >= 0")
+_AT_LEAST_ONE: _Rule = (lambda v: v >= 1, "must be >= 1")
+_BETA: _Rule = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
+
+
+def _one_of(choices) -> _Rule:
+    return (lambda v: v in choices, f"expected one of {list(choices)}")
+
+
+_RULES: dict[str, dict[str, _Rule]] = {
+    "model": {**{key: _AT_LEAST_ONE for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                                                "seq_length", "num_query_groups", "ffn_hidden_size")},
+              "init_method_std": _POSITIVE, "rotary_base": _POSITIVE},
+    "data": {"heldout_fraction": (lambda v: 0 < v < 1, "must lie in (0, 1)"), "mode": _one_of(MODES)},
+    "parallel": {"tensor_model_parallel_size": _AT_LEAST_ONE, "pipeline_model_parallel_size": _AT_LEAST_ONE},
+    "optim": {"lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+              "beta1": _BETA, "beta2": _BETA, "eps": _POSITIVE, "clip_grad": _NON_NEGATIVE,
+              "global_batch_size": _AT_LEAST_ONE, "micro_batch_size": _AT_LEAST_ONE},
+    # log_interval divides the step number: unlike the eval and save intervals, 0 cannot mean "never"
+    "train": {"train_steps": _AT_LEAST_ONE, "log_interval": _AT_LEAST_ONE, "eval_interval": _NON_NEGATIVE,
+              "eval_batches": _NON_NEGATIVE, "calibration_iters": _NON_NEGATIVE},
+    "checkpoint": {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE},
+    "logging": {"wandb_mode": _one_of(("offline", "online", "disabled"))},
+}
 
 
 def _flat_fields(cls) -> list[dataclasses.Field]:
@@ -172,38 +278,61 @@ def _flat_keys(nested_cls) -> set[str]:
     return {f.name for f in dataclasses.fields(nested_cls)} - _NOT_FLAT_KEYS
 
 
-def _section(cls, values: Any, where: str):
+def _key_types(cls) -> dict[str, Any]:
+    """The type of every key a section takes (flat-nested keys included)."""
+    flat = _flat_fields(cls)
+    found = {name: tp for name, tp in typing.get_type_hints(cls).items() if name not in {f.name for f in flat}}
+    for f in flat:
+        nested = typing.get_type_hints(f.metadata[_FLAT])
+        found.update({key: nested[key] for key in _flat_keys(f.metadata[_FLAT])})
+    return found
+
+
+def _section(cls, values: Any, source: str, name: str):
+    where = f"{source}: {name}"
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    flat = _flat_fields(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - {f.name for f in flat}
-    names |= {key for f in flat for key in _flat_keys(f.metadata[_FLAT])}
-    unknown = sorted(set(values) - names)
+    key_types = _key_types(cls)
+    unknown = sorted(map(str, set(values) - set(key_types)))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    values = dict(values)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(key_types)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    converted = {}
+    for key, value in values.items():
+        try:
+            converted[key] = _convert(value, key_types[key])
+        except _Mismatch:
+            raise ConfigError(f"{source}: {name}.{key}={value!r}: expected {_describe(key_types[key])}") from None
+        rule = _RULES.get(name, {}).get(key)
+        if rule is not None and converted[key] is not None and not rule[0](converted[key]):
+            raise ConfigError(f"{source}: {name}.{key}={value!r}: {rule[1]}")
     try:
-        for f in flat:
+        for f in _flat_fields(cls):
             nested_cls = f.metadata[_FLAT]
-            values[f.name] = nested_cls(**{k: values.pop(k) for k in _flat_keys(nested_cls) if k in values})
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+            converted[f.name] = nested_cls(**{k: converted.pop(k) for k in _flat_keys(nested_cls) if k in converted})
+        return cls(**converted)
+    except (TypeError, ValueError) as err:  # the dataclass's own checks; some name the key as `section.key`
+        raise ConfigError(f"{source}: {err}" if str(err).startswith(f"{name}.") else f"{where}: {err}") from err
 
 
 def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     raw = dict(raw)
-    unknown = sorted(set(raw) - set(SECTIONS) - {"method"})
+    unknown = sorted(map(str, set(raw) - set(SECTIONS) - {"method"}))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['method']}")
     if "model" not in raw:
         raise ConfigError(f"{source}: section 'model' is required")
     method = raw.pop("method", SGTM.name)
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"{source}: method={method!r}: expected one of {sorted(METHODS)}")
-    sections = {name: _section(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
+    sections = {name: _section(cls, raw.get(name), source, name) for name, cls in SECTIONS.items()}
     strategy = METHODS[method].strategy.name
     asked = sections["sgtm"].strategy if "strategy" in (raw.get("sgtm") or {}) else strategy
     if asked != strategy:
@@ -213,7 +342,20 @@ def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
                           f"strategy; remove sgtm.strategy{fix})")
     cfg = TrainConfig(method=method, **sections)
     cfg.sgtm.strategy = strategy
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"{source}: optim.min_lr={cfg.optim.min_lr}: must be <= optim.lr={cfg.optim.lr}")
+    if cfg.sgtm.mask_embeddings and cfg.model.tie_embeddings:
+        raise ConfigError(f"{source}: {TIED_MASK_EMBEDDINGS}")
     return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what: 'line 4, column 6: expected ',' or ']' (while parsing a flow sequence at line 3, column 16)'."""
+    mark, context, context_mark = (getattr(err, k, None) for k in ("problem_mark", "context", "context_mark"))
+    text = getattr(err, "problem", None) or str(err).replace("\n", " ")
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {text}"
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -223,8 +365,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} cannot be read ({err})") from err
         source = str(path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     return from_dict(apply_overrides(raw, list(overrides)), source)
 
 
@@ -285,6 +434,35 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"model.num_layers={cfg.model.num_layers} is not divisible by pipeline_model_parallel_size="
             f"{par.pipeline_model_parallel_size}"
         )
+    _check_categories(cfg)
+
+
+def _check_categories(cfg: TrainConfig) -> None:
+    """The category lists name categories the data holds, and a method that needs forget documents has some."""
+    data, labeling = cfg.data, cfg.data.labeling
+    try:
+        counts = Manifest.read(Path(data.path)).categories()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"data.path={data.path}: unreadable manifest.json ({err})") from err
+    needs_truth = labeling.needs_truth or cfg.data_filter in ("oracle", "strict")
+    if not counts:
+        if needs_truth:
+            raise ConfigError(f"method={cfg.method} with data.score_source={labeling.score_source}, undiscovered_rate="
+                              f"{labeling.undiscovered_rate}, false_positive_rate={labeling.false_positive_rate} needs "
+                              f"ground-truth categories, but the documents at data.path={data.path} have none")
+        return  # tagged scores alone: no category to check a name against
+    for key, names in (("forget_categories", labeling.forget_categories), ("retain_categories", data.retain_categories),
+                       ("adjacent_categories", data.adjacent_categories)):
+        unknown = [name for name in names if name not in counts]
+        if unknown:
+            raise ConfigError(f"data.{key}={list(names)}: {unknown} not among the categories of data.path={data.path} "
+                              f"(known: {sorted(counts)}; an empty list [] names none)")
+    needs_forget = (cfg.data_filter != "none" or METHODS[cfg.method].strategy.active or labeling.undiscovered_rate > 0
+                    or labeling.false_positive_rate > 0)
+    if needs_forget and not any(counts[name] for name in labeling.forget_categories):
+        raise ConfigError(f"method={cfg.method} needs forget documents, but data.forget_categories="
+                          f"{list(labeling.forget_categories)} selects none of the documents at data.path={data.path} "
+                          f"(categories: {counts})")
 
 
 def _check_pretrained(cfg: TrainConfig) -> None:

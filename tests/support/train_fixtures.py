@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_sgtm.data.build import build_shards
+from megatron_sgtm.data.shards import Manifest, ShardInfo
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
 
@@ -14,6 +15,16 @@ def build_tiny_shards(out: Path, num_docs: int = 400, vocab: int = 300, seed: in
     tokenizer = train_bpe((d.text for d in docs), vocab)
     build_shards(docs, tokenizer, out)
     return out
+
+
+def write_manifest(directory: Path, categories: dict[str, int] | None = None) -> Path:
+    """A shard directory holding only its manifest (`validate` reads no shard): documents per category as given,
+    by default the synthetic corpus's english, spanish and italian."""
+    categories = {"english": 6, "spanish": 3, "italian": 1} if categories is None else categories
+    directory.mkdir(parents=True, exist_ok=True)
+    shard = ShardInfo("shard-000000.tar", num_docs=sum(categories.values()), categories=categories)
+    Manifest(shards=[shard], eod_id=0, vocab_size=300).write(directory)
+    return directory
 
 
 def tiny_config(data_path: Path, run_dir: Path, **sections) -> dict:

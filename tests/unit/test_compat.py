@@ -14,7 +14,7 @@ import torch
 from megatron_sgtm import compat
 from megatron_sgtm.compat import CompatError, require
 from tests.support import ROOT
-from tests.support.train_fixtures import tiny_config
+from tests.support.train_fixtures import tiny_config, write_manifest
 
 
 def _pretend_installed(monkeypatch, package: str, installed: str) -> None:
@@ -62,9 +62,7 @@ def test_the_cpu_shims_refuse_an_unknown_megatron_core_before_patching(monkeypat
 
 def test_train_surfaces_an_unknown_version_as_one_line_without_a_traceback(tmp_path):
     """`megatron-sgtm train` on CPU: the shims' refusal is the whole of stderr, exit status 1."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text("{}")  # validate() only looks for the manifest
+    shards = write_manifest(tmp_path / "shards")  # validate() reads only the manifest
     config = tmp_path / "cfg.yaml"
     config.write_text(json.dumps(tiny_config(shards, tmp_path / "run")))
     code = ("import sys, torch; from megatron_sgtm import compat; torch.cuda.is_available = lambda: False; "

@@ -12,15 +12,12 @@ import pytest
 
 from megatron_sgtm.training.config import ConfigError, from_dict, load_config, validate
 from tests.support import ROOT
-from tests.support.train_fixtures import tiny_config
+from tests.support.train_fixtures import tiny_config, write_manifest
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    # validate() only looks for the manifest; an empty one is enough here.
-    path = tmp_path_factory.mktemp("shards")
-    (path / "manifest.json").write_text("{}")
-    return path
+    return write_manifest(tmp_path_factory.mktemp("shards"))  # validate() reads only the manifest
 
 
 def _raw(shards: Path, **sections) -> dict:
@@ -116,7 +113,7 @@ def test_flat_labeling_keys_fill_the_data_sections_labeling_config_seeded_by_tra
         ({"seed": 3}, "data: unknown key(s) ['seed']"),  # the labeling seed is train.seed
         ({"labeling": {"tau_forget": 0.7}}, "data: unknown key(s) ['labeling']"),
         ({"tau_retain": 0.9, "tau_forget": 0.5}, "data: labeling: tau_retain (0.9) must be <= tau_forget (0.5)"),
-        ({"forget_categories": "biology"}, "data: labeling: forget_categories must be a list"),
+        ({"forget_categories": "biology"}, "data.forget_categories='biology': expected a list of strings"),
     ],
 )
 def test_bad_labeling_keys_are_refused_when_the_config_loads(shards, data, needle):

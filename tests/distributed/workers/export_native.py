@@ -31,6 +31,12 @@ CASES: dict[str, tuple[ModelConfig, SGTMConfig]] = {
     "gpt2": (
         ModelConfig(num_layers=2, hidden_size=40, num_attention_heads=5, ffn_hidden_size=70, vocab_size=299,
                     seq_length=SEQ, arch="gpt2"),
+        SGTMConfig(forget_heads=[1, 4], forget_mlp_units=[0, 33, 69]),
+    ),
+    # masked embeddings need untied ones: word and learned position embeddings are Θ_R.
+    "gpt2_untied": (
+        ModelConfig(num_layers=2, hidden_size=40, num_attention_heads=5, ffn_hidden_size=70, vocab_size=299,
+                    seq_length=SEQ, arch="gpt2", tie_embeddings=False),
         SGTMConfig(forget_heads=[1, 4], forget_mlp_units=[0, 33, 69], mask_embeddings=True),
     ),
     # gradient routing ablates only the forget rows of qkv/fc1 (with their biases).
