@@ -15,6 +15,11 @@ run through their documents at the same pace.
 Pipeline stages. A micro-batch is a pure function of ``(step, micro)`` and the constructor
 arguments: every pipeline stage of a DP rank builds the same sampler and iterates it (or calls
 `micro_batch` directly) and gets identical tokens and labels, with nothing to communicate.
+
+Elastic resume. Global step ``g`` holds the same sequences at every DP size and micro-batch size,
+so a saved position (``state_dict``: the global step) continues the same stream at another DP size
+(as Megatron-LM's consumed samples do); only the global batch size, the data, labels, mode and
+seed must stay (`SGTMSampler.check_resumable`).
 """
 
 from __future__ import annotations
@@ -196,20 +201,38 @@ class SGTMSampler:
         return batch
 
     def _fingerprint(self) -> str:
-        """Everything that determines the batch sequence except the position (and the DP rank)."""
+        """Everything that determines the global batch sequence except the position: not the DP rank or
+        size, nor the micro-batch size, which only cut each global batch differently (elastic resume)."""
         labels = hashlib.sha256(self.doc_labels.tobytes()).hexdigest()
         documents = [hashlib.sha256(s.documents.tobytes()).hexdigest() for s in self.streams]
-        key = [self.mode, self.seed, self.seq_length, self.micro_batch_size, self.global_batch_size,
-               self.dp_size, self.corpus.num_docs, int(self.corpus.offsets[-1]), labels, documents, self.proportions]
+        key = [self.mode, self.seed, self.seq_length, self.global_batch_size, self.corpus.num_docs,
+               int(self.corpus.offsets[-1]), labels, documents, self.proportions]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "micro": self.micro, "fingerprint": self._fingerprint()}
+        return {"step": self.step, "micro": self.micro, "fingerprint": self._fingerprint(),
+                "global_batch_size": self.global_batch_size, "dp_size": self.dp_size,
+                "micro_batch_size": self.micro_batch_size}
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def check_resumable(self, state: Mapping) -> None:
+        """Raise ValueError unless `state` continues this global stream. The position is counted in
+        global steps, so the global batch size must stay; DP size and micro-batch size may change at a
+        step boundary (each global step holds the same sequences, only dealt out differently)."""
+        saved_gbs = state.get("global_batch_size", self.global_batch_size)
+        if saved_gbs != self.global_batch_size:
+            raise ValueError(f"optim.global_batch_size={self.global_batch_size}, but the checkpoint was saved with "
+                             f"{saved_gbs}; its position is counted in global steps of that size, so keep it")
         if state["fingerprint"] != self._fingerprint():
             raise ValueError("sampler state was saved with different data, labels or batch settings; "
                              "resuming would not continue the same sequence of batches")
+        cut = (state.get("dp_size"), state.get("micro_batch_size"))
+        if state["micro"] and cut != (self.dp_size, self.micro_batch_size):
+            raise ValueError(f"sampler state stopped inside global step {state['step']} at DP size x micro-batch "
+                             f"size {cut[0]} x {cut[1]}; it resumes only at that layout, not at "
+                             f"{self.dp_size} x {self.micro_batch_size}")
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.check_resumable(state)
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
 

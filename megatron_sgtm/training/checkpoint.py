@@ -102,16 +102,26 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
 
 
 def load(engine, path: Path) -> dict:
-    """Collective. Loads the engine state and this rank's RNG (when the world size matches)."""
+    """Collective. Loads the engine state and this rank's RNG (`restore_rng`)."""
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {META})")
     meta = json.loads(meta_file.read_text())
     engine.load(str(path))
-    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+    restore_rng(path)
     return meta
+
+
+def restore_rng(path: Path) -> None:
+    """Rank r restores ``rng/rank_r.pt`` when the checkpoint has it, else rank 0's (a resume at a larger
+    world). The torch RNG draws only dropout and init, and the data order does not use it, so a
+    resume at another layout continues the same run (bit-exact where dropout is 0, as in our configs)."""
+    rng = path / "rng"
+    own = rng / f"rank_{dist.get_rank():05d}.pt"
+    for file in (own, rng / "rank_00000.pt"):
+        if file.is_file():
+            set_rng_state(torch.load(file, weights_only=True))
+            return
 
 
 def model_only_meta(path: Path) -> dict:

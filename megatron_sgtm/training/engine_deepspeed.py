@@ -135,6 +135,24 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool, dp_size: int) -> dict:
     }
 
 
+def check_resume_layout(path: Path, meta: dict, dp_size: int, tp_size: int) -> None:
+    """DeepSpeed 0.19 loads ZeRO optimizer state only at the DP size it was saved at (another one needs
+    an offline conversion to its universal format), and model states per TP rank: refuse any other
+    layout by the checkpoint's meta.json, before DeepSpeed is started."""
+    from megatron_sgtm.training.checkpoint import CheckpointError
+
+    par = meta["config"]["parallel"]
+    saved_tp = par["tensor_model_parallel_size"]
+    saved_dp = meta["world_size"] // (saved_tp * par["pipeline_model_parallel_size"])
+    if meta.get("engine") != "deepspeed":
+        raise CheckpointError(f"{path}: a {meta.get('engine')} engine checkpoint; engine=deepspeed resumes only "
+                              "its own checkpoints")
+    if (saved_dp, saved_tp) != (dp_size, tp_size):
+        raise CheckpointError(f"{path}: saved by engine=deepspeed at data-parallel size {saved_dp} (TP {saved_tp}); "
+                              f"it resumes only at that layout, not at data-parallel size {dp_size} (TP {tp_size}) "
+                              "(engine=megatron checkpoints resume at any layout)")
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 

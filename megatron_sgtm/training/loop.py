@@ -136,23 +136,45 @@ def evaluation_metrics(final: dict) -> dict[str, float]:
     return {k: v for k, v in final.items() if k.endswith(("_loss", "_ablated", "_calibrated", "_gap"))}
 
 
+def _sampler(cfg: TrainConfig, data: RunData, dp_rank: int, dp_size: int) -> SGTMSampler:
+    return SGTMSampler(
+        data.corpus, data.doc_labels, seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.optim.micro_batch_size, global_batch_size=cfg.optim.global_batch_size,
+        dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed, mode=cfg.data.mode, documents=data.train_docs,
+    )
+
+
+def check_resumable(cfg: TrainConfig, data: RunData, path: Path, world: int) -> None:
+    """Refuse, before anything expensive is built, a checkpoint this run cannot continue: another global
+    stream (global batch size, data, labels, seed) or, with DeepSpeed, another data-parallel layout.
+    The megatron engine resumes at any TP x PP x DP (its distributed checkpoint reshards)."""
+    meta = json.loads((path / checkpoint.META).read_text())
+    par = cfg.parallel
+    dp_size = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
+    try:
+        _sampler(cfg, data, 0, dp_size).check_resumable(meta["sampler"])
+    except ValueError as err:
+        raise checkpoint.CheckpointError(f"{path}: {err}") from None
+    if par.engine == "deepspeed":
+        from megatron_sgtm.training.engine_deepspeed import check_resume_layout
+
+        check_resume_layout(path, meta, dp_size, par.tensor_model_parallel_size)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one training job (collective over the whole world); returns the final metrics."""
     validate(cfg, world_size_from_env())  # before any distributed work
     rank, world, on_gpu = init_distributed()
     torch.manual_seed(cfg.train.seed)
     data = load_data(cfg)
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, root)
+    if resume_from is not None:
+        check_resumable(cfg, data, resume_from, world)  # before the model is built
     engine = _make_engine(cfg, on_gpu)
     log = RunLogger(cfg, rank, world)
-    sampler = SGTMSampler(
-        data.corpus, data.doc_labels, seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.optim.micro_batch_size, global_batch_size=cfg.optim.global_batch_size,
-        dp_rank=engine.dp_rank, dp_size=engine.dp_size, seed=cfg.train.seed, mode=cfg.data.mode,
-        documents=data.train_docs,
-    )
-    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    sampler = _sampler(cfg, data, engine.dp_rank, engine.dp_size)
     step, gated = 0, {"retain": 0, "forget": 0}
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, root)
     if resume_from is not None:
         meta = checkpoint.load(engine, resume_from)
         step, gated = meta["step"], meta["gated"]

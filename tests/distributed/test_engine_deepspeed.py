@@ -1,6 +1,7 @@
 """Engine ``deepspeed``: step gating under ZeRO 1/2/3 (docs/design.md invariant 3), agreement of losses and
 weights across ZeRO stages, TP=2 and the megatron engine (invariant 4), resume exactness through
-DeepSpeed's own checkpoints (invariant 5), ablated evaluation, and weights_only checkpoint loads.
+DeepSpeed's own checkpoints (invariant 5), ablated evaluation, weights_only checkpoint loads, and the
+step gate on DP ranks that hold different labels.
 
 The distributed part runs once (tests/distributed/workers/deepspeed_gating.py, 2 gloo ranks); each test checks
 one property of its results. Unit tests of the LR schedule, the config merge and the counters of
@@ -16,7 +17,7 @@ import torch
 
 from megatron_sgtm.training.gating import Gate
 from tests.distributed.launch import torchrun
-from tests.distributed.workers.deepspeed_gating import LAYOUTS, MODEL, SCHEDULE
+from tests.distributed.workers.deepspeed_gating import LAYOUTS, MIX_LAYOUTS, MODEL, SCHEDULE
 
 KEYS = [layout[0] for layout in LAYOUTS]
 JOINT, RETAIN, FORGET = 0, 1, 2  # the worker's region-mask encoding
@@ -71,6 +72,21 @@ def test_all_retain_step_freezes_forget(results, key):
         assert count[FORGET][1] > 0 and count[FORGET][0] == 0, (kind, count)
         assert count[RETAIN][1] > 0 and count[RETAIN][0] == count[RETAIN][1], (kind, count)
         assert count[JOINT][0] >= 0.9 * count[JOINT][1], (kind, count)
+
+
+@pytest.mark.parametrize("key", [layout[0] for layout in MIX_LAYOUTS])
+@pytest.mark.parametrize("case,frozen", [("F_U", None), ("F_F", RETAIN), ("R_F", None)])
+def test_step_gate_reads_the_labels_of_every_dp_rank(results, key, case, frozen):
+    """DP ranks holding different labels (rank 0's, rank 1's): the gate follows the global batch's label
+    counts, so U on one rank trains both regions and R + F freezes nothing; only F + F freezes Θ_R, bit for
+    bit in values and Adam moments, on both ranks' partitions."""
+    assert results[f"{key}/{case}/gated"].tolist() == [frozen == RETAIN, False]
+    for kind in KINDS:
+        count = _changed(results, key, f"{case}/before", f"{case}/after", kind)
+        for region in (RETAIN, FORGET):
+            changed, total = count[region]
+            assert total > 0
+            assert changed == (0 if region == frozen else total), (kind, region, count)
 
 
 @pytest.mark.parametrize("key", KEYS)

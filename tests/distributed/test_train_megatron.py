@@ -135,6 +135,22 @@ def test_step_gating_freezes_params_and_adam_moments_bit_for_bit(world2, step, f
     assert any(not torch.equal(before[n], after[n]) for n in joint), "Θ_J did not train"
 
 
+@pytest.mark.parametrize("case,frozen", [("ranks_F_U", None), ("ranks_F_F", "retain"), ("ranks_R_F", None)])
+def test_step_gate_reads_the_labels_of_every_dp_rank(world2, case, frozen):
+    """DP ranks holding different labels (rank 0's, rank 1's): the gate follows the global batch, so U on
+    one rank trains both regions and R + F freezes nothing; only F + F freezes Θ_R. Frozen params and
+    Adam moments stay bit-identical on every rank's shard; the others move (nearly) everywhere."""
+    counts = world2[f"{case}/region_counts"]
+    for row, region in enumerate(("retain", "forget")):
+        same, total, changed = counts[row].tolist()
+        assert total > 0
+        if region == frozen:
+            assert same == total, f"{region}: {total - same} frozen elements moved"
+        else:
+            assert changed >= 0.9 * total, f"{region}: only {changed} of {total} elements moved"
+    assert world2[f"{case}/gated"].tolist() == [frozen == "retain", False]
+
+
 def test_tp2_checkpoint_resumes_at_tp1(world1, tp2_saved):
     uninterrupted = tp2_saved["tp2_save/losses"][3:]
     resumed = world1["tp1_resume/losses"]

@@ -80,6 +80,39 @@ def test_stop_and_resume_mid_epoch_is_exact(corpus, labels):
         SGTMSampler(corpus, labels, dp_rank=1, dp_size=2, seed=10, **SETTINGS).load_state_dict(state)
 
 
+def test_elastic_resume_at_other_dp_and_micro_batch_sizes_delivers_every_token_once(corpus, labels):
+    """A position saved at DP=2 resumes at DP=1 (micro-batch 4), then at DP=4 (micro-batch 1): the global
+    steps hold the same sequences, so the epoch still delivers every token exactly once."""
+    def ranks(dp_size: int, micro_batch_size: int, state: dict | None) -> list[SGTMSampler]:
+        settings = {**SETTINGS, "micro_batch_size": micro_batch_size}
+        samplers = [SGTMSampler(corpus, labels, dp_rank=r, dp_size=dp_size, seed=5, **settings)
+                    for r in range(dp_size)]
+        for sampler in samplers:
+            if state is not None:
+                sampler.load_state_dict(state)
+        return samplers
+
+    total = ranks(1, 2, None)[0].steps_per_epoch()
+    batches, state = [], None
+    for (dp_size, micro_batch_size), until in zip([(2, 2), (1, 4), (4, 1)], [total // 3, 2 * total // 3, total]):
+        samplers = ranks(dp_size, micro_batch_size, state)
+        while samplers[0].step < until:
+            batches += [next(s) for s in samplers for _ in range(s.num_micro_batches)]
+        state = samplers[0].state_dict()
+    assert state["step"] == total
+    assert (_token_counts(corpus, batches) == 1).all()
+
+
+def test_resume_refusals_name_what_changed(corpus, labels):
+    sampler = SGTMSampler(corpus, labels, dp_rank=0, dp_size=2, seed=5, **SETTINGS)
+    state = sampler.state_dict()
+    with pytest.raises(ValueError, match="global_batch_size=16, but the checkpoint was saved with 8"):
+        SGTMSampler(corpus, labels, seed=5, **{**SETTINGS, "global_batch_size": 16}).load_state_dict(state)
+    next(sampler)  # inside a global step: only the same cut of it continues
+    with pytest.raises(ValueError, match="2 x 2; it resumes only at that layout, not at 1 x 2"):
+        SGTMSampler(corpus, labels, seed=5, **SETTINGS).load_state_dict(sampler.state_dict())
+
+
 def test_pipeline_stages_get_identical_micro_batches(corpus, labels):
     stage0, stage1 = (SGTMSampler(corpus, labels, dp_rank=0, dp_size=2, seed=1, **SETTINGS) for _ in range(2))
     for step in range(3):

@@ -4,7 +4,8 @@ For each layout it trains on hand-built global batches (3 mixed-label steps, the
 then an all-R step), and records on rank 0, in global (TP=1) model space: losses, the fp32
 parameters and Adam moments around the gated steps, the region masks, a check of the engine's
 flat-partition layout against DeepSpeed's own gather helpers, live/ablated eval losses, and the
-losses of steps 4-5 replayed after `load()` of a checkpoint saved at step 3. The pytest side
+losses of steps 4-5 replayed after `load()` of a checkpoint saved at step 3. Then, at ZeRO-2 and
+ZeRO-3, steps whose two DP ranks hold different labels (`RANK_MIXES`). The pytest side
 (tests/test_engine_deepspeed.py) does the comparisons.
 """
 
@@ -40,7 +41,7 @@ from megatron_sgtm.training.config import (  # noqa: E402
 from megatron_sgtm.training.engine_deepspeed import DeepSpeedEngine  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
 
-FORGET, RETAIN = TokenLabel.FORGET, TokenLabel.RETAIN
+UNLABELED, RETAIN, FORGET = TokenLabel
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=16,
                     ffn_hidden_size=64)
@@ -58,6 +59,9 @@ LAYOUTS = [
     ("zero3_subgroups_offload", 3, 1, True, {**Z3, "sub_group_size": 1500}),
 ]
 SCHEDULE = ["mixed", "mixed", "mixed", "forget", "retain"]
+# Steps whose DP ranks hold different labels, after one mixed step: (rank 0's label, rank 1's label).
+RANK_MIXES = {"F_U": (FORGET, UNLABELED), "F_F": (FORGET, FORGET), "R_F": (RETAIN, FORGET)}
+MIX_LAYOUTS = [("mix_zero2", 2, {}), ("mix_zero3", 3, Z3)]  # (key, zero stage, zero_optimization section)
 
 
 def global_batch(step: int, kind: str) -> list[dict]:
@@ -95,6 +99,50 @@ def make_cfg(stage: int, tp: int, ds_json: str, offload: bool = False) -> TrainC
     )
     cfg.sgtm.strategy = cfg.strategy
     return cfg
+
+
+def build_engine(out_dir: str, key: str, stage: int, tp: int, zero: dict, offload: bool = False) -> DeepSpeedEngine:
+    ds_json = Path(out_dir) / f"ds_{key}.json"
+    if dist.get_rank() == 0:
+        ds_json.write_text(json.dumps({"zero_optimization": zero}))
+    dist.barrier()
+    torch.manual_seed(1234)
+    cfg = make_cfg(stage, tp, str(ds_json), offload)
+    return DeepSpeedEngine(cfg, cfg.sgtm.resolve(MODEL.dims()), on_gpu=False)
+
+
+def region_masks(engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Global (TP=1) region masks: 2 forget, 1 retain, 0 joint."""
+    regions = param_regions(engine.model)
+    masks = {}
+    for name in engine.named:
+        probe = torch.empty(engine.model_shape[name])
+        masks[name] = regions[name].forget_mask(probe).float() * 2 + regions[name].retain_mask(probe).float()
+    return gather_global(engine.model, masks)
+
+
+def rank_mixes(out_dir: str, results: dict) -> None:
+    """One mixed step, then one step per `RANK_MIXES` entry, each DP rank's micro-batches all of its label;
+    records the global fp32 params and Adam moments around each such step."""
+    for key, stage, zero in MIX_LAYOUTS:
+        engine = build_engine(out_dir, key, stage, 1, zero)
+        results[f"{key}/regions"] = region_masks(engine)
+        per_rank = GBS // MBS // engine.dp_size
+        mine = slice(engine.dp_rank * per_rank, (engine.dp_rank + 1) * per_rank)
+        engine.train_step(global_batch(1, "mixed")[mine])
+        for step, (case, labels) in enumerate(RANK_MIXES.items(), start=2):
+            batch = global_batch(step, "mixed")[mine]
+            for mb in batch:
+                mb["token_labels"].fill_(labels[engine.dp_rank])
+            before = full_state(engine)
+            metrics = engine.train_step(batch)
+            results[f"{key}/{case}/gated"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
+            for when, state in (("before", before), ("after", full_state(engine))):
+                for kind, tensors in state.items():
+                    for name, value in tensors.items():
+                        results[f"{key}/{case}/{when}/{kind}/{name}"] = value
+        engine.shutdown()
+        dist.barrier()
 
 
 def full_state(engine: DeepSpeedEngine) -> dict[str, dict[str, torch.Tensor]]:
@@ -150,23 +198,8 @@ def main(out_dir: str) -> None:
     results: dict = {}
     for key, stage, tp, offload, zero in LAYOUTS:
         start = time.time()
-        ds_json = Path(out_dir) / f"ds_{key}.json"
-        if rank == 0:
-            ds_json.write_text(json.dumps({"zero_optimization": zero}))
-        dist.barrier()
-        torch.manual_seed(1234)
-        cfg = make_cfg(stage, tp, str(ds_json), offload)
-        engine = DeepSpeedEngine(cfg, cfg.sgtm.resolve(MODEL.dims()), on_gpu=False)
-        regions = param_regions(engine.model)
-        masks = {}
-        for name in engine.named:
-            region = regions[name]
-            shape = engine.model_shape[name]
-            probe = torch.empty(shape)
-            forget = region.forget_mask(probe)
-            retain = region.retain_mask(probe)
-            masks[name] = (forget.float() * 2 + retain.float())  # 2 forget, 1 retain, 0 joint
-        results[f"{key}/regions"] = gather_global(engine.model, masks)
+        engine = build_engine(out_dir, key, stage, tp, zero, offload)
+        results[f"{key}/regions"] = region_masks(engine)
         dp_rank, dp_size = engine.dp_rank, engine.dp_size
         losses, norms, states = [], [], {}
         ckpt = Path(out_dir) / f"ckpt_{key}"
@@ -221,6 +254,7 @@ def main(out_dir: str) -> None:
         results[f"{key}/time_s"] = torch.tensor(time.time() - start)
         engine.shutdown()
         dist.barrier()
+    rank_mixes(out_dir, results)
     # the megatron engine (DistributedOptimizer) on the same batches, for cross-engine agreement
     torch.manual_seed(1234)
     cfg = make_cfg(1, 1, None)

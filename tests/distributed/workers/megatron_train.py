@@ -1,13 +1,16 @@
 """Worker for the megatron-engine training tests: step gating and full `train()` runs.
 
-argv: OUT_DIR SPEC_JSON. The spec holds ``gating`` (a config for the DP=2 step-gating check, or null)
-and ``runs`` (name -> config dict for `megatron_sgtm.training.loop.train`). Rank 0 saves results.
+argv: OUT_DIR SPEC_JSON. The spec holds ``gating`` (a config for the DP=2 step-gating check, or null),
+``runs`` (name -> config dict for `megatron_sgtm.training.loop.train`) and ``record_docs`` (record the
+documents each run's sampler delivers, as ``<name>/docs``). Rank 0 saves results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +21,7 @@ from megatron_sgtm.training.distributed import init_distributed
 if __name__ == "__main__":  # megatron's checkpoint writer spawns a process that re-imports this file
     init_distributed()  # CPU shims before megatron modules are imported and built
 
+from megatron_sgtm.data.sampler import SGTMSampler  # noqa: E402
 from megatron_sgtm.labels import TokenLabel  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
 from megatron_sgtm.strategy import Region  # noqa: E402
@@ -55,6 +59,27 @@ def shard_states(engine) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]
     return out
 
 
+# Steps whose DP ranks hold different labels: (rank 0's label, rank 1's label). The gate must read the
+# global batch's counts (all-reduced over DP): U trains both regions, so only F+F freezes one (Θ_R).
+RANK_MIXES = {"ranks_F_U": (FORGET, UNLABELED), "ranks_F_F": (FORGET, FORGET), "ranks_R_F": (RETAIN, FORGET)}
+
+
+def region_counts(before: list, after: list) -> torch.Tensor:
+    """[[same, total, changed] for Θ_R, for Θ_F] over this rank's shard params and Adam moments, summed
+    over ranks."""
+    counts = torch.zeros(2, 3, dtype=torch.float64)
+    for (p0, s0, codes), (p1, s1, _) in zip(before, after):
+        if codes is None:
+            continue
+        for a, b in [(p0, p1), (s0["exp_avg"], s1["exp_avg"]), (s0["exp_avg_sq"], s1["exp_avg_sq"])]:
+            for row, region in enumerate((Region.RETAIN, Region.FORGET)):
+                sel = codes == region
+                counts[row] += torch.tensor([int((a[sel] == b[sel]).sum()), int(sel.sum()),
+                                             int((a[sel] != b[sel]).sum())], dtype=torch.float64)
+    dist.all_reduce(counts)
+    return counts
+
+
 def gating(raw: dict) -> dict:
     """Invariant 3 of docs/design.md (step gating) under the DistributedOptimizer at DP=2."""
     cfg = from_dict(raw)
@@ -69,26 +94,49 @@ def gating(raw: dict) -> dict:
         before_shards = shard_states(engine)
         metrics = engine.train_step(hand_batches(cfg, 10 + label, [label] * per_rank))
         after_params = gather_global(engine.model)
-        after_shards = shard_states(engine)
-        frozen, moved = (Region.RETAIN, Region.FORGET) if label == FORGET else (Region.FORGET, Region.RETAIN)
-        same = changed = total = 0
-        for (p0, s0, codes), (p1, s1, _) in zip(before_shards, after_shards):
-            if codes is None:
-                continue
-            for a, b in [(p0, p1), (s0["exp_avg"], s1["exp_avg"]), (s0["exp_avg_sq"], s1["exp_avg_sq"])]:
-                f = codes == frozen
-                total += int(f.sum())
-                same += int((a[f] == b[f]).sum())
-                changed += int((a[codes == moved] != b[codes == moved]).sum())
-        counts = torch.tensor([same, total, changed], dtype=torch.float64)
-        dist.all_reduce(counts)
-        results[f"{name}/shard_counts"] = counts
+        counts = region_counts(before_shards, shard_states(engine))
+        frozen, moved = (0, 1) if label == FORGET else (1, 0)  # rows of `counts`: Θ_R, Θ_F
+        results[f"{name}/shard_counts"] = torch.stack([counts[frozen, 0], counts[frozen, 1], counts[moved, 2]])
         results[f"{name}/gated"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
         for key in before_params:
             results[f"{name}/before/{key}"] = before_params[key]
             results[f"{name}/after/{key}"] = after_params[key]
+    for step, (name, labels) in enumerate(RANK_MIXES.items(), start=20):
+        before_shards = shard_states(engine)
+        metrics = engine.train_step(hand_batches(cfg, step, [labels[engine.dp_rank]] * per_rank))
+        results[f"{name}/region_counts"] = region_counts(before_shards, shard_states(engine))
+        results[f"{name}/gated"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
     engine.shutdown()
     return results
+
+
+@contextlib.contextmanager
+def recorded_docs(enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """While open, every micro-batch a `SGTMSampler` iterates adds its input tokens' (global step, document,
+    offset) rows, gathered from all ranks, to the yielded list (on every rank; padding left out)."""
+    rows: list[torch.Tensor] = []
+    if not enabled:
+        yield rows
+        return
+    original = SGTMSampler.__next__
+
+    def recording(self):
+        step = self.step
+        batch = original(self)
+        valid = batch["doc_ids"] >= 0
+        mine = torch.stack([torch.full_like(batch["doc_ids"][valid], step), batch["doc_ids"][valid],
+                            batch["doc_offsets"][valid]], dim=1)
+        rows.append(mine)
+        return batch
+
+    SGTMSampler.__next__ = recording
+    try:
+        yield rows
+    finally:
+        SGTMSampler.__next__ = original
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.int64))
+    rows[:] = gathered
 
 
 def main(out_dir: str, spec_json: str) -> None:
@@ -97,7 +145,10 @@ def main(out_dir: str, spec_json: str) -> None:
     if spec.get("gating"):
         results.update(gating(spec["gating"]))
     for name, raw in spec.get("runs", {}).items():
-        final = train(from_dict(raw))
+        with recorded_docs(spec.get("record_docs", False)) as docs:
+            final = train(from_dict(raw))
+        if docs:
+            results[f"{name}/docs"] = torch.cat(docs)
         results[f"{name}/losses"] = torch.tensor(final["train_losses"], dtype=torch.float64)
         for key, value in evaluation_metrics(final).items():
             results[f"{name}/{key}"] = torch.tensor(value, dtype=torch.float64)
