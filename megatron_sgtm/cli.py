@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 from collections.abc import Iterator
 
 from megatron_sgtm.compat.known_warnings import filter_known_warnings
-from megatron_sgtm.errors import DEBUG_ENV, UserError, debug_requested, is_first_rank, one_line
+from megatron_sgtm.errors import DEBUG_ENV, UserError, debug_requested, report
 
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES: list[str] = ["megatron_sgtm.data.cli", "megatron_sgtm.training.cli", "megatron_sgtm.export.cli",
@@ -58,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, OSError, *getattr(args, "user_errors", ())) as err:
-        if debug:
-            traceback.print_exc()
-        elif is_first_rank():
-            print(f"megatron-sgtm {args.command_name}: {one_line(err)}", file=sys.stderr)
-        return getattr(err, "exit_status", UserError.exit_status)
+        return report(err, args.command_name, debug)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,16 @@ command is our bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import sys
+import time
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
 DEBUG_ENV = "MEGATRON_SGTM_DEBUG"  # =1: tracebacks instead of the one-line report (as `megatron-sgtm --debug`)
+# How long a rank other than 0 waits before exiting on a user error: torchrun stops every rank as soon as
+# one exits, so a rank 1 that fails first would otherwise kill rank 0 before it prints the line.
+OTHER_RANKS_WAIT_S = 10.0
 
 
 class UserError(Exception):
@@ -32,6 +38,17 @@ def is_first_rank() -> bool:
 
 def one_line(err: BaseException) -> str:
     return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
+def report(err: BaseException, command: str, debug: bool) -> int:
+    """Print a user error (the traceback with `debug`, on every rank) and return the exit status."""
+    if debug:
+        traceback.print_exception(err)
+    elif is_first_rank():
+        print(f"megatron-sgtm {command}: {one_line(err)}", file=sys.stderr)
+    else:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    return getattr(err, "exit_status", UserError.exit_status)
 
 
 def check_positive(args, names: Iterable[str]) -> None:
