@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from megatron_sgtm.errors import UserError
 from megatron_sgtm.strategy import SGTM, STRATEGIES, Strategy, strategy_of
 
 # Paper defaults: 1 of 32 heads and 64 of 2048 MLP units per layer.
@@ -24,7 +25,7 @@ DEFAULT_HEAD_FRACTION = 1 / 32
 DEFAULT_UNIT_FRACTION = 64 / 2048
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError, ValueError):
     """A partition setting that does not fit the model; the message names the setting."""
 
 

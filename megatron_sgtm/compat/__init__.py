@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from megatron_sgtm.errors import UserError
 
-class CompatError(RuntimeError):
-    """A third-party package version the patches here were not written for."""
+
+class CompatError(UserError, RuntimeError):
+    """A third-party package version the patches here were not written for: a problem of the environment,
+    not of the command's input, so exit status 1 (the one-line report is the same)."""
+
+    exit_status = 1
 
 
 def require(package: str, known: tuple[str, ...], patch: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -12,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 
 from megatron_sgtm.data.synthetic import DEFAULT_MIX, FORGET_CATEGORY
+from megatron_sgtm.errors import check_positive
 
 SYNTH_CHUNK = 50_000
 # Options holding a count of something; zero or negative is a user error, not "use the default".
@@ -25,28 +25,10 @@ def _mix(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected CATEGORY=WEIGHT[,...], got {text!r}") from e
 
 
-def _guarded(command):
-    """User errors (bad input file, flag, model) become one line ``megatron-sgtm data <cmd>: message`` and
-    exit status 2, as the other subcommands report them."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            for name in COUNT_OPTIONS:
-                value = getattr(args, name, None)
-                if value is not None and value <= 0:
-                    raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-            return command(args)
-        except (ValueError, OSError) as err:
-            print(f"megatron-sgtm data {args.data_command}: {err}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def synth(args: argparse.Namespace) -> int:
     from megatron_sgtm.data.synthetic import generate, write_jsonl
 
+    check_positive(args, COUNT_OPTIONS)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "synthetic.jsonl"
     partial = path.with_name(path.name + ".partial")
@@ -71,6 +53,7 @@ def build(args: argparse.Namespace) -> int:
     from megatron_sgtm.data.sources import Fields, read_documents
     from megatron_sgtm.data.tokenizer import load_tokenizer, train_bpe
 
+    check_positive(args, COUNT_OPTIONS)
     fields = Fields(id=args.id_field, text=args.text_field, category=args.category_field)
     if args.tokenizer is not None:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -122,6 +105,7 @@ def tag(args: argparse.Namespace) -> int:
     from megatron_sgtm.data.shards import check_new_output
     from megatron_sgtm.data.tagging import tag_shards
 
+    check_positive(args, COUNT_OPTIONS)
     check_new_output(args.out)  # before training a classifier for an output that would be refused
     spec = _classifier_spec(args)
     manifest = tag_shards(args.shards, args.out, spec, workers=args.workers, skip_bad_shards=args.skip_bad_shards,
@@ -134,6 +118,8 @@ def tag(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="synthetic corpus, tokenized shards, classifier tagging")
+    # The readers (sources, tokenizer, classifiers, tagging) report malformed input as ValueError.
+    data.set_defaults(user_errors=(ValueError,))
     commands = data.add_subparsers(dest="data_command", required=True)
 
     p = commands.add_parser("synth", help="write the embedded bilingual story corpus as JSONL")
@@ -142,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", type=_mix, default=DEFAULT_MIX,
                    help="category weights, e.g. english=0.6,spanish=0.3,italian=0.1")
-    p.set_defaults(func=_guarded(synth))
+    p.set_defaults(func=synth)
 
     p = commands.add_parser("build", help="tokenize documents into WebDataset shards + manifest.json")
     p.add_argument("--input", type=Path, nargs="+", required=True,
@@ -156,7 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--id-field", default="id")
     p.add_argument("--text-field", default="text")
     p.add_argument("--category-field", default="category")
-    p.set_defaults(func=_guarded(build))
+    p.set_defaults(func=build)
 
     p = commands.add_parser("tag", help="score documents with P(forget) into new tagged shards")
     p.add_argument("--shards", type=Path, required=True, help="shard directory written by `data build`")
@@ -177,4 +163,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--skip-bad-shards", action="store_true", help="skip (and report) corrupt shards")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_guarded(tag))
+    p.set_defaults(func=tag)

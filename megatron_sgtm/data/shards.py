@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_sgtm.errors import UserError
+
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SHARD_PATTERN = "shard-%06d.tar"
@@ -36,7 +38,7 @@ USTAR_TEMPLATE = bytes(
     + bytes(100) + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2 + bytes(183))
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard (or a document in it) is unreadable or inconsistent; the message names it."""
 
 

@@ -20,7 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-SAFE_EXCEPTIONS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+# What the checkpoint and HF readers raise for a bad input directory (besides CheckpointError and OSError).
+READER_ERRORS = (ValueError, KeyError)
 
 
 def _load(path: str):
@@ -196,25 +197,11 @@ def import_hf(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=sys.stderr)
 
 
-def _guarded(func):
-    def run(args: argparse.Namespace) -> int:
-        from megatron_sgtm.training.checkpoint import CheckpointError
-
-        try:
-            func(args)
-        except (CheckpointError, *SAFE_EXCEPTIONS) as err:
-            print(f"megatron-sgtm {args.command}: {err}", file=sys.stderr)
-            return 2
-        return 0
-
-    return run
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ablate", help="zero the forget parameters of a checkpoint (model-only output)")
     p.add_argument("--checkpoint", required=True, help="a training or model-only checkpoint directory")
     p.add_argument("--out", required=True, help="the new model-only checkpoint directory")
-    p.set_defaults(func=_guarded(ablate))
+    p.set_defaults(func=ablate, user_errors=READER_ERRORS)
 
     p = subparsers.add_parser("export-hf", help="write a Hugging Face model directory from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a training or model-only checkpoint directory")
@@ -225,15 +212,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--release", action="store_true",
                    help="write OUT/capable and OUT/safe (ablated, or pruned with --prune) and OUT/manifest.json")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's, else its training data's)")
-    p.set_defaults(func=_guarded(export_hf))
+    p.set_defaults(func=export_hf, user_errors=READER_ERRORS)
 
     p = subparsers.add_parser("inspect", help="layout, step, partition and parameter counts of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_guarded(inspect))
+    p.set_defaults(func=inspect, user_errors=READER_ERRORS)
 
     p = subparsers.add_parser("import-hf", help="an HF model directory as a model-only checkpoint")
     p.add_argument("--hf", required=True, help="a local HF directory (safetensors)")
     p.add_argument("--out", required=True, help="the new model-only checkpoint directory")
     p.add_argument("--config", help="a training config whose sgtm section gives the partition")
-    p.set_defaults(func=_guarded(import_hf))
+    p.set_defaults(func=import_hf, user_errors=READER_ERRORS)

@@ -7,10 +7,17 @@ import shlex
 import sys
 from pathlib import Path
 
+from megatron_sgtm.errors import UserError, check_positive
+
+# Flags holding a count or a size; zero or negative is a user error.
+POSITIVE_OPTIONS = ("vocab_size", "seq_length", "gpus", "gpus_per_node", "gpu_memory_gib", "micro_batch_size",
+                    "global_batch_size")
+
 
 def sizes(args: argparse.Namespace) -> int:
     from megatron_sgtm.sweep.sizes import SIZES, Budget, SizeError, count_parameters, model_config, recommend_layout
 
+    check_positive(args, POSITIVE_OPTIONS)
     budget = Budget(coefficient=args.coefficient, exponent=args.exponent, params=args.budget_params)
     base = {"arch": args.arch, "vocab_size": args.vocab_size, "seq_length": args.seq_length}
     tokens_per_step = args.global_batch_size * args.seq_length
@@ -58,26 +65,25 @@ def print_grid(grid) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megatron_sgtm.errors import yaml_error
     from megatron_sgtm.sweep import runner
-    from megatron_sgtm.sweep.grid import GridError, check, load
+    from megatron_sgtm.sweep.grid import check, load
 
     try:
         grid = load(args.grid, args.overrides)
-    except GridError as err:
-        print(f"megatron-sgtm sweep: {err}", file=sys.stderr)
-        return 2
+    except yaml.YAMLError as err:  # the grid, its base config, or an override's value
+        raise yaml_error(err, [args.grid], "the grid's base config or an override") from err
     if args.action == "collect":
         return _collect(grid, args.out)
     if not (args.dry_run or args.submit or args.local):
-        print("megatron-sgtm sweep: choose --dry-run, --submit or --local", file=sys.stderr)
-        return 2
+        raise UserError("choose --dry-run, --submit or --local")
     if args.dry_run:
         print_grid(grid)
     errors = check(grid)
     if errors:
-        print("megatron-sgtm sweep: the grid is invalid; nothing was submitted:\n  " + "\n  ".join(errors),
-              file=sys.stderr)
-        return 2
+        raise UserError(f"{grid.path}: the grid is invalid, nothing was submitted: " + "; ".join(errors))
     pending = grid.pending()
     use_slurm = not args.local and runner.slurm_available()
     if args.dry_run:
@@ -90,18 +96,14 @@ def sweep(args: argparse.Namespace) -> int:
     if not pending:
         print(f"all {len(grid.runs)} runs of {grid.name} are finished; nothing to run")
         return 0
-    try:
-        if use_slurm:
-            job = runner.submit(grid, pending)
-            print(f"submitted job array {job}: {len(pending)} run(s) ({len(grid.runs) - len(pending)} finished "
-                  f"skipped); logs in {grid.out / 'logs'}")
-            return 0
-        if args.submit:
-            print("no sbatch on PATH: running the sweep here, one run after another", file=sys.stderr)
-        failed = runner.run_local(grid, pending)
-    except GridError as err:
-        print(f"megatron-sgtm sweep: {err}", file=sys.stderr)
-        return 2
+    if use_slurm:
+        job = runner.submit(grid, pending)
+        print(f"submitted job array {job}: {len(pending)} run(s) ({len(grid.runs) - len(pending)} finished "
+              f"skipped); logs in {grid.out / 'logs'}")
+        return 0
+    if args.submit:
+        print("no sbatch on PATH: running the sweep here, one run after another", file=sys.stderr)
+    failed = runner.run_local(grid, pending)
     print(f"ran {len(pending) - len(failed)} of {len(pending)} run(s)" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0
 
@@ -111,9 +113,7 @@ def _collect(grid, out: str | None) -> int:
 
     result = collect(grid, Path(out) if out else None)
     if not result.rows:
-        print(f"megatron-sgtm sweep collect: no run of {grid.name} has finished (no summary.json under {grid.out})",
-              file=sys.stderr)
-        return 1
+        raise UserError(f"collect: no run of {grid.name} has finished (no summary.json under {grid.out})")
     if result.missing:
         print(f"not finished ({len(result.missing)}): {', '.join(result.missing)}", file=sys.stderr)
     print(f"collected {len(result.rows)} of {len(grid.runs)} runs: {result.csv}")

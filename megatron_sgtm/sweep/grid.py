@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_sgtm.errors import UserError
 from megatron_sgtm.strategy import METHODS
 from megatron_sgtm.sweep.sizes import (
     SIZES,
@@ -56,7 +57,7 @@ PARALLEL_KEYS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "
 RATE_FREE = {name for name, m in METHODS.items() if not m.strategy.active and m.data_filter in ("none", "oracle")}
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError):
     """A bad sweep grid; the message names the grid file and the field (or run)."""
 
 

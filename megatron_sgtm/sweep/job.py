@@ -15,15 +15,21 @@ import os
 import sys
 from pathlib import Path
 
+from megatron_sgtm.compat.known_warnings import filter_known_warnings
+from megatron_sgtm.errors import UserError, debug_requested, is_first_rank, report
+
 STATUS_ENV = "SGTM_STATUS_FILE"
 
 
 def main(argv: list[str]) -> int:
-    from megatron_sgtm.training.config import ConfigError, load_config  # imports megatron
-
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
+    debug = debug_requested(False)
+    if not debug:
+        filter_known_warnings()  # before megatron-core is imported
+    from megatron_sgtm.training.config import ConfigError, load_config
+
     try:
         cfg = load_config(argv[0], [*argv[1:], "checkpoint.resume=auto"])
         if not cfg.checkpoint.dir:
@@ -35,11 +41,10 @@ def main(argv: list[str]) -> int:
             from megatron_sgtm.training.loop import train
 
             finished = train(cfg)["step"] >= cfg.train.train_steps
-    except ConfigError as err:
-        print(f"megatron-sgtm train: {err}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as err:  # as `megatron-sgtm train` reports them
+        return report(err, "train", debug)
     status = os.environ.get(STATUS_ENV)
-    if status and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if status and is_first_rank():
         Path(status).write_text("finished\n" if finished else "stopped\n")
     return 0
 

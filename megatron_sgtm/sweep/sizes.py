@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_sgtm.errors import UserError
 from megatron_sgtm.model import ARCHITECTURES, ModelConfig
 
 
@@ -38,7 +39,7 @@ SIZES: dict[str, Size] = {
 GATED_FFN_MULTIPLE = 128  # SwiGLU width: 8/3 of the hidden size (LLaMA's rule), rounded up to this
 
 
-class SizeError(ValueError):
+class SizeError(UserError, ValueError):
     """A size that is not in the table, or a layout that does not fit; the message says which."""
 
 

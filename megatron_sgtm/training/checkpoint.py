@@ -20,12 +20,14 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megatron_sgtm.errors import UserError
+
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
 MODEL_FILE = "model.safetensors"  # model-only checkpoints: the global (TP=1, PP=1) weights
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or does not match this run; names the path."""
 
 

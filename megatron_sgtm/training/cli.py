@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def train(args: argparse.Namespace) -> int:
-    from megatron_sgtm.training.config import ConfigError, load_config  # imports megatron: only when used
+    import yaml
+
+    from megatron_sgtm.errors import yaml_error
+    from megatron_sgtm.training.config import load_config  # imports megatron: only when used
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"megatron-sgtm train: {err}", file=sys.stderr)
-        return 2
+    except yaml.YAMLError as err:  # the file, or an override's value: both parse as YAML
+        raise yaml_error(err, [args.config] if args.config else [], "a --section.key=value override") from err
     from megatron_sgtm.training.loop import train as run
 
-    try:
-        final = run(cfg)
-    except ConfigError as err:
-        print(f"megatron-sgtm train: {err}", file=sys.stderr)
-        return 2
+    final = run(cfg)
     if args.print_summary:
         print(json.dumps({k: v for k, v in final.items() if k != "train_losses"}))
     return 0

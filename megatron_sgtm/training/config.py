@@ -23,12 +23,13 @@ import yaml
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.data.sampler import MODES
 from megatron_sgtm.data.shards import Manifest
+from megatron_sgtm.errors import UserError
 from megatron_sgtm.model import TIED_MASK_EMBEDDINGS, ModelConfig
 from megatron_sgtm.partition import PartitionError, SGTMConfig
 from megatron_sgtm.strategy import METHODS, SGTM
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the file, section and key."""
 
 

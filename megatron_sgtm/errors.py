@@ -1,0 +1,71 @@
+"""The errors `megatron-sgtm` reports as one line, ``megatron-sgtm <command>: <message>``, instead of a traceback.
+
+`megatron_sgtm.cli.main` is the one place that prints them; modules only raise. Anything else that escapes a
+command is our bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
+
+DEBUG_ENV = "MEGATRON_SGTM_DEBUG"  # =1: tracebacks instead of the one-line report (as `megatron-sgtm --debug`)
+# How long a rank other than 0 waits before exiting on a user error: torchrun stops every rank as soon as
+# one exits, so a rank 1 that fails first would otherwise kill rank 0 before it prints the line.
+OTHER_RANKS_WAIT_S = 10.0
+
+
+class UserError(Exception):
+    """Bad input (a file, a flag, a config field) that the message names; exit status 2, as argparse's."""
+
+    exit_status = 2
+
+
+def debug_requested(flag: bool) -> bool:
+    return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def is_first_rank() -> bool:
+    """Rank 0 under torchrun (RANK) or srun (SLURM_PROCID), or a plain process: the one that reports.
+
+    Every rank of a launch checks the same input and fails the same way; one copy of the line is enough."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
+def report(err: BaseException, command: str, debug: bool) -> int:
+    """Print a user error (the traceback with `debug`, on every rank) and return the exit status."""
+    if debug:
+        traceback.print_exception(err)
+    elif is_first_rank():
+        print(f"megatron-sgtm {command}: {one_line(err)}", file=sys.stderr)
+    else:
+        time.sleep(OTHER_RANKS_WAIT_S)
+    return getattr(err, "exit_status", UserError.exit_status)
+
+
+def check_positive(args, names: Iterable[str]) -> None:
+    """Counts and sizes given as flags: zero or negative is a user error, not "use the default"."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            kind = "integer" if isinstance(value, int) else "number"
+            raise UserError(f"--{name.replace('_', '-')} must be a positive {kind}, got {value}")
+
+
+def yaml_error(err: Exception, files: Iterable[str | Path], otherwise: str) -> UserError:
+    """A YAML parse error as one line naming its file: the parser saw only a string, so its message names
+    ``<unicode string>`` and spans several lines. `otherwise` names the source when no file holds that text."""
+    mark = getattr(err, "problem_mark", None)
+    text = mark.buffer.rstrip("\0") if mark is not None and mark.buffer else None
+    source = next((str(f) for f in map(Path, files) if f.is_file() and f.read_text() == text), otherwise)
+    problem = getattr(err, "problem", None) or one_line(err)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return UserError(f"{source}: not valid YAML ({problem}{where})")
