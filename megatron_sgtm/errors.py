@@ -60,12 +60,23 @@ def check_positive(args, names: Iterable[str]) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a positive {kind}, got {value}")
 
 
-def yaml_error(err: Exception, files: Iterable[str | Path], otherwise: str) -> UserError:
-    """A YAML parse error as one line naming its file: the parser saw only a string, so its message names
-    ``<unicode string>`` and spans several lines. `otherwise` names the source when no file holds that text."""
-    mark = getattr(err, "problem_mark", None)
-    text = mark.buffer.rstrip("\0") if mark is not None and mark.buffer else None
-    source = next((str(f) for f in map(Path, files) if f.is_file() and f.read_text() == text), otherwise)
-    problem = getattr(err, "problem", None) or one_line(err)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return UserError(f"{source}: not valid YAML ({problem}{where})")
+def yaml_problem(err: Exception) -> str:
+    """Where and what, on one line: "line 4, column 6: expected ',' or ']' (while parsing a flow sequence at
+    line 3, column 16)"."""
+    mark, context, context_mark = (getattr(err, k, None) for k in ("problem_mark", "context", "context_mark"))
+    text = getattr(err, "problem", None) or one_line(err)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+
+
+def load_yaml(path: Path, error: type[UserError] = UserError):
+    """A YAML file's content; `error` naming the file (and the line) when it cannot be read or parsed."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML: {yaml_problem(err)}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path} cannot be read ({err})") from err

@@ -65,16 +65,10 @@ def print_grid(grid) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    import yaml
-
-    from megatron_sgtm.errors import yaml_error
     from megatron_sgtm.sweep import runner
     from megatron_sgtm.sweep.grid import check, load
 
-    try:
-        grid = load(args.grid, args.overrides)
-    except yaml.YAMLError as err:  # the grid, its base config, or an override's value
-        raise yaml_error(err, [args.grid], "the grid's base config or an override") from err
+    grid = load(args.grid, args.overrides)
     if args.action == "collect":
         return _collect(grid, args.out)
     if not (args.dry_run or args.submit or args.local):

@@ -24,9 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from megatron_sgtm.errors import UserError
+from megatron_sgtm.errors import UserError, load_yaml
 from megatron_sgtm.strategy import METHODS
 from megatron_sgtm.sweep.sizes import (
     SIZES,
@@ -160,7 +158,7 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise GridError(f"grid file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path, GridError) or {}
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping at the top level")
     unknown = sorted(set(raw) - KEYS)
@@ -172,7 +170,7 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
     base_path = (path.parent / raw["base"]).resolve()
     if not base_path.is_file():
         raise GridError(f"{path}: base: {base_path} does not exist")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    base = load_yaml(base_path, GridError) or {}
 
     sizes = _list(raw, "sizes", path, str)
     methods = _list(raw, "methods", path, str)

@@ -7,15 +7,9 @@ import json
 
 
 def train(args: argparse.Namespace) -> int:
-    import yaml
-
-    from megatron_sgtm.errors import yaml_error
     from megatron_sgtm.training.config import load_config  # imports megatron: only when used
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except yaml.YAMLError as err:  # the file, or an override's value: both parse as YAML
-        raise yaml_error(err, [args.config] if args.config else [], "a --section.key=value override") from err
+    cfg = load_config(args.config, args.overrides)
     from megatron_sgtm.training.loop import train as run
 
     final = run(cfg)

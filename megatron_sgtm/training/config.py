@@ -23,7 +23,7 @@ import yaml
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.data.sampler import MODES
 from megatron_sgtm.data.shards import Manifest
-from megatron_sgtm.errors import UserError
+from megatron_sgtm.errors import UserError, load_yaml, yaml_problem
 from megatron_sgtm.model import TIED_MASK_EMBEDDINGS, ModelConfig
 from megatron_sgtm.partition import PartitionError, SGTMConfig
 from megatron_sgtm.strategy import METHODS, SGTM
@@ -156,7 +156,7 @@ def _parse_value(item: str, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from err
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})") from err
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -350,15 +350,6 @@ def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
     return cfg
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """Where and what: 'line 4, column 6: expected ',' or ']' (while parsing a flow sequence at line 3, column 16)'."""
-    mark, context, context_mark = (getattr(err, k, None) for k in ("problem_mark", "context", "context_mark"))
-    text = getattr(err, "problem", None) or str(err).replace("\n", " ")
-    if context and context_mark is not None:
-        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-    return text if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {text}"
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     raw: dict = {}
     source = "<overrides>"
@@ -366,12 +357,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from err
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} cannot be read ({err})") from err
+        raw = load_yaml(path, ConfigError) or {}
         source = str(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")

@@ -43,9 +43,9 @@ CASES = {
     "train: unknown key": (lambda t: ["train", "--config", str(_file(t, "cfg.yaml", "model: {bogus: 1}\n"))],
                            lambda t: f"{t / 'cfg.yaml'}: model: unknown key(s) ['bogus']"),
     "train: malformed YAML": (lambda t: ["train", "--config", str(_file(t, "cfg.yaml", "model: [\n  a: 1\n"))],
-                              lambda t: f"{t / 'cfg.yaml'}: not valid YAML (expected ',' or ']'"),
+                              lambda t: f"{t / 'cfg.yaml'}: not valid YAML: line 3, column 1: expected ',' or ']'"),
     "train: bad override value": (lambda t: ["train", "--config", str(_file(t, "cfg.yaml", "{}\n")), "--optim.lr=["],
-                                  lambda t: "a --section.key=value override: not valid YAML"),
+                                  lambda t: "override 'optim.lr=[': the value is not valid YAML"),
     "data synth: --out under a file": (
         lambda t: ["data", "synth", "--out", str(_file(t, "f", "") / "x"), "--num-docs", "3"],
         lambda t: f"Not a directory: '{t / 'f' / 'x'}'"),
