@@ -15,6 +15,8 @@ def train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"megatron-sgtm train: {err}", file=sys.stderr)
         return 2
+    from megatron_sgtm.training.checkpoint import CheckpointError
+    from megatron_sgtm.training.loop import TrainingError
     from megatron_sgtm.training.loop import train as run
 
     try:
@@ -22,6 +24,9 @@ def train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"megatron-sgtm train: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, TrainingError) as err:
+        print(f"megatron-sgtm train: {err}", file=sys.stderr)
+        return 1
     if args.print_summary:
         print(json.dumps({k: v for k, v in final.items() if k != "train_losses"}))
     return 0

@@ -80,6 +80,7 @@ class TrainLoopConfig:
     calibrate_ablated: bool = False  # also report ablated losses after fitting an output bias on retain data
     calibration_iters: int = 8  # forward passes over eval_batches retain training batches
     bf16: bool = False
+    max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm that end the run (an error)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str | None = None  # None | "auto" | a checkpoint directory
     pretrained: str | None = None  # initial weights from a model-only checkpoint (ablate / import-hf output)
+    verify: bool = True  # check a loaded checkpoint's files against the SHA-256 its meta.json recorded
 
 
 @dataclass
