@@ -187,18 +187,23 @@ def check_identity(path: Path, meta: dict, identity: dict) -> None:
                                   "(resume only the run that wrote it, or start a new checkpoint.dir)")
 
 
-# Settings the checkpoint's scheduler (lr, decay length, weight decay) and optimizer state (Adam's betas,
-# eps) carry: on resume the saved ones continue, whatever the config says now.
-_RESTORED = {"optim": ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "eps"),
-             "train": ("train_steps",)}
+# Settings the checkpoint's scheduler (lr, warmup, weight decay) and optimizer state (Adam's betas, eps)
+# carry: on resume the saved ones continue, whatever the config says now.
+_RESTORED = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "eps")
 
 
 def ignored_changes(meta: dict, cfg) -> list[str]:
-    """'section.key old -> new' of the settings a resume cannot change (see `_RESTORED`)."""
+    """'optim.key old -> new' of the settings a resume cannot change (see `_RESTORED`), and a new
+    train.train_steps, which the run does reach but whose LR decay keeps the checkpoint's length."""
     saved, now = meta.get("config", {}), cfg.to_dict()
-    return [f"{section}.{key} {saved[section][key]} -> {now[section][key]}"
-            for section, keys in _RESTORED.items() for key in keys
-            if key in saved.get(section, {}) and saved[section][key] != now[section][key]]
+    old = saved.get("optim", {})
+    found = [f"optim.{key} {old[key]} -> {now['optim'][key]}"
+             for key in _RESTORED if key in old and old[key] != now["optim"][key]]
+    steps = saved.get("train", {}).get("train_steps", cfg.train.train_steps)
+    if steps != cfg.train.train_steps:
+        found.append(f"train.train_steps {steps} -> {cfg.train.train_steps} for the LR decay (the run trains to step "
+                     f"{cfg.train.train_steps}, its LR decays over the checkpoint's {steps} steps)")
+    return found
 
 
 def load(engine, path: Path, *, verify: bool = True, identity: dict | None = None) -> dict:

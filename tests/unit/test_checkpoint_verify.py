@@ -79,6 +79,10 @@ def test_the_settings_a_resume_ignores_are_listed_old_to_new(cfg):
     assert checkpoint.ignored_changes(saved, cfg) == []
     changed = from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 0.01, "clip_grad": 0.5}})
     assert checkpoint.ignored_changes(saved, changed) == ["optim.lr 0.003 -> 0.01"]  # clip_grad takes effect
+    longer = from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "train_steps": 9}})
+    assert checkpoint.ignored_changes(saved, longer) == [
+        "train.train_steps 5 -> 9 for the LR decay (the run trains to step 9, its LR decays over the checkpoint's 5 "
+        "steps)"]
 
 
 def test_rewind_keeps_one_record_per_step_up_to_the_resumed_one(cfg):
