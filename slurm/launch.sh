@@ -5,8 +5,8 @@
 # `python -m megatron_sgtm.sweep.job` (= `megatron-sgtm train` with checkpoint.resume=auto); the
 # tasks derive RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from SLURM's variables.
 # USR1 (sbatch --signal=B:USR1@120 before the time limit, or `scancel --batch --signal=USR1 JOB`) and
-# TERM are forwarded to the tasks, which save a checkpoint and stop; after USR1 a run that has not
-# finished requeues its job (`scontrol requeue`), which resumes from that checkpoint. After TERM
+# TERM are forwarded to the tasks, which save a checkpoint and stop; after USR1 a run that stopped so
+# requeues its job (`scontrol requeue`), which resumes from that checkpoint. After TERM
 # (scancel, `scontrol requeue`, preemption) SLURM itself decides whether the job comes back.
 set -uo pipefail
 # shellcheck source=slurm/env.sh
@@ -39,7 +39,9 @@ done
 status=$(cat "$status_file" 2>/dev/null)
 echo "[sgtm] srun exited with $rc; run ${status:-did not report}"
 if [ "$status" = finished ]; then exit 0; fi
-if [ "$signal" = USR1 ]; then
+# Only a run that stopped on USR1 after saving its checkpoint ("stopped") comes back: one that failed (a
+# non-finite loss, a refused checkpoint, a crash) would fail again, requeued forever; it exits non-zero.
+if [ "$signal" = USR1 ] && [ "$status" = stopped ]; then
     echo "[sgtm] requeueing job ${SLURM_JOB_ID} to resume from the newest checkpoint"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "[sgtm] scontrol requeue failed: resubmit to resume" >&2

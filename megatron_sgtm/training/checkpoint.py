@@ -2,17 +2,21 @@
 
 Layout: ``<dir>/iter_0000100/`` holds the engine's sharded state (megatron distributed checkpoint
 or DeepSpeed's), ``rng/rank_XXXXX.pt`` per rank, and ``meta.json`` (step, scheduler, sampler, SGTM
-partition, config). Everything is written into ``iter_0000100.partial`` first; rank 0 renames it
-after all ranks finished and then rewrites ``latest`` atomically, so a crash at any point leaves
-the previous checkpoint as the newest complete one. ``meta.json`` is the completeness marker.
+partition, config, the run's identity and the SHA-256 of every other file). Everything is written
+into ``iter_0000100.partial`` first; rank 0 renames it after all ranks finished and then rewrites
+``latest`` atomically, so a crash at any point leaves the previous checkpoint as the newest complete
+one. ``meta.json`` is the completeness marker; its checksums catch a file corrupted or changed
+afterwards (``checkpoint.verify``), and its identity refuses a resume by a different run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,10 +24,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megatron_sgtm.data.shards import Manifest, sha256_file
 from megatron_sgtm.errors import UserError
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
+CHECKSUMS = "sha256"  # meta.json's key: {relative path: SHA-256} of every other file of the checkpoint
 MODEL_FILE = "model.safetensors"  # model-only checkpoints: the global (TP=1, PP=1) weights
 
 
@@ -40,6 +46,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _ITER.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def incomplete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories a crash left unfinished (``.partial``, or without meta.json), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and not (p / META).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -78,6 +92,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _files(directory: Path) -> list[str]:
+    """Every file of a checkpoint but meta.json, as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.relative_to(directory).as_posix() != META)
+
+
+def _hash(directory: Path, files: list[str]) -> dict[str, str | None]:
+    """SHA-256 of `files` (None where missing)."""
+    return {f: sha256_file(directory / f) if (directory / f).is_file() else None for f in files}
+
+
+def _checksums(directory: Path, files: list[str]) -> dict[str, str | None]:
+    """`_hash` as a collective: each rank hashes its share of the files."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = _hash(directory, files[rank::world])
+    shares: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(shares, mine)
+    return {f: digest for share in shares for f, digest in share.items()}
+
+
+def check_checksums(directory: Path, meta: dict, found: dict[str, str | None]) -> None:
+    """Refuse a checkpoint whose files differ from the checksums its meta.json recorded."""
+    for name, digest in sorted(meta[CHECKSUMS].items()):
+        if found.get(name) is None:
+            raise CheckpointError(f"checkpoint {directory}: {name} is missing (its SHA-256 is in {META})")
+        if found[name] != digest:
+            raise CheckpointError(f"checkpoint {directory}: {name} does not match its SHA-256 in {META} "
+                                  "(corrupt or modified)")
+
+
 def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     final = iteration_dir(root, step)
@@ -91,8 +135,12 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
+    files = [_files(partial) if rank == 0 else None]
+    dist.broadcast_object_list(files, src=0)  # one listing: a shared filesystem may show ranks different ones
+    checksums = _checksums(partial, files[0])
     if rank == 0:
-        _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size()})
+        _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
+                                            CHECKSUMS: checksums})
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -103,12 +151,70 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     return final
 
 
-def load(engine, path: Path) -> dict:
-    """Collective. Loads the engine state and this rank's RNG (`restore_rng`)."""
+def read_meta(path: Path) -> dict:
     meta_file = path / META
     if not meta_file.is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {META})")
-    meta = json.loads(meta_file.read_text())
+        raise CheckpointError(f"checkpoint {path}: incomplete (no {META})")
+    try:
+        return json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {META} is not valid JSON ({err})") from err
+
+
+def run_identity(cfg, partition) -> dict:
+    """What a resumed run must share with the checkpoint it continues, by the name an error gives it."""
+    data = Path(cfg.data.path)
+    manifest = Manifest.read(data)
+    tokenizer = data / manifest.tokenizer
+    shards = json.dumps([[s.name, s.sha256] for s in manifest.shards])
+    model = {f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "init_method_std"}  # init: no shape
+    return {
+        "method": cfg.method,
+        **model,
+        **{f"partition.{k}": v for k, v in partition.to_dict().items()},
+        "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else
+        f"vocab_size={manifest.vocab_size}, eod_id={manifest.eod_id}",
+        "data": hashlib.sha256(shards.encode()).hexdigest(),  # the shards' checksums, wherever they live
+    }
+
+
+def check_identity(path: Path, meta: dict, identity: dict) -> None:
+    """Refuse to continue a checkpoint of another method, model, partition, tokenizer or data."""
+    saved = json.loads(json.dumps(meta.get("identity", {})))  # JSON both sides: tuples and lists compare
+    mine = json.loads(json.dumps(identity))
+    for name, value in mine.items():
+        if name in saved and saved[name] != value:
+            raise CheckpointError(f"checkpoint {path}: {name} is {saved[name]!r} there but {value!r} in this run "
+                                  "(resume only the run that wrote it, or start a new checkpoint.dir)")
+
+
+# Settings the checkpoint's scheduler (lr, warmup, weight decay) and optimizer state (Adam's betas, eps)
+# carry: on resume the saved ones continue, whatever the config says now.
+_RESTORED = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "eps")
+
+
+def ignored_changes(meta: dict, cfg) -> list[str]:
+    """'optim.key old -> new' of the settings a resume cannot change (see `_RESTORED`), and a new
+    train.train_steps, which the run does reach but whose LR decay keeps the checkpoint's length."""
+    saved, now = meta.get("config", {}), cfg.to_dict()
+    old = saved.get("optim", {})
+    found = [f"optim.{key} {old[key]} -> {now['optim'][key]}"
+             for key in _RESTORED if key in old and old[key] != now["optim"][key]]
+    steps = saved.get("train", {}).get("train_steps", cfg.train.train_steps)
+    if steps != cfg.train.train_steps:
+        found.append(f"train.train_steps {steps} -> {cfg.train.train_steps} for the LR decay (the run trains to step "
+                     f"{cfg.train.train_steps}, its LR decays over the checkpoint's {steps} steps)")
+    return found
+
+
+def load(engine, path: Path, *, verify: bool = True, identity: dict | None = None) -> dict:
+    """Collective. Checks the checkpoint (its identity against this run's, its files against their
+    checksums), then loads the engine state and this rank's RNG (`restore_rng`)."""
+    meta = read_meta(path)
+    if identity is not None:
+        check_identity(path, meta, identity)
+    if verify and CHECKSUMS in meta:
+        check_checksums(path, meta, _checksums(path, sorted(meta[CHECKSUMS])))
     engine.load(str(path))
     restore_rng(path)
     return meta
@@ -128,19 +234,21 @@ def restore_rng(path: Path) -> None:
 
 def model_only_meta(path: Path) -> dict:
     """meta.json of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`); refuses anything else."""
-    meta_file = path / META
-    if not meta_file.is_file():
+    if not (path / META).is_file():
         raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META})")
-    meta = json.loads(meta_file.read_text())
+    meta = read_meta(path)
     if meta.get("engine") != "model-only":
         raise CheckpointError(f"{path}: a {meta.get('engine')} training checkpoint, not a model-only one (resume "
                               "it with checkpoint.resume, or write one with `megatron-sgtm ablate`)")
     return meta
 
 
-def load_model_only(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, global fp32 weights) of a model-only checkpoint."""
+def load_model_only(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, global fp32 weights) of a model-only checkpoint; `verify` checks its files' checksums
+    (one process reads it: no collective)."""
     meta, weights = model_only_meta(path), path / MODEL_FILE
+    if verify and CHECKSUMS in meta:
+        check_checksums(path, meta, _hash(path, sorted(meta[CHECKSUMS])))
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (a model-only checkpoint keeps its weights there)")
     try:
@@ -161,7 +269,7 @@ def write_model_only(out: Path, state: dict[str, torch.Tensor], meta: dict, file
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial / MODEL_FILE))
         for file in files:
             shutil.copyfile(file, partial / file.name)
-        _write_json_atomic(partial / META, {**meta, "engine": "model-only"})
+        _write_json_atomic(partial / META, {**meta, "engine": "model-only", CHECKSUMS: _hash(partial, _files(partial))})
         os.replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -176,4 +284,4 @@ def init_weights(model: torch.nn.Module, cfg) -> None:
 
     init_layout_invariant(model, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
     if cfg.checkpoint.pretrained:
-        load_global(model, load_model_only(Path(cfg.checkpoint.pretrained))[1])
+        load_global(model, load_model_only(Path(cfg.checkpoint.pretrained), cfg.checkpoint.verify)[1])

@@ -89,6 +89,7 @@ class TrainLoopConfig:
     calibrate_ablated: bool = False  # also report ablated losses after fitting an output bias on retain data
     calibration_iters: int = 8  # forward passes over eval_batches retain training batches
     bf16: bool = False
+    max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm that end the run (an error)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str | None = None  # None | "auto" | a checkpoint directory
     pretrained: str | None = None  # initial weights from a model-only checkpoint (ablate / import-hf output)
+    verify: bool = True  # check a loaded checkpoint's files against the SHA-256 its meta.json recorded
 
 
 @dataclass
@@ -265,7 +267,7 @@ _RULES: dict[str, dict[str, _Rule]] = {
               "global_batch_size": _AT_LEAST_ONE, "micro_batch_size": _AT_LEAST_ONE},
     # log_interval divides the step number: unlike the eval and save intervals, 0 cannot mean "never"
     "train": {"train_steps": _AT_LEAST_ONE, "log_interval": _AT_LEAST_ONE, "eval_interval": _NON_NEGATIVE,
-              "eval_batches": _NON_NEGATIVE, "calibration_iters": _NON_NEGATIVE},
+              "eval_batches": _NON_NEGATIVE, "calibration_iters": _NON_NEGATIVE, "max_bad_steps": _AT_LEAST_ONE},
     "checkpoint": {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE},
     "logging": {"wandb_mode": _one_of(("offline", "online", "disabled"))},
 }

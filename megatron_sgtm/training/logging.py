@@ -10,6 +10,8 @@ from pathlib import Path
 
 from megatron_sgtm.training.config import TrainConfig
 
+METRICS = "metrics.jsonl"  # one JSON record per line: {"kind": "train" | "eval", "step": ..., values}
+
 # Dense bf16 peak of known accelerators, for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -50,7 +52,7 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-        self.metrics = (self.run_dir / "metrics.jsonl").open("a")
+        self.metrics = (self.run_dir / METRICS).open("a")
         if cfg.logging.wandb_mode != "disabled":
             self._start_wandb()
 
@@ -63,6 +65,23 @@ class RunLogger:
         os.environ.setdefault("WANDB_MODE", self.cfg.logging.wandb_mode)
         self.wandb = wandb.init(project=self.cfg.logging.wandb_project, dir=str(self.run_dir),
                                 config=self.cfg.to_dict(), mode=self.cfg.logging.wandb_mode)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records a run starting at `step` will write again (those of later steps, the final
+        evaluation that follows the last checkpoint, and a line torn by a crash), atomically: after any
+        resume metrics.jsonl holds one record per step and kind."""
+        if not self.enabled:
+            return
+        self.metrics.close()
+        path = self.run_dir / METRICS
+        redone_eval = step >= self.cfg.train.train_steps
+        kept = [line for line in path.read_text().splitlines()
+                if (r := _record(line)) is not None and (r["step"] < step or r["step"] == step and not (
+                    r["kind"] == "eval" and redone_eval))]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.metrics = path.open("a")
 
     def console(self, text: str) -> None:
         if self.enabled:
@@ -109,3 +128,12 @@ class RunLogger:
             self.metrics.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _record(line: str) -> dict | None:
+    """A complete metrics record, or None (a line torn by a crash)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

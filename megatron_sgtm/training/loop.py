@@ -7,6 +7,7 @@ with evaluation of the live and ablated model, checkpoints and logging at their 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
 from megatron_sgtm.data.labeling import label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
+from megatron_sgtm.errors import UserError
 from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import calibrated
@@ -26,6 +28,12 @@ from megatron_sgtm.training.config import TrainConfig, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.logging import RunLogger
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (a non-finite loss); one line naming the step, for the CLI to print."""
+
+    exit_status = 1  # not bad input: the run itself failed
 
 
 @dataclass
@@ -62,6 +70,13 @@ def _filter(cfg: TrainConfig, corpus: Corpus, doc_labels: np.ndarray, docs: np.n
     return docs[~drop[docs]]
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one: ranks take the same branch."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class _Signals:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask for a checkpoint and exit."""
 
@@ -74,9 +89,12 @@ class _Signals:
         self.requested = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _any_rank(self.requested)
+
+
+def _non_finite(cfg: TrainConfig, metrics: dict) -> bool:
+    """A NaN/inf loss, or grad norm (the engines compute it only when they clip: optim.clip_grad > 0)."""
+    return not math.isfinite(metrics["loss"]) or (cfg.optim.clip_grad > 0 and not math.isfinite(metrics["grad_norm"]))
 
 
 def _make_engine(cfg: TrainConfig, on_gpu: bool) -> Engine:
@@ -175,12 +193,20 @@ def train(cfg: TrainConfig) -> dict:
     log = RunLogger(cfg, rank, world)
     sampler = _sampler(cfg, data, engine.dp_rank, engine.dp_size)
     step, gated = 0, {"retain": 0, "forget": 0}
+    identity = checkpoint.run_identity(cfg, engine.partition)  # what a resume of this run's checkpoints must share
     if resume_from is not None:
-        meta = checkpoint.load(engine, resume_from)
+        meta = checkpoint.load(engine, resume_from, verify=cfg.checkpoint.verify, identity=identity)
         step, gated = meta["step"], meta["gated"]
         sampler.load_state_dict(meta["sampler"])
         engine.load_scheduler_state(meta["scheduler"])
         log.console(f"resumed from {resume_from} at step {step}")
+        if ignored := checkpoint.ignored_changes(meta, cfg):
+            log.console(f"changed since the checkpoint, ignored (the checkpoint's schedule and optimizer settings "
+                        f"continue; start a new run to change them): {', '.join(ignored)}")
+    elif cfg.checkpoint.resume == "auto" and (unfinished := checkpoint.incomplete_checkpoints(root)):
+        log.console(f"checkpoint.resume=auto: {root} holds only incomplete checkpoints "
+                    f"({', '.join(p.name for p in unfinished)}); starting from step 0")
+    log.rewind(step)
     signals = _Signals()
     total = cfg.train.train_steps
     log.console(f"training {cfg.method} ({cfg.parallel.engine} engine, world {world}) for {total} steps")
@@ -188,11 +214,12 @@ def train(cfg: TrainConfig) -> dict:
     def save() -> None:
         meta = {"gated": gated, "sampler": sampler.state_dict(), "scheduler": engine.scheduler_state(),
                 "partition": engine.partition.to_dict(), "method": cfg.method, "config": cfg.to_dict(),
-                "engine": engine.name}
+                "engine": engine.name, "identity": identity}
         path = checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last)
         log.console(f"saved checkpoint {path}")
 
     losses: list[float] = []
+    bad_steps = 0  # consecutive steps with a non-finite loss or grad norm: no checkpoint of such a state
     while step < total:
         batches = [next(sampler) for _ in range(sampler.num_micro_batches)]
         metrics = engine.train_step(batches)
@@ -201,18 +228,25 @@ def train(cfg: TrainConfig) -> dict:
         gated["forget"] += int(metrics["gated_forget"])
         losses.append(metrics["loss"])
         log.train_step(step, total, metrics, gated)
+        bad_steps = bad_steps + 1 if _any_rank(_non_finite(cfg, metrics)) else 0
+        if bad_steps >= cfg.train.max_bad_steps:
+            log.close()
+            raise TrainingError(
+                f"step {step}: loss is {metrics['loss']} (grad norm {metrics['grad_norm']}) on {bad_steps} "
+                f"consecutive step(s), train.max_bad_steps={cfg.train.max_bad_steps}; stopped without saving this "
+                "state (lower optim.lr, or resume from the last checkpoint)")
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < total:
             log.evaluation(step, evaluate(engine, cfg, data))
-        if root and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+        if root and not bad_steps and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             save()
         if signals.any_rank():
-            if root:
+            if root and not bad_steps:
                 save()
             log.console(f"stopping at step {step} on a signal")
             break
     final = {"step": step, "train_losses": losses, "gated": gated}
     if step >= total:
-        if root and not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+        if root and not bad_steps and not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
             save()
         final.update(evaluate(engine, cfg, data))
         log.evaluation(step, evaluation_metrics(final))

@@ -1,0 +1,141 @@
+"""Checkpoint reliability through `megatron-sgtm train` (megatron engine, gloo ranks): a SIGKILLed run
+resumed in its own run directory logs each step once, with the uninterrupted run's losses; a corrupted
+checkpoint or one of another partition is refused with one line; a non-finite loss ends the run with an
+error, no summary and no checkpoint of the bad state.
+
+Six CLI jobs in all: the reference, the killed and the resumed run (2 ranks), two refused resumes (1 rank)
+and the diverging run (2 ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.support import ROOT
+from tests.support.train_fixtures import build_tiny_shards, tiny_config
+
+STEPS = {"train_steps": 8}
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return build_tiny_shards(tmp_path_factory.mktemp("data") / "shards")
+
+
+def _command(tmp: Path, cfg: dict, name: str, nproc: int, *overrides: str) -> list[str]:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))  # YAML floats: JSON's 1e+30 would read back as a string
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_sgtm.cli", "train", "--config", str(path), *overrides]
+
+
+def _train(tmp: Path, cfg: dict, name: str, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(tmp, cfg, name, nproc, *overrides), env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def resumed(data, tmp_path_factory) -> dict:
+    """An uninterrupted 8-step run, and the same run SIGKILLed after its step-4 checkpoint and resumed
+    (with a changed optim.lr, which the checkpoint's schedule ignores) in the same run directory."""
+    tmp = tmp_path_factory.mktemp("resumed")
+    full = _train(tmp, tiny_config(data, tmp / "full", train=STEPS), "full", 2)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    ckpt = {"dir": str(tmp / "ckpt"), "save_interval": 2, "keep_last": 2, "resume": "auto"}
+    cfg = tiny_config(data, tmp / "run", train=STEPS, checkpoint=ckpt)
+    proc = subprocess.Popen(_command(tmp, cfg, "run", 2), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp / "ckpt" / "iter_0000004" / "meta.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # SIGKILL the launcher and every rank (torchrun puts its workers in sessions of their own).
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        process.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never reached its step-4 checkpoint"
+    killed_at = max(r["step"] for r in _records(tmp / "run") if r["kind"] == "train")
+    assert killed_at < 8, "the run finished before it could be killed"
+
+    again = _train(tmp, cfg, "run", 2, "--optim.lr=0.01")
+    assert again.returncode == 0, again.stderr[-3000:]
+    return {"tmp": tmp, "full": tmp / "full", "run": tmp / "run", "ckpt": tmp / "ckpt", "stderr": again.stderr}
+
+
+def test_a_resumed_run_logs_each_step_once_with_the_uninterrupted_losses(resumed):
+    records = _records(resumed["run"])
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    expected = {r["step"]: r["loss"] for r in _records(resumed["full"]) if r["kind"] == "train"}
+    assert {r["step"]: r["loss"] for r in train} == expected  # bit for bit, the new optim.lr ignored
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [8]
+    assert (resumed["run"] / "summary.json").is_file()
+    assert re.search(r"changed since the checkpoint, ignored .*: optim\.lr 0\.003 -> 0\.01$", resumed["stderr"],
+                     re.MULTILINE), resumed["stderr"][-3000:]
+
+
+def test_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file(resumed, data):
+    tmp = resumed["tmp"]
+    corrupt = tmp / "corrupt" / "iter_0000008"
+    shutil.copytree(resumed["ckpt"] / "iter_0000008", corrupt)
+    shard = next(p for p in sorted(corrupt.iterdir()) if p.suffix == ".distcp")
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    cfg = tiny_config(data, tmp / "corrupt_run", train={"train_steps": 10}, checkpoint={"resume": str(corrupt)})
+    proc = _train(tmp, cfg, "corrupt_run", 1)
+    assert proc.returncode != 0
+    line = (f"megatron-sgtm train: checkpoint {corrupt}: {shard.name} does not match its SHA-256 in meta.json "
+            "(corrupt or modified)")
+    assert line in proc.stderr.splitlines(), proc.stderr[-3000:]
+    assert not (tmp / "corrupt_run" / "summary.json").exists()
+
+
+def test_a_resume_with_another_partition_is_refused_naming_the_field(resumed, data):
+    tmp = resumed["tmp"]
+    cfg = tiny_config(data, tmp / "other_run", train={"train_steps": 10},
+                      checkpoint={"resume": str(resumed["ckpt"] / "iter_0000008")})
+    proc = _train(tmp, cfg, "other_run", 1, "--sgtm.forget_heads=2")
+    assert proc.returncode != 0
+    assert re.search(r"^megatron-sgtm train: checkpoint \S+iter_0000008: partition\.forget_heads is \[3\] there "
+                     r"but \[2, 3\] in this run \(", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
+
+
+def test_a_non_finite_loss_stops_the_run_with_an_error_and_no_checkpoint_of_it(data, tmp_path):
+    """lr 1e30 diverges within a few steps; a crash's leftover `.partial` checkpoint is reported and skipped."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000009.partial").mkdir(parents=True)
+    cfg = tiny_config(data, tmp_path / "run", optim={"lr": 1e30}, train={"train_steps": 8},
+                      checkpoint={"dir": str(ckpt), "save_interval": 1, "resume": "auto"})
+    proc = _train(tmp_path, cfg, "run", 2)
+    assert proc.returncode != 0
+    assert (f"checkpoint.resume=auto: {ckpt} holds only incomplete checkpoints (iter_0000009.partial); "
+            "starting from step 0") in proc.stderr.splitlines(), proc.stderr[-3000:]
+    found = re.search(r"^megatron-sgtm train: step (\d+): loss is (nan|inf|-inf) ", proc.stderr, re.MULTILINE)
+    assert found, proc.stderr[-3000:]
+    bad = int(found.group(1))
+    train = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
+    assert train[-1]["step"] == bad and not math.isfinite(train[-1]["loss"])
+    assert all(math.isfinite(r["loss"]) for r in train[:-1])
+    assert not (tmp_path / "run" / "summary.json").exists()
+    saved = sorted(p.name for p in ckpt.glob("iter_???????"))
+    assert saved[-1] == f"iter_{bad - 1:07d}", saved  # every step before the bad one, not the bad state

@@ -1,0 +1,112 @@
+"""Checkpoint checksums (model-only checkpoints), the resume identity check, the optimizer settings a
+resume ignores, and metrics.jsonl rewound to the resumed step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sgtm.training import checkpoint
+from megatron_sgtm.training.checkpoint import CheckpointError
+from megatron_sgtm.training.config import from_dict
+from megatron_sgtm.training.logging import RunLogger
+from tests.support.train_fixtures import build_tiny_shards, tiny_config
+
+
+@pytest.fixture
+def model_only(tmp_path) -> Path:
+    extra = tmp_path / "tokenizer.json"
+    extra.write_text("{}")
+    state = {"w": torch.arange(64, dtype=torch.float32).reshape(8, 8)}
+    return checkpoint.write_model_only(tmp_path / "ablated", state, {"config": {}}, [extra])
+
+
+def test_a_model_only_checkpoint_records_and_checks_the_sha256_of_its_files(model_only):
+    meta = json.loads((model_only / "meta.json").read_text())
+    assert sorted(meta["sha256"]) == ["model.safetensors", "tokenizer.json"]
+    assert torch.equal(checkpoint.load_model_only(model_only)[1]["w"], torch.arange(64.0).reshape(8, 8))
+    weights = model_only / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01  # the last weight's last byte: still a readable file
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_model_only(model_only)
+    assert str(err.value) == (f"checkpoint {model_only}: model.safetensors does not match its SHA-256 in meta.json "
+                              "(corrupt or modified)")
+    unchecked = checkpoint.load_model_only(model_only, verify=False)[1]["w"]
+    assert not torch.equal(unchecked, torch.arange(64.0).reshape(8, 8))
+
+
+def test_a_missing_file_is_named_and_a_checkpoint_without_checksums_still_loads(model_only):
+    (model_only / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is missing \(its SHA-256 is in meta.json\)$"):
+        checkpoint.load_model_only(model_only)
+    meta = json.loads((model_only / "meta.json").read_text())
+    del meta["sha256"]  # written before checksums existed
+    (model_only / "meta.json").write_text(json.dumps(meta))
+    assert checkpoint.load_model_only(model_only)[1]["w"].shape == (8, 8)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cfg")
+    return from_dict(tiny_config(build_tiny_shards(tmp / "shards", num_docs=60), tmp / "run"))
+
+
+def test_a_resume_by_another_method_partition_or_data_is_refused_naming_the_field(cfg, tmp_path):
+    identity = checkpoint.run_identity(cfg, cfg.sgtm.resolve(cfg.model.dims()))
+    checkpoint.check_identity(tmp_path, {"identity": identity}, identity)
+    checkpoint.check_identity(tmp_path, {}, identity)  # a checkpoint from before identities: not checked
+    other = from_dict({**cfg.to_dict(), "sgtm": {"forget_heads": 2, "forget_mlp_units": 8}})
+    cases = {
+        "method": ({**identity, "method": "none"}, "'none' there but 'sgtm'"),
+        "partition.forget_heads": (checkpoint.run_identity(other, other.sgtm.resolve(other.model.dims())),
+                                   "[2, 3] there but [3]"),
+        "model.hidden_size": ({**identity, "model.hidden_size": 64}, "64 there but 32"),
+        "data": ({**identity, "data": "0" * 64}, f"'{'0' * 64}' there but '{identity['data']}'"),
+    }
+    for field, (saved, values) in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            checkpoint.check_identity(tmp_path, {"identity": saved}, identity)
+        assert str(err.value).startswith(f"checkpoint {tmp_path}: {field} is {values} in this run ("), field
+
+
+def test_the_settings_a_resume_ignores_are_listed_old_to_new(cfg):
+    saved = {"config": cfg.to_dict()}
+    assert checkpoint.ignored_changes(saved, cfg) == []
+    changed = from_dict({**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 0.01, "clip_grad": 0.5}})
+    assert checkpoint.ignored_changes(saved, changed) == ["optim.lr 0.003 -> 0.01"]  # clip_grad takes effect
+    longer = from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "train_steps": 9}})
+    assert checkpoint.ignored_changes(saved, longer) == [
+        "train.train_steps 5 -> 9 for the LR decay (the run trains to step 9, its LR decays over the checkpoint's 5 "
+        "steps)"]
+
+
+def test_rewind_keeps_one_record_per_step_up_to_the_resumed_one(cfg):
+    log = RunLogger(cfg, rank=0, world_size=1)
+    log.rewind(0)  # the module's other tests share the run directory
+    for step in range(1, 7):
+        log.record("train", step, {"loss": float(step)})
+    log.record("eval", 5, {"forget_loss": 1.0})
+    log.metrics.write('{"kind": "train", "st')  # torn by a SIGKILL
+    log.rewind(4)
+    log.record("train", 5, {"loss": 15.0})
+    log.close()
+    records = [json.loads(line) for line in (Path(cfg.logging.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"], r["loss"]) for r in records] == [
+        *(("train", s, float(s)) for s in range(1, 5)), ("train", 5, 15.0)]
+
+
+def test_rewind_at_the_last_step_drops_the_final_evaluation_the_run_repeats(cfg):
+    log = RunLogger(cfg, rank=0, world_size=1)
+    log.rewind(0)  # a fresh run: nothing from an earlier one stays
+    last = cfg.train.train_steps
+    log.record("train", last, {"loss": 1.0})
+    log.record("eval", last, {"forget_loss": 2.0})
+    log.rewind(last)
+    log.close()
+    lines = (Path(cfg.logging.run_dir) / "metrics.jsonl").read_text().splitlines()
+    assert [(r["kind"], r["step"]) for r in map(json.loads, lines)] == [("train", last)]
