@@ -127,7 +127,7 @@ def reference_model(model: ModelConfig, partition: Partition | None) -> torch.nn
 
     _rank, world, on_gpu = init_distributed()
     if world != 1:
-        raise RuntimeError("megatron-sgtm checkpoint tools run as a single process (not under torchrun/srun)")
+        raise CheckpointError("megatron-sgtm checkpoint tools run as a single process (not under torchrun/srun)")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)

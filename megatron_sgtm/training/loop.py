@@ -24,7 +24,7 @@ from megatron_sgtm.errors import UserError
 from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import calibrated
-from megatron_sgtm.training.config import TrainConfig, validate
+from megatron_sgtm.training.config import ConfigError, TrainConfig, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.logging import RunLogger
@@ -49,7 +49,7 @@ def load_data(cfg: TrainConfig) -> RunData:
     corpus = load_corpus(Path(d.path), require_scores=d.labeling.score_source == "tagged",
                          skip_bad_shards=d.skip_bad_shards)
     if corpus.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer "
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer "
                          f"({corpus.vocab_size} tokens, {d.path})")
     doc_labels = label_corpus(corpus, d.labeling)
     train_docs, heldout_docs = heldout_split(corpus, d.heldout_fraction, seed=cfg.train.seed)
