@@ -259,22 +259,10 @@ class Manifest:
                         extra={k: v for k, v in data.items() if k not in known})
 
 
-def partial_dir(out: Path) -> Path:
-    """Where a command builds ``out`` before publishing it: a failed run leaves only ``OUT.partial``,
-    which nothing mistakes for a finished shard directory."""
-    out = out.resolve()
-    return out.with_name(out.name + ".partial")
-
-
 def check_new_output(out: Path) -> None:
     """Outputs are written once: an existing non-empty ``out`` (a finished run, or anything else) is refused."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; choose another --out or remove it")
-
-
-def publish(work: Path, out: Path) -> None:
-    """Rename the finished ``work`` directory (manifest written last) to ``out`` in one step."""
-    os.replace(work, out)
 
 
 def report_skipped(reasons: list[str], total: int, where: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_sgtm.atomic import partial_dir, publish
 from megatron_sgtm.data.classifiers import (
     Classifier,
     HFClassifier,
@@ -35,8 +36,6 @@ from megatron_sgtm.data.shards import (
     ShardError,
     ShardInfo,
     check_new_output,
-    partial_dir,
-    publish,
     read_shard,
     report_skipped,
     sha256_file,

@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
 
+from megatron_sgtm.atomic import building
 from megatron_sgtm.model import ARCHITECTURES, ModelConfig
 
 State = dict[str, torch.Tensor]
@@ -446,10 +446,10 @@ def write_hf_dir(
 ) -> Path:
     """Write a standard HF model directory that `from_pretrained` loads offline; returns `out`.
 
-    Atomic: everything goes to ``OUT.partial`` and is renamed to `out` only when complete, so a failure
-    never leaves a half-written export at `out`. `dtype`: 'fp32' or 'bf16'. `tokenizer_path`: a local
-    `tokenizer.json` or tokenizer directory, saved as a `PreTrainedTokenizerFast` whose eos/bos is the
-    end-of-document token; it also sets the config's and generation config's eos/bos/pad ids.
+    Atomic (`atomic.building`): a failure never leaves a half-written export at `out`. `dtype`: 'fp32' or
+    'bf16'. `tokenizer_path`: a local `tokenizer.json` or tokenizer directory, saved as a
+    `PreTrainedTokenizerFast` whose eos/bos is the end-of-document token; it also sets the config's and
+    generation config's eos/bos/pad ids.
     `extra_files` (name -> text or bytes) are written inside the directory too, e.g. a release manifest.
     An existing `out` is refused unless `overwrite`.
     """
@@ -460,11 +460,7 @@ def write_hf_dir(
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
     _check_names("the Hugging Face state", state, hf_shapes(config))
     config = copy.deepcopy(config)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():  # left by an interrupted export
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
+    with building(out) as partial:
         max_length = getattr(config, "max_position_embeddings", None) or config.n_positions
         if tokenizer_path is not None:
             eod = _save_tokenizer(partial, Path(tokenizer_path), config, max_length)
@@ -482,21 +478,6 @@ def write_hf_dir(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
         _fsync_tree(partial)
-        if out.exists():  # replace: the old export stays in place until the new one is complete
-            old = out.with_name(out.name + ".replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            try:
-                partial.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old)
-        else:
-            partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 
