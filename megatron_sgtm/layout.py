@@ -1,7 +1,7 @@
 """Between a rank's local shards and the global (TP=1, PP=1) layout of a GPTModel's tensors.
 
-`gather_global` reassembles any per-parameter tensors (weights, gradients, optimizer moments)
-into the global naming and shapes; `load_global` copies a global state into this rank's shards.
+`native_shapes` lists the global names and shapes; `gather_global` reassembles any per-parameter
+tensors (weights, gradients, optimizer moments) into them; `load_global` copies a global state into this rank's shards.
 Global names are megatron's, with layers numbered across pipeline stages. A gated fc1 is stored
 per rank as [gate_r; up_r]; globally it is [gate; up].
 """
@@ -15,7 +15,37 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_sgtm.model import ModelConfig
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the global state of a GPTModel built from `cfg` (our layer spec)."""
+    h, ffn = cfg.hidden_size, cfg.ffn_hidden_size
+    kv = h // cfg.num_attention_heads
+    norm = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.vocab_size, h)}
+    if cfg.position_embedding == "learned_absolute":
+        shapes["embedding.position_embeddings.weight"] = (cfg.seq_length, h)
+    linears = {
+        "self_attention.linear_qkv": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * kv, h),
+        "self_attention.linear_proj": (h, cfg.num_attention_heads * kv),
+        "mlp.linear_fc1": ((2 if cfg.gated else 1) * ffn, h),
+        "mlp.linear_fc2": (h, ffn),
+    }
+    for i in range(cfg.num_layers):
+        prefix = f"decoder.layers.{i}."
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            shapes.update({f"{prefix}{name}.{s}": (h,) for s in norm})
+        for name, shape in linears.items():
+            shapes[f"{prefix}{name}.weight"] = shape
+            if cfg.bias:
+                shapes[f"{prefix}{name}.bias"] = shape[:1]
+    shapes.update({f"decoder.final_layernorm.{s}": (h,) for s in norm})
+    if not cfg.tie_embeddings:
+        shapes["output_layer.weight"] = (cfg.vocab_size, h)
+    return shapes
 
 
 def global_name(model: torch.nn.Module, name: str) -> str:

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
 
 from megatron_sgtm.atomic import building
+from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ARCHITECTURES, ModelConfig
 
 State = dict[str, torch.Tensor]
@@ -83,34 +84,6 @@ def hf_family(cfg: ModelConfig) -> str:
         f"cannot convert to Hugging Face: as a {cfg.arch}-style model ({HF_CLASSES[cfg.arch]}), "
         + "; ".join(_mismatches(cfg, cfg.arch))
     )
-
-
-def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the global state of a GPTModel built from `cfg` (our layer spec)."""
-    h, ffn = cfg.hidden_size, cfg.ffn_hidden_size
-    kv = h // cfg.num_attention_heads
-    norm = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
-    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.vocab_size, h)}
-    if cfg.position_embedding == "learned_absolute":
-        shapes["embedding.position_embeddings.weight"] = (cfg.seq_length, h)
-    linears = {
-        "self_attention.linear_qkv": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * kv, h),
-        "self_attention.linear_proj": (h, cfg.num_attention_heads * kv),
-        "mlp.linear_fc1": ((2 if cfg.gated else 1) * ffn, h),
-        "mlp.linear_fc2": (h, ffn),
-    }
-    for i in range(cfg.num_layers):
-        prefix = f"decoder.layers.{i}."
-        for name in ("input_layernorm", "pre_mlp_layernorm"):
-            shapes.update({f"{prefix}{name}.{s}": (h,) for s in norm})
-        for name, shape in linears.items():
-            shapes[f"{prefix}{name}.weight"] = shape
-            if cfg.bias:
-                shapes[f"{prefix}{name}.bias"] = shape[:1]
-    shapes.update({f"decoder.final_layernorm.{s}": (h,) for s in norm})
-    if not cfg.tie_embeddings:
-        shapes["output_layer.weight"] = (cfg.vocab_size, h)
-    return shapes
 
 
 def hf_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:

@@ -24,7 +24,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from transformers import PretrainedConfig
 
-from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes, native_shapes
+from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes
+from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import ModelDims, Partition
 from megatron_sgtm.regions import ParamRegion, linear_regions, masked_embeddings
