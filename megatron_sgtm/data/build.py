@@ -26,12 +26,6 @@ from megatron_sgtm.data.tokenizer import eod_id
 ENCODE_BATCH = 1000
 
 
-def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch
-
-
 def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardDoc]:
     """Shard records with the end-of-document token appended; duplicate ids are an error because
     scores files and the exactly-once accounting key on them."""
@@ -39,7 +33,8 @@ def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardD
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     seen: set[str] = set()
     index = 0
-    for batch in _batches(docs, ENCODE_BATCH):
+    docs = iter(docs)
+    while batch := list(islice(docs, ENCODE_BATCH)):
         encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
         for doc, encoding in zip(batch, encodings, strict=True):
             if doc.id in seen:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_sgtm.compat.deepspeed import weights_only_torch_load
+from megatron_sgtm.export.hf import check_state
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import Partition, PartitionError
@@ -100,22 +101,10 @@ def load_native(path: Path | str) -> NativeCheckpoint:
         _load_megatron(path, module)
     else:
         state = load_model_only(path)[1] if engine == "model-only" else _deepspeed_state(path, meta, module)
-        _check_state(path, state, native_shapes(model))
+        check_state(f"{path}: the stored state", state, native_shapes(model), CheckpointError)
         _adopt(module, state)
     state = {n: p.detach() for n, p in module.named_parameters() if not _tied_output(module, n)}
     return NativeCheckpoint(path, meta, model, partition, module, state)
-
-
-def _check_state(path: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    """Every weight of the model, with its global shape: a checkpoint of another model is refused."""
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{path}: weights do not match config.model (missing {missing[:5]}, "
-                              f"unexpected {extra[:5]})")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, config.model gives {shape}")
 
 
 def reference_model(model: ModelConfig, partition: Partition | None) -> torch.nn.Module:
