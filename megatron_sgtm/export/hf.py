@@ -432,10 +432,8 @@ def write_hf_dir(
             config.eos_token_id = config.bos_token_id = eod
         config.dtype = "bfloat16" if dtype == "bf16" else "float32"
         config.save_pretrained(str(partial))
-        generation = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id
-        )
-        generation.save_pretrained(str(partial))
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                         pad_token_id=config.eos_token_id).save_pretrained(str(partial))
         cast = {k: v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in state.items()}
         _save_weights(partial, cast, max_shard_bytes)
         for name, content in (extra_files or {}).items():

@@ -1,12 +1,9 @@
-"""Native checkpoints offline: read any layout into the global (TP=1, PP=1) weights, write model-only ones.
+"""Native checkpoints offline: any engine and TP/PP/DP layout read into the global (TP=1, PP=1) weights.
 
-A training checkpoint (``megatron-sgtm train``) is a megatron distributed checkpoint or a DeepSpeed
-ZeRO checkpoint plus ``meta.json`` (config, SGTM partition, step). Reading one builds the model once
-in this process, in a world of one, and lets megatron reshard its checkpoint into it (or merges
-DeepSpeed's ZeRO partitions per TP rank and then the TP shards), so any TP/PP/DP layout reads the
-same way. The tools write *model-only* checkpoints (``ablate``, ``import-hf``): ``model.safetensors``
-with the global weights beside ``meta.json``; ``train`` starts from one with
-``checkpoint.pretrained=DIR`` on either engine and at any layout.
+A training checkpoint is a megatron distributed or DeepSpeed ZeRO checkpoint plus ``meta.json`` (config,
+SGTM partition, step). Reading one builds the model once in this process, in a world of one, and lets
+megatron reshard its checkpoint into it (or merges DeepSpeed's ZeRO partitions per TP rank, then the TP
+shards). *Model-only* checkpoints (``ablate``, ``import-hf``) hold ``model.safetensors`` beside ``meta.json``.
 """
 
 from __future__ import annotations
@@ -32,8 +29,8 @@ ENGINES = ("megatron", "deepspeed", "model-only")
 
 @dataclass
 class NativeCheckpoint:
-    """A checkpoint read into `module` (TP=1, PP=1, this process); `state` holds the module's own
-    weight tensors under their global names (ablating the module changes them)."""
+    """A checkpoint read into `module`; `state` holds the module's own weight tensors under their global
+    names (ablating the module changes them)."""
 
     path: Path
     meta: dict
