@@ -61,11 +61,9 @@ def _is_tied_copy(model: torch.nn.Module, name: str) -> bool:
     return name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False)
 
 
-def _gated(model: torch.nn.Module, name: str) -> bool:
-    return model.config.gated_linear_unit and ".mlp.linear_fc1." in name
-
-
-def _tp_pieces(tensor: torch.Tensor, gated: bool) -> list[torch.Tensor]:
+def _tp_pieces(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The parts TP splits separately: a gated fc1's gate and up halves, else the whole tensor."""
+    gated = model.config.gated_linear_unit and ".mlp.linear_fc1." in name
     return list(torch.chunk(tensor, 2, dim=0)) if gated else [tensor]
 
 
@@ -76,7 +74,7 @@ def merge_tp_shards(model: torch.nn.Module, name: str, shards: list[torch.Tensor
     if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
         return shards[0]
     dim = param.partition_dim
-    pieces = [_tp_pieces(t, _gated(model, name)) for t in shards]
+    pieces = [_tp_pieces(model, name, t) for t in shards]
     return torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(len(pieces[0]))], dim=dim)
 
 
@@ -113,7 +111,7 @@ def _local_shard(model: torch.nn.Module, name: str, param: torch.Tensor, tensor:
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
         rank = parallel_state.get_tensor_model_parallel_rank()
         dim = param.partition_dim
-        pieces = _tp_pieces(tensor, _gated(model, name))
+        pieces = _tp_pieces(model, name, tensor)
         tensor = torch.cat([torch.chunk(p, tp, dim=dim)[rank] for p in pieces], dim=dim)
     if tensor.shape != param.shape:
         raise ValueError(f"{name}: global shard shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
@@ -134,13 +132,6 @@ def load_global(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         param.copy_(_local_shard(model, name, param, state[key]).to(param.dtype))
 
 
-def _global_shape(model: torch.nn.Module, param: torch.Tensor) -> list[int]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
-    return shape
-
-
 @torch.no_grad()
 def init_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
     """Initialise every parameter from its *global* name and shape, so that any TP/PP layout starts
@@ -148,7 +139,9 @@ def init_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_lay
     (output projections std / sqrt(2 * num_layers)), biases 0, norm gains 1."""
     for name, param in model.named_parameters():
         key = _global_key(model, name)
-        shape = _global_shape(model, param)
+        shape = list(param.shape)
+        if getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
         if key.endswith("layernorm.weight"):
             tensor = torch.ones(shape)
         elif key.endswith("bias"):

@@ -14,6 +14,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TextIO
 
 from megatron_sgtm.data.sources import Document
@@ -261,11 +262,7 @@ def _normalise_mix(mix: Mapping[str, float]) -> tuple[list[str], list[float]]:
         raise ValueError(f"category mix weights must be >= 0 with a positive sum, got {dict(mix)}")
     names = [c for c in CATEGORIES if mix.get(c, 0) > 0]
     total = sum(mix[c] for c in names)
-    cumulative, acc = [], 0.0
-    for c in names:
-        acc += mix[c] / total
-        cumulative.append(acc)
-    return names, cumulative
+    return names, list(accumulate(mix[c] / total for c in names))
 
 
 def generate(num_docs: int, seed: int = 0, mix: Mapping[str, float] = DEFAULT_MIX,

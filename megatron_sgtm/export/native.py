@@ -21,7 +21,7 @@ from megatron_sgtm.compat.deepspeed import weights_only_torch_load
 from megatron_sgtm.export.hf import check_state
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import Partition, PartitionError
+from megatron_sgtm.partition import Partition, PartitionError, SGTMConfig
 from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
 
 ENGINES = ("megatron", "deepspeed", "model-only")
@@ -38,10 +38,6 @@ class NativeCheckpoint:
     partition: Partition | None
     module: torch.nn.Module
     state: dict[str, torch.Tensor]
-
-    @property
-    def ablated(self) -> bool:
-        return bool(self.meta.get("ablated", False))
 
 
 def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
@@ -67,7 +63,8 @@ def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
     if meta.get("partition") is not None:
         try:
             partition = Partition.from_dict(meta["partition"])
-            expected = _resolved_partition(meta, model)
+            sgtm = meta.get("config", {}).get("sgtm")
+            expected = SGTMConfig(**sgtm).resolve(model.dims()) if sgtm is not None else None
         except (KeyError, TypeError, ValueError, PartitionError) as err:
             raise CheckpointError(f"{meta_file}: partition is invalid ({err})") from err
         if expected is not None and expected.to_dict() != partition.to_dict():
@@ -79,13 +76,6 @@ def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
             raise CheckpointError(f"{meta_file}: partition was resolved for {partition.dims}, but config.model "
                                   f"has {model.dims()}")
     return meta, model, partition
-
-
-def _resolved_partition(meta: dict, model: ModelConfig) -> Partition | None:
-    from megatron_sgtm.partition import SGTMConfig
-
-    sgtm = meta.get("config", {}).get("sgtm")
-    return SGTMConfig(**sgtm).resolve(model.dims()) if sgtm is not None else None
 
 
 def load_native(path: Path | str) -> NativeCheckpoint:
