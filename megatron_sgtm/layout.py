@@ -1,7 +1,7 @@
 """Between a rank's local shards and the global (TP=1, PP=1) layout of a GPTModel's tensors.
 
-`gather_global` reassembles any per-parameter tensors (weights, gradients, optimizer moments)
-into the global naming and shapes; `load_global` copies a global state into this rank's shards.
+`native_shapes` lists the global names and shapes; `gather_global` reassembles any per-parameter
+tensors (weights, gradients, optimizer moments) into them; `load_global` copies a global state into this rank's shards.
 Global names are megatron's, with layers numbered across pipeline stages. A gated fc1 is stored
 per rank as [gate_r; up_r]; globally it is [gate; up].
 """
@@ -15,7 +15,37 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_sgtm.model import ModelConfig
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the global state of a GPTModel built from `cfg` (our layer spec)."""
+    h, ffn = cfg.hidden_size, cfg.ffn_hidden_size
+    kv = h // cfg.num_attention_heads
+    norm = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.vocab_size, h)}
+    if cfg.position_embedding == "learned_absolute":
+        shapes["embedding.position_embeddings.weight"] = (cfg.seq_length, h)
+    linears = {
+        "self_attention.linear_qkv": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * kv, h),
+        "self_attention.linear_proj": (h, cfg.num_attention_heads * kv),
+        "mlp.linear_fc1": ((2 if cfg.gated else 1) * ffn, h),
+        "mlp.linear_fc2": (h, ffn),
+    }
+    for i in range(cfg.num_layers):
+        prefix = f"decoder.layers.{i}."
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            shapes.update({f"{prefix}{name}.{s}": (h,) for s in norm})
+        for name, shape in linears.items():
+            shapes[f"{prefix}{name}.weight"] = shape
+            if cfg.bias:
+                shapes[f"{prefix}{name}.bias"] = shape[:1]
+    shapes.update({f"decoder.final_layernorm.{s}": (h,) for s in norm})
+    if not cfg.tie_embeddings:
+        shapes["output_layer.weight"] = (cfg.vocab_size, h)
+    return shapes
 
 
 def global_name(model: torch.nn.Module, name: str) -> str:
@@ -31,11 +61,9 @@ def _is_tied_copy(model: torch.nn.Module, name: str) -> bool:
     return name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False)
 
 
-def _gated(model: torch.nn.Module, name: str) -> bool:
-    return model.config.gated_linear_unit and ".mlp.linear_fc1." in name
-
-
-def _tp_pieces(tensor: torch.Tensor, gated: bool) -> list[torch.Tensor]:
+def _tp_pieces(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The parts TP splits separately: a gated fc1's gate and up halves, else the whole tensor."""
+    gated = model.config.gated_linear_unit and ".mlp.linear_fc1." in name
     return list(torch.chunk(tensor, 2, dim=0)) if gated else [tensor]
 
 
@@ -46,7 +74,7 @@ def merge_tp_shards(model: torch.nn.Module, name: str, shards: list[torch.Tensor
     if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
         return shards[0]
     dim = param.partition_dim
-    pieces = [_tp_pieces(t, _gated(model, name)) for t in shards]
+    pieces = [_tp_pieces(model, name, t) for t in shards]
     return torch.cat([torch.cat([p[i] for p in pieces], dim=dim) for i in range(len(pieces[0]))], dim=dim)
 
 
@@ -83,7 +111,7 @@ def _local_shard(model: torch.nn.Module, name: str, param: torch.Tensor, tensor:
     if getattr(param, "tensor_model_parallel", False) and tp > 1:
         rank = parallel_state.get_tensor_model_parallel_rank()
         dim = param.partition_dim
-        pieces = _tp_pieces(tensor, _gated(model, name))
+        pieces = _tp_pieces(model, name, tensor)
         tensor = torch.cat([torch.chunk(p, tp, dim=dim)[rank] for p in pieces], dim=dim)
     if tensor.shape != param.shape:
         raise ValueError(f"{name}: global shard shape {tuple(tensor.shape)} != parameter {tuple(param.shape)}")
@@ -104,13 +132,6 @@ def load_global(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         param.copy_(_local_shard(model, name, param, state[key]).to(param.dtype))
 
 
-def _global_shape(model: torch.nn.Module, param: torch.Tensor) -> list[int]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
-    return shape
-
-
 @torch.no_grad()
 def init_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_layers: int) -> None:
     """Initialise every parameter from its *global* name and shape, so that any TP/PP layout starts
@@ -118,7 +139,9 @@ def init_layout_invariant(model: torch.nn.Module, seed: int, std: float, num_lay
     (output projections std / sqrt(2 * num_layers)), biases 0, norm gains 1."""
     for name, param in model.named_parameters():
         key = _global_key(model, name)
-        shape = _global_shape(model, param)
+        shape = list(param.shape)
+        if getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
         if key.endswith("layernorm.weight"):
             tensor = torch.ones(shape)
         elif key.endswith("bias"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from megatron_sgtm.atomic import building, partial_dir
 from megatron_sgtm.data.shards import (
     TOKENIZER_FILE,
     Manifest,
@@ -18,20 +18,12 @@ from megatron_sgtm.data.shards import (
     ShardDoc,
     check_new_output,
     encode_tokens,
-    partial_dir,
-    publish,
     write_shards,
 )
 from megatron_sgtm.data.sources import Document
 from megatron_sgtm.data.tokenizer import eod_id
 
 ENCODE_BATCH = 1000
-
-
-def _batches(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
-        yield batch
 
 
 def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardDoc]:
@@ -41,7 +33,8 @@ def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardD
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     seen: set[str] = set()
     index = 0
-    for batch in _batches(docs, ENCODE_BATCH):
+    docs = iter(docs)
+    while batch := list(islice(docs, ENCODE_BATCH)):
         encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
         for doc, encoding in zip(batch, encodings, strict=True):
             if doc.id in seen:
@@ -60,20 +53,13 @@ def build_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: Path, 
     """Write everything into ``OUT.partial`` and rename it to ``out_dir`` once the manifest is in, so a
     failed build (bad input half-way, full disk) leaves nothing that looks like a shard directory."""
     check_new_output(out_dir)
-    work = partial_dir(out_dir)
-    if work.exists():
-        print(f"[build] removing {work}, left by an interrupted build", file=sys.stderr)
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
+    if partial_dir(out_dir).exists():
+        print(f"[build] removing {partial_dir(out_dir)}, left by an interrupted build", file=sys.stderr)
+    with building(out_dir) as work:  # builds do not resume: a failed one keeps nothing
         tokenizer.save(str(work / TOKENIZER_FILE))
         shards = write_shards(tokenized(docs, tokenizer), work, docs_per_shard, Progress(None, "build"))
         manifest = Manifest(shards=shards, eod_id=eod_id(tokenizer), vocab_size=tokenizer.get_vocab_size())
         if manifest.num_docs == 0:
             raise ValueError("the inputs hold no documents")
         manifest.write(work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # builds do not resume: nothing in it is worth keeping
-        raise
-    publish(work, out_dir)
     return manifest

@@ -96,16 +96,14 @@ class LinearClassifier:
         y = np.asarray(targets, dtype=np.float64)
         if len(y) != len(texts) or set(np.unique(y)) != {0.0, 1.0}:
             raise ValueError("training needs texts of both classes: targets 1 (forget) and 0 (not forget)")
-        model = LinearClassifier(np.zeros(1 << bits), 0.0, ngram_sizes)
         features, starts, lengths = ngram_features(texts, ngram_sizes, bits)
         inv_count = 1.0 / (lengths * len(features))
         sample_weight = np.where(y == 1, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
         params = np.zeros((1 << bits) + 1)
         moment, velocity = np.zeros_like(params), np.zeros_like(params)
         for t in range(1, steps + 1):
-            model.weights, model.bias = params[:-1], params[-1]
-            sums = sum(np.add.reduceat(model.weights[f], starts) for f in features)
-            residual = (_sigmoid(model.bias + sums * inv_count) - y) * sample_weight
+            sums = sum(np.add.reduceat(params[:-1][f], starts) for f in features)
+            residual = (_sigmoid(params[-1] + sums * inv_count) - y) * sample_weight
             per_position = np.repeat(residual * inv_count, lengths)
             grad = l2 * params
             grad[-1] = residual.sum()

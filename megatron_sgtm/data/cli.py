@@ -69,8 +69,8 @@ def build(args: argparse.Namespace) -> int:
 
 def _classifier_spec(args: argparse.Namespace):
     """Resolve the CLI options to a file-backed spec (training or writing rules into --out as needed)."""
+    from megatron_sgtm.atomic import partial_dir
     from megatron_sgtm.data.classifiers import LinearClassifier
-    from megatron_sgtm.data.shards import partial_dir
     from megatron_sgtm.data.sources import read_documents
     from megatron_sgtm.data.tagging import ClassifierSpec, forget_targets, ground_truth_sample
 

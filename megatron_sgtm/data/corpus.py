@@ -57,7 +57,7 @@ def load_corpus(directory: Path, require_scores: bool = False, skip_bad_shards: 
     """Read every shard listed in the manifest (checksums verified). ``require_scores`` makes a
     document without a ``score`` an error, for consumers that need tagged data."""
     manifest = Manifest.read(directory)
-    token_chunks, lengths, ids, categories, scores = [], [], [], [], []
+    rows: list[tuple[np.ndarray, str, int, float]] = []  # (tokens, id, category code, score) per document
     names: dict[str, int] = {}
 
     def consume(path: Path, docs: Iterator[ShardDoc]) -> None:
@@ -72,16 +72,12 @@ def load_corpus(directory: Path, require_scores: bool = False, skip_bad_shards: 
             category = doc.meta.get("category")
             code = NO_CATEGORY if category is None else names.setdefault(category, len(names))
             shard.append((doc.tokens(), doc.id, code, math.nan if score is None else check_score(score, where)))
-        for tokens, doc_id, code, score in shard:
-            token_chunks.append(tokens)
-            lengths.append(len(tokens))
-            ids.append(doc_id)
-            categories.append(code)
-            scores.append(score)
+        rows.extend(shard)
 
     skipped = read_good_shards(directory, manifest, skip_bad_shards, consume)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    token_chunks, ids, categories, scores = (list(column) for column in zip(*rows)) if rows else ([], [], [], [])
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in token_chunks], out=offsets[1:])
     dtype = np.uint16 if manifest.vocab_size <= 1 << 16 else np.uint32
     return Corpus(
         tokens=np.concatenate(token_chunks).astype(dtype) if token_chunks else np.zeros(0, dtype),

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,6 @@ def encode_tokens(tokens: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, tokens, allow_pickle=False)
     return buffer.getvalue()
-
-
-def sample(doc: ShardDoc) -> dict:
-    """The WebDataset sample dict (raw bytes, for ``encoder=False`` writers)."""
-    return {"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy}
 
 
 def sha256_file(path: Path) -> str:
@@ -261,22 +257,10 @@ class Manifest:
                         extra={k: v for k, v in data.items() if k not in known})
 
 
-def partial_dir(out: Path) -> Path:
-    """Where a command builds ``out`` before publishing it: a failed run leaves only ``OUT.partial``,
-    which nothing mistakes for a finished shard directory."""
-    out = out.resolve()
-    return out.with_name(out.name + ".partial")
-
-
 def check_new_output(out: Path) -> None:
     """Outputs are written once: an existing non-empty ``out`` (a finished run, or anything else) is refused."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; choose another --out or remove it")
-
-
-def publish(work: Path, out: Path) -> None:
-    """Rename the finished ``work`` directory (manifest written last) to ``out`` in one step."""
-    os.replace(work, out)
 
 
 def report_skipped(reasons: list[str], total: int, where: Path) -> None:
@@ -322,24 +306,14 @@ class Progress:
 
 def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,
                  progress: Progress | None = None) -> list[ShardInfo]:
-    """Write documents with `webdataset.ShardWriter`; returns the manifest entries."""
-    import webdataset as wds  # imported here: it pulls in torch, which tagging workers do not need
-
-    infos: dict[str, ShardInfo] = {}
-
-    def finished(fname: str) -> None:
-        info = infos.setdefault(Path(fname).name, ShardInfo(Path(fname).name))
-        info.sha256 = sha256_file(Path(fname))
+    """Write documents into shards of ``docs_per_shard`` (`write_shard`); returns the manifest entries."""
+    infos: list[ShardInfo] = []
+    docs = iter(docs)
+    while chunk := list(islice(docs, docs_per_shard)):
+        infos.append(write_shard(directory / (SHARD_PATTERN % len(infos)), chunk))
         if progress:
-            progress.shard_done(info.name, info.num_docs)
-
-    with wds.ShardWriter(str(directory / SHARD_PATTERN), maxcount=docs_per_shard, maxsize=float("inf"),
-                         post=finished, verbose=0, encoder=False, mtime=0) as writer:
-        for doc in docs:
-            writer.write(sample(doc))
-            name = Path(writer.fname).name
-            infos.setdefault(name, ShardInfo(name)).add(doc)
-    return [infos[name] for name in sorted(infos)]
+            progress.shard_done(infos[-1].name, len(chunk))
+    return infos
 
 
 _TEMPLATE_SUM = sum(USTAR_TEMPLATE)
@@ -357,8 +331,8 @@ def _ustar_header(name: bytes, size: int) -> bytes:
 def write_shard(path: Path, docs: Iterable[ShardDoc]) -> ShardInfo:
     """Write one shard atomically (``.tmp`` then rename), so an interrupted run leaves no partial shard.
 
-    Plain ustar, byte-compatible with what `webdataset.TarWriter` reads, written directly because
-    `tarfile` costs ~150 us per member, several times the whole tagging budget per document.
+    Plain ustar, as `webdataset` writes and reads it, written directly because `tarfile` costs ~150 us
+    per member, several times the whole tagging budget per document.
     """
     tmp = path.with_name(path.name + ".tmp")
     info = ShardInfo(path.name)

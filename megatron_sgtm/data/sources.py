@@ -9,7 +9,7 @@ end-of-document token, and it usually means the wrong --text-field or a broken e
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +91,16 @@ def read_text(path: Path) -> Iterator[Document]:
             yield Document(id=f"{path.stem}-{lineno}", text=line.rstrip("\r\n"))
 
 
+def _from_rows(path: Path, records: Iterable[dict], fields: Fields, stem: str) -> Iterator[Document]:
+    for row, record in enumerate(records):
+        yield _from_record(record, fields, f"{stem}-{row}", f"{path} row {row}")
+
+
 def read_parquet(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for record in batch.to_pylist():
-            yield _from_record(record, fields, f"{path.stem}-{row}", f"{path} row {row}")
-            row += 1
+    batches = pq.ParquetFile(path).iter_batches()
+    yield from _from_rows(path, (record for batch in batches for record in batch.to_pylist()), fields, path.stem)
 
 
 def read_hf_disk(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
@@ -109,11 +111,7 @@ def read_hf_disk(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
         raise ImportError(f"{path} is a `datasets` directory; install the optional `datasets` package") from e
     data = load_from_disk(str(path))
     splits = [data[name] for name in sorted(data)] if isinstance(data, DatasetDict) else [data]
-    row = 0
-    for split in splits:
-        for record in split:
-            yield _from_record(record, fields, f"{path.name}-{row}", f"{path} row {row}")
-            row += 1
+    yield from _from_rows(path, (record for split in splits for record in split), fields, path.name)
 
 
 def read_webdataset(path: Path, fields: Fields = Fields()) -> Iterator[Document]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from itertools import accumulate
+from types import SimpleNamespace
 from typing import TextIO
 
 from megatron_sgtm.data.sources import Document
@@ -141,43 +142,24 @@ PROBLEMS = {
 LANGUAGE = {RETAIN_CATEGORY: "en", FORGET_CATEGORY: "es", ADJACENT_CATEGORY: "it"}
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """Language-neutral choices for one story (indices into the concept lists)."""
-
-    hero: int
-    hero_adj: int
-    friend: int
-    friend_adj: int
-    obj: int
-    obj_adj: int
-    place: int
-    place2: int
-    activity: int
-    problem: int
-    feeling_before: int
-    feeling_after: int
-    moral: int
-    name_pick: int
-    friend_name_pick: int
-    extras: tuple[int, ...]
+# The language-neutral choices of one story: field -> number of options (indices into the concept lists).
+_PLAN = {"hero": 16, "hero_adj": 16, "friend": 16, "friend_adj": 16, "obj": 20, "obj_adj": 16, "place": 12,
+         "place2": 12, "activity": 10, "problem": 5, "feeling_before": 8, "feeling_after": 8, "moral": 6,
+         "name_pick": 8, "friend_name_pick": 8}
 
 
-def _plan(rng: random.Random) -> _Plan:
-    pick = rng.randrange
-    return _Plan(
-        hero=pick(16), hero_adj=pick(16), friend=pick(16), friend_adj=pick(16), obj=pick(20), obj_adj=pick(16),
-        place=pick(12), place2=pick(12), activity=pick(10), problem=pick(5), feeling_before=pick(8),
-        feeling_after=pick(8), moral=pick(6), name_pick=pick(8), friend_name_pick=pick(8),
-        extras=tuple(rng.sample(range(4), rng.randrange(1, 5))),
-    )
+def _plan(rng: random.Random) -> SimpleNamespace:
+    """One story's choices, drawn in `_PLAN`'s order (which, with the seed, fixes the corpus)."""
+    plan = SimpleNamespace(**{name: rng.randrange(options) for name, options in _PLAN.items()})
+    plan.extras = tuple(rng.sample(range(4), rng.randrange(1, 5)))
+    return plan
 
 
 def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _english(p: _Plan) -> str:
+def _english(p: SimpleNamespace) -> str:
     animal, g = ANIMALS["en"][p.hero]
     friend_animal, fg = ANIMALS["en"][p.friend]
     n, f = NAMES["en"][g][p.name_pick], NAMES["en"][fg][p.friend_name_pick]
@@ -205,7 +187,7 @@ def _english(p: _Plan) -> str:
     return " ".join(parts)
 
 
-def _romance(p: _Plan, lang: str) -> str:
+def _romance(p: SimpleNamespace, lang: str) -> str:
     definite, indefinite, g = ANIMALS[lang][p.hero]
     _, friend_indef, fg = ANIMALS[lang][p.friend]
     gi, fgi = (0 if g == "m" else 1), (0 if fg == "m" else 1)
@@ -261,11 +243,7 @@ def _normalise_mix(mix: Mapping[str, float]) -> tuple[list[str], list[float]]:
         raise ValueError(f"category mix weights must be >= 0 with a positive sum, got {dict(mix)}")
     names = [c for c in CATEGORIES if mix.get(c, 0) > 0]
     total = sum(mix[c] for c in names)
-    cumulative, acc = [], 0.0
-    for c in names:
-        acc += mix[c] / total
-        cumulative.append(acc)
-    return names, cumulative
+    return names, list(accumulate(mix[c] / total for c in names))
 
 
 def generate(num_docs: int, seed: int = 0, mix: Mapping[str, float] = DEFAULT_MIX,

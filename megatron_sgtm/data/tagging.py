@@ -1,10 +1,9 @@
 """Score every document of a shard directory with P(forget) and write tagged copies.
 
-Originals are never modified. Everything is written into ``OUT.partial`` and renamed to ``OUT`` once
-the manifest is in, so a failed run leaves no usable-looking output. Each output shard is written
-atomically and then recorded in ``OUT.partial/.tagging/<shard>.json`` (its manifest entry, scores and
-categories), so a rerun resumes by skipping the recorded shards. Shards are tagged in parallel worker processes, each
-building the classifier once from a picklable `ClassifierSpec`.
+Originals are never modified. Everything is written into ``OUT.partial`` and published as ``OUT`` once the
+manifest is in. Each output shard is written atomically and then recorded in ``OUT.partial/.tagging/<shard>.json``
+(its manifest entry, scores and categories), so a rerun resumes by skipping the recorded shards. Worker processes
+tag shards in parallel, each building the classifier once from a picklable `ClassifierSpec`.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_sgtm.atomic import partial_dir, publish
 from megatron_sgtm.data.classifiers import (
     Classifier,
     HFClassifier,
@@ -35,8 +35,6 @@ from megatron_sgtm.data.shards import (
     ShardError,
     ShardInfo,
     check_new_output,
-    partial_dir,
-    publish,
     read_shard,
     report_skipped,
     sha256_file,

@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import GenerationConfig, GPT2Config, LlamaConfig, PretrainedConfig
 
+from megatron_sgtm.atomic import building
+from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ARCHITECTURES, ModelConfig
 
 State = dict[str, torch.Tensor]
@@ -85,75 +86,39 @@ def hf_family(cfg: ModelConfig) -> str:
     )
 
 
-def native_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the global state of a GPTModel built from `cfg` (our layer spec)."""
-    h, ffn = cfg.hidden_size, cfg.ffn_hidden_size
-    kv = h // cfg.num_attention_heads
-    norm = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
-    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (cfg.vocab_size, h)}
-    if cfg.position_embedding == "learned_absolute":
-        shapes["embedding.position_embeddings.weight"] = (cfg.seq_length, h)
-    linears = {
-        "self_attention.linear_qkv": ((cfg.num_attention_heads + 2 * cfg.num_query_groups) * kv, h),
-        "self_attention.linear_proj": (h, cfg.num_attention_heads * kv),
-        "mlp.linear_fc1": ((2 if cfg.gated else 1) * ffn, h),
-        "mlp.linear_fc2": (h, ffn),
-    }
-    for i in range(cfg.num_layers):
-        prefix = f"decoder.layers.{i}."
-        for name in ("input_layernorm", "pre_mlp_layernorm"):
-            shapes.update({f"{prefix}{name}.{s}": (h,) for s in norm})
-        for name, shape in linears.items():
-            shapes[f"{prefix}{name}.weight"] = shape
-            if cfg.bias:
-                shapes[f"{prefix}{name}.bias"] = shape[:1]
-    shapes.update({f"decoder.final_layernorm.{s}": (h,) for s in norm})
-    if not cfg.tie_embeddings:
-        shapes["output_layer.weight"] = (cfg.vocab_size, h)
-    return shapes
-
-
 def hf_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the parameters an HF checkpoint of `config` holds (tied lm_head excluded).
 
     Works for pruned configs too (llama: head_dim * heads != hidden; gpt2: any n_inner)."""
     family = _config_family(config)
-    layers = config.num_hidden_layers
-    h = config.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {}
+    h, vocab = config.hidden_size, config.vocab_size
     if family == "llama":
         hd = config.head_dim or h // config.num_attention_heads
         q, kv, inter = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
-        shapes["model.embed_tokens.weight"] = (config.vocab_size, h)
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter),
-            })
-        shapes["model.norm.weight"] = (h,)
+        shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
         if not config.tie_word_embeddings:
-            shapes["lm_head.weight"] = (config.vocab_size, h)
-        return shapes
-    inner = config.n_inner or 4 * h
-    shapes.update({"transformer.wte.weight": (config.vocab_size, h), "transformer.wpe.weight": (config.n_positions, h)})
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        for name, (fan_in, fan_out) in {
-            "attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, inner), "mlp.c_proj": (inner, h)
-        }.items():
-            shapes[f"{p}{name}.weight"] = (fan_in, fan_out)
-            shapes[f"{p}{name}.bias"] = (fan_out,)
-        for name in ("ln_1", "ln_2"):
-            shapes.update({f"{p}{name}.weight": (h,), f"{p}{name}.bias": (h,)})
-    shapes.update({"transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)})
+            shapes["lm_head.weight"] = (vocab, h)
+        layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+                 "mlp.down_proj.weight": (h, inter)}
+    else:
+        inner = config.n_inner or 4 * h
+        shapes = {"transformer.wte.weight": (vocab, h), "transformer.wpe.weight": (config.n_positions, h),
+                  "transformer.ln_f.weight": (h,), "transformer.ln_f.bias": (h,)}
+        layer = {f"{norm}.{kind}": (h,) for norm in ("ln_1", "ln_2") for kind in ("weight", "bias")}
+        for name, (fan_in, fan_out) in {"attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, inner),
+                                        "mlp.c_proj": (inner, h)}.items():
+            layer.update({f"{name}.weight": (fan_in, fan_out), f"{name}.bias": (fan_out,)})
+    for i in range(config.num_hidden_layers):
+        shapes.update({_HF_LAYER[family].format(i) + name: shape for name, shape in layer.items()})
     return shapes
 
 
-def _check_names(what: str, state: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+def check_state(what: str, state: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                error: type[Exception] = ValueError) -> None:
+    """Refuse a state whose names or shapes differ from `expected`, listing (the first of) each problem."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: {tuple(state[k].shape)} != {v}" for k, v in expected.items() if k in state
@@ -161,7 +126,7 @@ def _check_names(what: str, state: Mapping[str, torch.Tensor], expected: dict[st
     problems = [f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
     if problems:
-        raise ValueError(f"{what} does not match its config: " + "; ".join(problems))
+        raise error(f"{what} does not match its config: " + "; ".join(problems))
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
@@ -251,7 +216,7 @@ def to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig, *, consume: bool 
     With `consume`, `state` (a dict) is emptied and each native tensor is freed as soon as its HF copies
     exist (when the caller holds no other reference), so converting needs about one model of memory."""
     config = hf_config(cfg)
-    _check_names("the global state", state, native_shapes(cfg))
+    check_state("the global state", state, native_shapes(cfg))
     out: State = {hf: _conv1d(state[native]) if linear else state[native]
                   for native, hf, linear in _one_to_one(cfg, config.model_type)}
     dims = _qkv_dims(cfg)
@@ -353,7 +318,7 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], config: PretrainedConfig) -> t
     hf_state = {k: v for k, v in hf_state.items() if not _HF_BUFFERS.search(k)}
     if family == "gpt2":
         hf_state.pop("lm_head.weight", None)  # tied: the same tensor as transformer.wte.weight
-    _check_names("the Hugging Face state", hf_state, hf_shapes(config))
+    check_state("the Hugging Face state", hf_state, hf_shapes(config))
     out: State = {native: _conv1d(hf_state[hf]) if linear else hf_state[hf]
                   for native, hf, linear in _one_to_one(cfg, family)}
     dims = _qkv_dims(cfg)
@@ -446,10 +411,10 @@ def write_hf_dir(
 ) -> Path:
     """Write a standard HF model directory that `from_pretrained` loads offline; returns `out`.
 
-    Atomic: everything goes to ``OUT.partial`` and is renamed to `out` only when complete, so a failure
-    never leaves a half-written export at `out`. `dtype`: 'fp32' or 'bf16'. `tokenizer_path`: a local
-    `tokenizer.json` or tokenizer directory, saved as a `PreTrainedTokenizerFast` whose eos/bos is the
-    end-of-document token; it also sets the config's and generation config's eos/bos/pad ids.
+    Atomic (`atomic.building`): a failure never leaves a half-written export at `out`. `dtype`: 'fp32' or
+    'bf16'. `tokenizer_path`: a local `tokenizer.json` or tokenizer directory, saved as a
+    `PreTrainedTokenizerFast` whose eos/bos is the end-of-document token; it also sets the config's and
+    generation config's eos/bos/pad ids.
     `extra_files` (name -> text or bytes) are written inside the directory too, e.g. a release manifest.
     An existing `out` is refused unless `overwrite`.
     """
@@ -458,23 +423,17 @@ def write_hf_dir(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
-    _check_names("the Hugging Face state", state, hf_shapes(config))
+    check_state("the Hugging Face state", state, hf_shapes(config))
     config = copy.deepcopy(config)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():  # left by an interrupted export
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
+    with building(out) as partial:
         max_length = getattr(config, "max_position_embeddings", None) or config.n_positions
         if tokenizer_path is not None:
             eod = _save_tokenizer(partial, Path(tokenizer_path), config, max_length)
             config.eos_token_id = config.bos_token_id = eod
         config.dtype = "bfloat16" if dtype == "bf16" else "float32"
         config.save_pretrained(str(partial))
-        generation = GenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.eos_token_id
-        )
-        generation.save_pretrained(str(partial))
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                         pad_token_id=config.eos_token_id).save_pretrained(str(partial))
         cast = {k: v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in state.items()}
         _save_weights(partial, cast, max_shard_bytes)
         for name, content in (extra_files or {}).items():
@@ -482,21 +441,6 @@ def write_hf_dir(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content if isinstance(content, bytes) else content.encode())
         _fsync_tree(partial)
-        if out.exists():  # replace: the old export stays in place until the new one is complete
-            old = out.with_name(out.name + ".replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            try:
-                partial.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old)
-        else:
-            partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 

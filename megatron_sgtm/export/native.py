@@ -1,12 +1,9 @@
-"""Native checkpoints offline: read any layout into the global (TP=1, PP=1) weights, write model-only ones.
+"""Native checkpoints offline: any engine and TP/PP/DP layout read into the global (TP=1, PP=1) weights.
 
-A training checkpoint (``megatron-sgtm train``) is a megatron distributed checkpoint or a DeepSpeed
-ZeRO checkpoint plus ``meta.json`` (config, SGTM partition, step). Reading one builds the model once
-in this process, in a world of one, and lets megatron reshard its checkpoint into it (or merges
-DeepSpeed's ZeRO partitions per TP rank and then the TP shards), so any TP/PP/DP layout reads the
-same way. The tools write *model-only* checkpoints (``ablate``, ``import-hf``): ``model.safetensors``
-with the global weights beside ``meta.json``; ``train`` starts from one with
-``checkpoint.pretrained=DIR`` on either engine and at any layout.
+A training checkpoint is a megatron distributed or DeepSpeed ZeRO checkpoint plus ``meta.json`` (config,
+SGTM partition, step). Reading one builds the model once in this process, in a world of one, and lets
+megatron reshard its checkpoint into it (or merges DeepSpeed's ZeRO partitions per TP rank, then the TP
+shards). *Model-only* checkpoints (``ablate``, ``import-hf``) hold ``model.safetensors`` beside ``meta.json``.
 """
 
 from __future__ import annotations
@@ -21,9 +18,10 @@ from pathlib import Path
 import torch
 
 from megatron_sgtm.compat.deepspeed import weights_only_torch_load
-from megatron_sgtm.export.hf import native_shapes
+from megatron_sgtm.export.hf import check_state
+from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import Partition, PartitionError
+from megatron_sgtm.partition import Partition, PartitionError, SGTMConfig
 from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
 
 ENGINES = ("megatron", "deepspeed", "model-only")
@@ -31,8 +29,8 @@ ENGINES = ("megatron", "deepspeed", "model-only")
 
 @dataclass
 class NativeCheckpoint:
-    """A checkpoint read into `module` (TP=1, PP=1, this process); `state` holds the module's own
-    weight tensors under their global names (ablating the module changes them)."""
+    """A checkpoint read into `module`; `state` holds the module's own weight tensors under their global
+    names (ablating the module changes them)."""
 
     path: Path
     meta: dict
@@ -40,10 +38,6 @@ class NativeCheckpoint:
     partition: Partition | None
     module: torch.nn.Module
     state: dict[str, torch.Tensor]
-
-    @property
-    def ablated(self) -> bool:
-        return bool(self.meta.get("ablated", False))
 
 
 def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
@@ -69,7 +63,8 @@ def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
     if meta.get("partition") is not None:
         try:
             partition = Partition.from_dict(meta["partition"])
-            expected = _resolved_partition(meta, model)
+            sgtm = meta.get("config", {}).get("sgtm")
+            expected = SGTMConfig(**sgtm).resolve(model.dims()) if sgtm is not None else None
         except (KeyError, TypeError, ValueError, PartitionError) as err:
             raise CheckpointError(f"{meta_file}: partition is invalid ({err})") from err
         if expected is not None and expected.to_dict() != partition.to_dict():
@@ -83,13 +78,6 @@ def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
     return meta, model, partition
 
 
-def _resolved_partition(meta: dict, model: ModelConfig) -> Partition | None:
-    from megatron_sgtm.partition import SGTMConfig
-
-    sgtm = meta.get("config", {}).get("sgtm")
-    return SGTMConfig(**sgtm).resolve(model.dims()) if sgtm is not None else None
-
-
 def load_native(path: Path | str) -> NativeCheckpoint:
     """The global fp32 weights of a training or model-only checkpoint (any engine, any layout)."""
     path = Path(path)
@@ -100,22 +88,10 @@ def load_native(path: Path | str) -> NativeCheckpoint:
         _load_megatron(path, module)
     else:
         state = load_model_only(path)[1] if engine == "model-only" else _deepspeed_state(path, meta, module)
-        _check_state(path, state, native_shapes(model))
+        check_state(f"{path}: the stored state", state, native_shapes(model), CheckpointError)
         _adopt(module, state)
     state = {n: p.detach() for n, p in module.named_parameters() if not _tied_output(module, n)}
     return NativeCheckpoint(path, meta, model, partition, module, state)
-
-
-def _check_state(path: Path, state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    """Every weight of the model, with its global shape: a checkpoint of another model is refused."""
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{path}: weights do not match config.model (missing {missing[:5]}, "
-                              f"unexpected {extra[:5]})")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, config.model gives {shape}")
 
 
 def reference_model(model: ModelConfig, partition: Partition | None) -> torch.nn.Module:

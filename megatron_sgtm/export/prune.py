@@ -1,19 +1,14 @@
 """Θ_F of a global state, ablation without a model, and physical pruning of HF exports.
 
-`global_regions` applies the region rule of `regions.param_regions` (`linear_regions`, `masked_embeddings`)
-to global (TP=1/PP=1) names, with the index sets from `Partition.shard(0, 1)`, so a checkpoint can be
-ablated or summarised without building a model; the tests check both agree with the live model element
-for element.
+`global_regions` applies the rule of `regions.param_regions` to global (TP=1/PP=1) names, so a checkpoint
+can be ablated or summarised without building a model (the tests check both agree element for element).
 
-Pruning works on the HF side because only HF configs can describe the smaller model: a pruned llama has
-``num_attention_heads * head_dim != hidden_size`` (LlamaConfig has `head_dim`; `ModelConfig` derives
-kv_channels from hidden/heads). But transformers still requires the head count to divide the hidden size
-(LlamaConfig's validation), and GPT2Attention fixes ``head_dim = n_embd / n_head``: where the remaining
-head count does not divide the hidden size (always for gpt2) the forget heads are kept with all their
-weights zero and only the forget MLP units are removed. Either way the pruned model computes what the
-zero-ablated one does: an ablated forget head has zero q/k/v (so zero context) and an ablated forget unit
-has zero pre-activation (GELU(0) = SiLU(0)·0 = 0), whatever the strategy's ablation leaves in
-`linear_proj`/`linear_fc2`.
+Pruning works on the HF side because only HF configs can describe the smaller model (a pruned llama has
+``num_attention_heads * head_dim != hidden_size``). But LlamaConfig still requires the head count to divide
+the hidden size and GPT2Attention fixes ``head_dim = n_embd / n_head``: where the remaining heads do not
+divide it (always for gpt2) the forget heads stay with zero weights and only the forget MLP units go.
+Either way the pruned model computes what the zero-ablated one does: an ablated head has zero q/k/v and an
+ablated unit zero pre-activation (GELU(0) = SiLU(0)·0 = 0), whatever ablation leaves in proj/fc2.
 """
 
 from __future__ import annotations
@@ -24,7 +19,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from transformers import PretrainedConfig
 
-from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes, native_shapes
+from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes
+from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
 from megatron_sgtm.partition import ModelDims, Partition
 from megatron_sgtm.regions import ParamRegion, linear_regions, masked_embeddings
@@ -87,12 +83,9 @@ def ablate_state(
 ) -> tuple[State, int]:
     """(copy of `state` with Θ_F zeroed as `regions.ablate` zeros a live model, number of elements zeroed).
     Tensors ablation does not touch are shared with `state`."""
-    out = dict(state)
-    zeroed = 0
-    for name, mask in ablation_masks(cfg, partition).items():
-        out[name] = state[name].masked_fill(mask, 0)
-        zeroed += int(mask.sum())
-    return out, zeroed
+    masks = ablation_masks(cfg, partition)
+    out = {**state, **{name: state[name].masked_fill(mask, 0) for name, mask in masks.items()}}
+    return out, sum(int(mask.sum()) for mask in masks.values())
 
 
 def _hf_dims(config: PretrainedConfig) -> ModelDims:
@@ -134,9 +127,8 @@ def _keep(total: int, drop: tuple[int, ...], width: int) -> torch.Tensor:
 def removes_heads(config: PretrainedConfig, partition: Partition) -> bool:
     """Whether pruning can drop the forget heads: only llama, and only when the remaining head count divides
     the hidden size (transformers' LlamaConfig validation requires it even with an explicit head_dim)."""
-    if config.model_type != "llama":
-        return False
-    return config.hidden_size % (config.num_attention_heads - len(partition.forget_heads)) == 0
+    remaining = config.num_attention_heads - len(partition.forget_heads)
+    return config.model_type == "llama" and config.hidden_size % remaining == 0
 
 
 def prune_config(config: PretrainedConfig, partition: Partition) -> PretrainedConfig:
@@ -162,16 +154,14 @@ def prune_config(config: PretrainedConfig, partition: Partition) -> PretrainedCo
 def prune(
     config: PretrainedConfig, state: Mapping[str, torch.Tensor], partition: Partition, *, consume: bool = False
 ) -> tuple[PretrainedConfig, State]:
-    """(config, state) of the HF model without Θ_F (see the module docstring for gpt2's heads).
+    """(config, state) of the HF model without Θ_F, from an unpruned export (`to_hf`), ablated or not.
 
-    `config`/`state` are an unpruned export (`to_hf`), ablated or not: pruning removes Θ_F either way.
     Refused unless every layer is masked. Tensors pruning does not touch are shared with `state`; with
     `consume`, `state` (a dict) is emptied so that each replaced tensor is freed as it is replaced."""
     new_config = prune_config(config, partition)
     d = _hf_dims(config)
-    hd = d.kv_channels
-    heads = _keep(d.num_attention_heads, partition.forget_heads, hd)
-    groups = _keep(d.num_query_groups, partition.forget_groups, hd)
+    heads = _keep(d.num_attention_heads, partition.forget_heads, d.kv_channels)
+    groups = _keep(d.num_query_groups, partition.forget_groups, d.kv_channels)
     units = _keep(d.ffn_hidden_size, partition.forget_units, 1)
     out = dict(state)
     if consume:
@@ -200,7 +190,7 @@ def prune(
         out[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"].index_select(0, units)
         out[p + "mlp.c_proj.weight"] = state[p + "mlp.c_proj.weight"].index_select(0, units)
         # Heads stay, zeroed: their q, k and v columns of c_attn (and bias), their input rows of attn.c_proj.
-        forget = torch.ones(d.num_attention_heads * hd, dtype=torch.bool)
+        forget = torch.ones(d.num_attention_heads * d.kv_channels, dtype=torch.bool)
         forget[heads] = False
         qkv = forget.repeat(3)
         out[p + "attn.c_attn.weight"] = state[p + "attn.c_attn.weight"].masked_fill(qkv[None, :], 0)
@@ -236,24 +226,21 @@ def summarize(cfg: ModelConfig, partition: Partition | None, pruned: bool = Fals
             raise ValueError("cannot summarise pruning without a partition")
         before = hf_config(cfg)
         after = prune_config(before, partition)
-        llama = hf_family(cfg) == "llama"
         dropped = removes_heads(before, partition)
-        zeroed_heads = [] if dropped else list(partition.forget_heads)
         hd = cfg.hidden_size // cfg.num_attention_heads
         if dropped:
             zeroed = 0
-        elif llama:  # q rows and o_proj columns per head, k and v rows per query group
+        elif hf_family(cfg) == "llama":  # q rows and o_proj columns per head, k and v rows per query group
             zeroed = 2 * hd * cfg.hidden_size * (len(partition.forget_heads) + len(partition.forget_groups))
         else:  # a gpt2 head: its q, k, v rows and biases (3 * (hidden + 1) * hd) and its proj input rows
-            zeroed = len(zeroed_heads) * hd * (4 * cfg.hidden_size + 3)
-        zeroed *= cfg.num_layers
+            zeroed = len(partition.forget_heads) * hd * (4 * cfg.hidden_size + 3)
         params_before, params_after = _numel(hf_shapes(before)), _numel(hf_shapes(after))
         summary["pruned"] = {
             "hf_class": HF_CLASSES[before.model_type],
             "layers": list(range(cfg.num_layers)),
             "heads_removed": list(partition.forget_heads) if dropped else [],
             "query_groups_removed": list(partition.forget_groups) if dropped else [],
-            "heads_zeroed": zeroed_heads,
+            "heads_zeroed": [] if dropped else list(partition.forget_heads),
             "mlp_units_removed": list(partition.forget_units),
             "num_attention_heads": [cfg.num_attention_heads, _hf_dims(after).num_attention_heads],
             "num_query_groups": [cfg.num_query_groups, _hf_dims(after).num_query_groups],
@@ -261,6 +248,6 @@ def summarize(cfg: ModelConfig, partition: Partition | None, pruned: bool = Fals
             "params_before": params_before,
             "params_after": params_after,
             "params_removed": params_before - params_after,
-            "params_zeroed": zeroed,
+            "params_zeroed": zeroed * cfg.num_layers,
         }
     return summary

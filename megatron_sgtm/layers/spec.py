@@ -1,12 +1,9 @@
 """megatron-core ModuleSpecs with the SGTM linears swapped in (and the same specs without them).
 
-`get_sgtm_layer_spec(partition)` is a `TransformerLayer` spec for `GPTModel`; with
-``partition=None`` it is the identical plain megatron-core layer, which the benchmarks compare
-against. Backends:
-- ``local``: runs anywhere (SDPA core attention, torch norms); the CPU path;
-- ``gpu``: Transformer Engine's fused attention and norms where TE is installed, otherwise megatron's
-  own fused-softmax attention and apex norms when present.
-The four masked linears are megatron's local tensor-parallel linears in both.
+With ``partition=None`` the spec is the identical plain megatron-core layer, which the benchmarks compare
+against. Backends: ``local`` runs anywhere (SDPA core attention, torch norms); ``gpu`` uses Transformer
+Engine's fused attention and norms where TE is installed, else megatron's fused-softmax attention and apex
+norms when present. The four masked linears are megatron's local tensor-parallel linears in both.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A size fixes the transformer's shape (layers, width, heads); the architecture, vocabulary and context
 come from the sweep's base config, so the same table serves gpt2- and llama-style sweeps. Counts are
-exact for the model `megatron_sgtm.model.build_gpt_model` builds (checked against built models in
-tests/test_sweep.py), since the token budget and the scaling plots are functions of them.
+exact (`layout.native_shapes`, checked against built models in tests/unit/test_sweep.py), since the
+token budget and the scaling plots are functions of them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_sgtm.errors import UserError
+from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ARCHITECTURES, ModelConfig
 
 
@@ -73,25 +74,9 @@ class ParamCount:
 
 def count_parameters(m: ModelConfig) -> ParamCount:
     """Exact parameter count of the GPTModel built from `m` (TP=PP=1; tied weights counted once)."""
-    h, heads, groups = m.hidden_size, m.num_attention_heads, m.num_query_groups
-    kv = h // heads
-    bias = 1 if m.bias else 0
-    norm = 2 * h if m.normalization == "LayerNorm" else h
-    qkv_out = (heads + 2 * groups) * kv
-    fc1_out = m.ffn_hidden_size * (2 if m.gated else 1)
-    layer = (
-        2 * norm
-        + (h + bias) * qkv_out  # linear_qkv
-        + heads * kv * h + bias * h  # linear_proj
-        + (h + bias) * fc1_out  # linear_fc1
-        + m.ffn_hidden_size * h + bias * h  # linear_fc2
-    )
-    embedding = m.vocab_size * h
-    if m.position_embedding == "learned_absolute":
-        embedding += m.seq_length * h
-    if not m.tie_embeddings:
-        embedding += m.vocab_size * h  # output layer
-    return ParamCount(total=m.num_layers * layer + norm + embedding, embedding=embedding)
+    numel = {name: math.prod(shape) for name, shape in native_shapes(m).items()}
+    embedding = sum(n for name, n in numel.items() if name.startswith(("embedding.", "output_layer.")))
+    return ParamCount(total=sum(numel.values()), embedding=embedding)
 
 
 @dataclass(frozen=True)
