@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
+
+from megatron_sgtm.atomic import building
 
 # What the checkpoint and HF readers raise for a bad input directory (besides CheckpointError and OSError).
 READER_ERRORS = (ValueError, KeyError)
@@ -93,18 +93,11 @@ def export_hf(args: argparse.Namespace) -> None:
     if meta.get("ablated", False):
         raise ValueError(f"{args.checkpoint}: already ablated, so --release has no capable model to write; export "
                          "the training checkpoint it came from")
-    partial = out.with_name(out.name + ".partial")  # the release appears only when both models are written
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with building(out) as partial:  # the release appears only when both models are written
         _write_export(args, partial / "capable", False, False, tokenizer)
         _write_export(args, partial / "safe", True, args.prune, tokenizer)
         manifest = _manifest(meta, model, partition, args, capable="capable", safe="safe", pruned=args.prune)
         (partial / "manifest.json").write_text(manifest)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def ablate(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from megatron_sgtm.atomic import building, partial_dir, publish
 from megatron_sgtm.data.shards import Manifest, sha256_file
 from megatron_sgtm.errors import UserError
 
@@ -125,7 +126,7 @@ def check_checksums(directory: Path, meta: dict, found: dict[str, str | None]) -
 def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     final = iteration_dir(root, step)
-    partial = final.with_name(final.name + ".partial")
+    partial = partial_dir(final)
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
@@ -141,9 +142,7 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     if rank == 0:
         _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
                                             CHECKSUMS: checksums})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        publish(partial, final)
         _write_json_atomic(root / "latest.json", {"step": step, "path": final.name})
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -262,18 +261,11 @@ def write_model_only(out: Path, state: dict[str, torch.Tensor], meta: dict, file
     when complete (written beside, then renamed)."""
     if out.exists():
         raise CheckpointError(f"{out}: already exists (choose a new output directory)")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with building(out) as partial:
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial / MODEL_FILE))
         for file in files:
             shutil.copyfile(file, partial / file.name)
         _write_json_atomic(partial / META, {**meta, "engine": "model-only", CHECKSUMS: _hash(partial, _files(partial))})
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 
