@@ -6,7 +6,7 @@ with ``checkpoint.resume=auto``, and compare every step's loss and the final eva
 
 Each trial: start the job; SIGKILL the launcher and every rank (no chance to clean up) a random fraction of a
 step after a randomly drawn step was logged (the last step included: the kill then lands in the final save or
-evaluation), or, every third trial, the moment a checkpoint's ``.partial`` directory appears; then run the same
+evaluation), or, every third trial, the moment the next checkpoint's ``.partial`` directory appears; then run the same
 command again until it finishes. A trial passes when every step either job logged has exactly the uninterrupted
 run's loss and the final per-category evaluation is identical. Prints one line per trial and the tally.
 """
@@ -112,18 +112,21 @@ def trial(args, index: int, env: dict, data: Path, step_time: float, reference: 
     work.mkdir(parents=True)
     ckpt = work / "ckpt"
     during_save = index % 3 == 2
-    target_step = rng.randint(1, args.steps)  # kill after this step is logged, a random fraction of a step later
+    # Kill a random fraction of a step after this step is logged, or inside the first save that starts after it.
+    target_step = rng.randint(1, args.steps - 1 if during_save else args.steps)
     delay = rng.uniform(0.0, step_time)
     cmd = command(args, config(args, data, work / "killed", ckpt), work / "killed.yaml")
     with (work / "killed.log").open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         start, logged_at = time.time(), None
         while proc.poll() is None:
-            if during_save and ckpt.is_dir() and any(p.name.endswith(".partial") for p in ckpt.iterdir()):
-                break
-            if not during_save and logged_at is None and target_step in train_losses(work / "killed"):
+            if logged_at is None and target_step in train_losses(work / "killed"):
                 logged_at = time.time()
-            if logged_at is not None and time.time() - logged_at >= delay:
+            if during_save:  # the first save to start after the drawn step
+                saving = ckpt.is_dir() and any(p.name.endswith(".partial") for p in ckpt.iterdir())
+                if logged_at is not None and saving:
+                    break
+            elif logged_at is not None and time.time() - logged_at >= delay:
                 break
             time.sleep(0.01)
         killed_after = time.time() - start
