@@ -4,8 +4,8 @@
 ``partition=None`` it is the identical plain megatron-core layer, which the benchmarks compare
 against. Backends:
 - ``local``: runs anywhere (SDPA core attention, torch norms); the CPU path;
-- ``gpu``: Transformer Engine's fused attention and norms where TE is installed, otherwise megatron's
-  own fused-softmax attention and apex norms when present.
+- ``gpu``: Transformer Engine's fused attention and norms where TE is installed, otherwise SDPA core
+  attention (megatron's own refuses packed sequences) and apex norms when present.
 The four masked linears are megatron's local tensor-parallel linears in both.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -57,9 +56,9 @@ def _gpu_modules() -> tuple[type, type]:
         import apex  # noqa: F401  (FusedLayerNorm needs apex's kernels)
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
-        return DotProductAttention, FusedLayerNorm
+        return SDPACoreAttention, FusedLayerNorm
     except ImportError:
-        return DotProductAttention, SequenceParallelTorchNorm
+        return SDPACoreAttention, SequenceParallelTorchNorm
 
 
 def _backend_modules(backend: str) -> tuple[type, type]:
