@@ -47,6 +47,7 @@ class SGTMTransformerLayer(TransformerLayer):
 def _gpu_modules() -> tuple[type, type]:
     """(core attention, norm) for the GPU backend: the fastest megatron offers on this install."""
     try:
+        import transformer_engine  # noqa: F401  (megatron's TE wrappers import without it and fail when built)
         from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 
         return TEDotProductAttention, TENorm

@@ -45,6 +45,17 @@ def packed_document_params(position_ids: torch.Tensor) -> PackedSeqParams:
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
+def model_inputs(mb: dict, document_attention: bool, packed: bool) -> tuple[dict, dict]:
+    """(the micro-batch's model inputs, the model's attention arguments). Packed: the b rows as one THD row
+    of b*s tokens (documents never cross rows) with `PackedSeqParams`; dense: the [b, 1, s, s] document
+    mask; neither: plain causal attention."""
+    if document_attention and packed:
+        inputs = {k: mb[k].reshape(1, -1) for k in _MODEL_INPUTS}
+        return inputs, {"attention_mask": None, "packed_seq_params": packed_document_params(mb["position_ids"])}
+    mask = document_attention_mask(mb["position_ids"]) if document_attention else None
+    return {k: mb[k] for k in _MODEL_INPUTS}, {"attention_mask": mask}
+
+
 def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
     """Linear warmup from 0, cosine decay to `optim.min_lr` over the run; constant weight decay (each
     param group's ``wd_mult`` scales it). Sets the groups' lr and weight decay for step 0."""
@@ -116,25 +127,16 @@ class Engine(abc.ABC):
         rows run as one THD row of b*s tokens, so activations are [b*s, 1, h] between pipeline stages."""
         return self.cfg.data.document_attention and self.cfg.data.attention == "packed"
 
-    def _attention_mask(self, mb: dict) -> torch.Tensor | None:
-        """The dense path's mask: [b, 1, s, s] inside documents, or plain causal (None)."""
-        return document_attention_mask(mb["position_ids"]) if self.cfg.data.document_attention else None
-
     def _forward(self, module: torch.nn.Module, mb: dict, use_labels: bool) -> torch.Tensor:
         """Per-token losses [b, s] of one micro-batch (on the last pipeline stage); with `use_labels` the SGTM
         layers route its gradients by the token labels (training), without them it is the plain model
         (evaluation)."""
-        packed = self.packs_sequences
-        inputs = {k: mb[k].reshape(1, -1) if packed else mb[k] for k in _MODEL_INPUTS}
-        if packed:
-            attention = {"attention_mask": None, "packed_seq_params": packed_document_params(mb["position_ids"])}
-        else:
-            attention = {"attention_mask": self._attention_mask(mb)}
+        inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packs_sequences)
         if self.output_bias is not None:
             self.output_bias.observe(inputs["loss_mask"])
         with token_labels(inputs["token_labels"] if use_labels else None):
             out = module(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
-        return out.reshape(mb["tokens"].shape) if packed and ps.is_pipeline_last_stage() else out
+        return out.reshape(mb["tokens"].shape) if ps.is_pipeline_last_stage() else out
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""

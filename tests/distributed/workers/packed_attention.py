@@ -1,11 +1,17 @@
-"""4-rank worker: document attention through `PackedSeqParams` (THD) against the dense [b, 1, s, s] mask.
+"""Worker: document attention through `PackedSeqParams` (THD) against the dense [b, 1, s, s] mask.
 
-For each architecture (gpt2: learned positions; llama: RoPE, GQA) and TP x PP x SP layout it builds one
-`MegatronEngine` and runs the same micro-batches (packed documents of mixed labels and lengths, a
-padding tail) through the engine's own `_run` (megatron's schedule, shared `Engine._forward`) with
-``data.attention`` dense and then packed: a training pass with labels (per-token losses and the
-gradients, gathered to global tensors) and an evaluation pass without. Rank 0 saves the largest
-packed-vs-dense differences and the dense magnitudes; argv: OUT_DIR.
+argv: OUT_DIR [--single-device]. Rank 0 saves the largest packed-vs-dense differences and the dense
+magnitudes, per architecture (gpt2: learned positions; llama: RoPE, GQA) and case.
+
+4 gloo ranks (default): for each TP x PP x SP layout it builds one `MegatronEngine` and runs the same
+micro-batches (packed documents of mixed labels and lengths, a padding tail) through the engine's own
+`_run` (megatron's schedule, shared `Engine._forward`) with ``data.attention`` dense and then packed: a
+training pass with labels (per-token losses and the gradients, gathered to global tensors) and an
+evaluation pass without.
+
+``--single-device`` (1 rank; the GPU check): the ``gpu`` backend's SGTM model (Transformer Engine's
+varlen attention where installed; bf16 on CUDA) fed `PackedSeqParams`, against the ``local`` backend
+(SDPA) with the dense mask, same weights and device: losses and gradients of one labelled pass.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ if __name__ == "__main__":  # the test module imports this file for its layouts
     init_distributed()  # CPU shims before megatron modules are imported and built
 
 from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_sgtm.labels import TokenLabel  # noqa: E402
-from megatron_sgtm.layout import gather_global  # noqa: E402
+from megatron_sgtm.labels import TokenLabel, token_labels  # noqa: E402
+from megatron_sgtm.layout import gather_global, load_global  # noqa: E402
+from megatron_sgtm.model import build_gpt_model  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402
+from megatron_sgtm.training.engine import model_inputs  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
+from tests.support.sgtm_cases import random_global_state  # noqa: E402
 
 SEQ, MBS = 16, 2
 U, R, F = TokenLabel.UNLABELED, TokenLabel.RETAIN, TokenLabel.FORGET
@@ -66,12 +76,12 @@ def make_batches(vocab: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def config(arch: str, tp: int, pp: int, sp: bool):
+def config(arch: str, tp: int, pp: int, sp: bool, hidden: int = 32):
     model, sgtm = ARCHS[arch]
     dp = dist.get_world_size() // (tp * pp)
     return from_dict({
         "method": "sgtm",
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+        "model": {"num_layers": 2, "hidden_size": hidden, "num_attention_heads": 4, "ffn_hidden_size": 2 * hidden,
                   "vocab_size": 64, "seq_length": SEQ, **model},
         "sgtm": sgtm,
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "sequence_parallel": sp},
@@ -106,7 +116,14 @@ def run(engine: MegatronEngine, attention: str, batches: list[dict]) -> dict[str
     return {"train_losses": stacked[:half], "eval_losses": stacked[half:], **{f"grad/{n}": g for n, g in grads.items()}}
 
 
-def main(out_dir: str) -> None:
+def compare(results: dict, key: str, reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    for name in reference:
+        results[f"{key}/{name}/max_diff"] = (reference[name] - other[name]).abs().max()
+        results[f"{key}/{name}/max_abs"] = reference[name].abs().max()
+
+
+def layouts() -> dict[str, torch.Tensor]:
+    """Every layout's packed-vs-dense differences through the megatron engine (4 ranks)."""
     results: dict[str, torch.Tensor] = {}
     for arch in ARCHS:
         for tp, pp, sp in LAYOUTS:
@@ -114,15 +131,58 @@ def main(out_dir: str) -> None:
             engine = MegatronEngine(cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
             batches = make_batches(cfg.model.vocab_size)
             dense, packed = run(engine, "dense", batches), run(engine, "packed", batches)
-            key = f"{arch}/tp{tp}pp{pp}{'sp' if sp else ''}"
-            for name in dense:
-                results[f"{key}/{name}/max_diff"] = (dense[name] - packed[name]).abs().max()
-                results[f"{key}/{name}/max_abs"] = dense[name].abs().max()
+            compare(results, f"{arch}/tp{tp}pp{pp}{'sp' if sp else ''}", dense, packed)
             engine.shutdown()
+    return results
+
+
+def labelled_pass(model, batches: list[dict], packed: bool) -> dict[str, torch.Tensor]:
+    """Per-token losses and parameter gradients of one forward/backward with labels, without megatron's
+    schedule (one rank)."""
+    model.zero_grad(set_to_none=True)
+    losses = []
+    for mb in batches:
+        inputs, attention = model_inputs(mb, document_attention=True, packed=packed)
+        with token_labels(inputs["token_labels"]):
+            per_token = model(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
+        per_token = per_token.reshape(mb["tokens"].shape).float()
+        (per_token * mb["loss_mask"]).sum().backward()
+        losses.append(per_token.detach())
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return {"losses": torch.stack(losses).cpu(), **{f"grad/{n}": g for n, g in gather_global(model, grads).items()}}
+
+
+def single_device() -> dict:
+    """The ``gpu`` backend with `PackedSeqParams` against the ``local`` one with the dense mask, one rank."""
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    ps.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    results: dict = {"device": device.type, "dtype": "bf16" if on_gpu else "fp32"}
+    for arch in ARCHS:
+        cfg = config(arch, 1, 1, False, hidden=128)  # head dim 32: what fused kernels take
+        partition = cfg.sgtm.resolve(cfg.model.dims())
+        transformer = cfg.model.transformer_config(on_gpu=on_gpu, bf16=on_gpu)
+        models = {backend: build_gpt_model(cfg.model, transformer, partition, backend=backend).to(device)
+                  for backend in ("gpu", "local")}
+        state = random_global_state(gather_global(models["local"]), seed=7)
+        for model in models.values():
+            load_global(model, state)
+        results[f"{arch}/core_attention"] = type(models["gpu"].decoder.layers[0].self_attention.core_attention).__name__
+        batches = [{k: v.to(device) for k, v in mb.items()} for mb in make_batches(cfg.model.vocab_size)]
+        reference = labelled_pass(models["local"], batches, packed=False)
+        compare(results, f"{arch}/gpu_packed", reference, labelled_pass(models["gpu"], batches, packed=True))
+        compare(results, f"{arch}/local_packed", reference, labelled_pass(models["local"], batches, packed=True))
+    ps.destroy_model_parallel()
+    return results
+
+
+def main(out_dir: str, mode: str | None = None) -> None:
+    results = single_device() if mode == "--single-device" else layouts()
     if dist.get_rank() == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
