@@ -11,6 +11,8 @@ The four masked linears are megatron's local tensor-parallel linears in both.
 
 from __future__ import annotations
 
+import functools
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -44,13 +46,29 @@ class SGTMTransformerLayer(TransformerLayer):
                 module.bind_layer(self.layer_number - 1)
 
 
+def _without_dense_masks(te_attention: type) -> type:
+    """TE applies a boolean mask only for its padding/arbitrary mask types: under causal attention it would
+    silently drop the dense document mask (and SGTM's isolation with it), so that input is refused; the
+    packed path hands TE `PackedSeqParams` instead."""
+
+    class TEDocumentAttention(te_attention):
+        def forward(self, query, key, value, attention_mask, *args, **kwargs):
+            if attention_mask is not None:
+                raise NotImplementedError("Transformer Engine attention ignores a dense document mask under causal "
+                                          "attention; use data.attention: packed (the default) on GPU")
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+    return TEDocumentAttention
+
+
+@functools.cache
 def _gpu_modules() -> tuple[type, type]:
     """(core attention, norm) for the GPU backend: the fastest megatron offers on this install."""
     try:
         import transformer_engine  # noqa: F401  (megatron's TE wrappers import without it and fail when built)
         from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 
-        return TEDotProductAttention, TENorm
+        return _without_dense_masks(TEDotProductAttention), TENorm
     except ImportError:
         pass
     try:

@@ -44,7 +44,7 @@ class DataConfig:
     retain_categories: list[str] = field(default_factory=lambda: ["english"])
     skip_bad_shards: bool = False
     # With document_attention: packed = megatron's PackedSeqParams (THD varlen attention, no [s, s] mask);
-    # dense = a [b, 1, s, s] boolean mask (the reference the packed path is tested against).
+    # dense = a [b, 1, s, s] boolean mask (the reference the packed path is tested against; TE refuses it).
     attention: str = "packed"
 
 

@@ -58,7 +58,7 @@ def test_packed_equals_dense(results, key, kind):
 def test_single_device_packed_equals_dense(single_device, arch, backend, kind):
     assert single_device["device"] == ("cuda" if CUDA else "cpu")
     if CUDA and backend == "gpu" and _has_transformer_engine():
-        assert single_device[f"{arch}/core_attention"] == "TEDotProductAttention"
+        assert single_device[f"{arch}/core_attention"] == "TEDocumentAttention"
     prefix = f"{arch}/{backend}_packed/{kind}"
     names = [k[:-len("/max_diff")] for k in single_device if k.startswith(prefix) and k.endswith("/max_diff")]
     assert names, f"no results for {prefix}"
