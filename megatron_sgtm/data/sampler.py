@@ -103,6 +103,18 @@ def document_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return ~(same & causal)[:, None]
 
 
+def document_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The same documents as `document_attention_mask`, for the [b, s] rows read as one row of b*s
+    tokens (documents never cross rows): int32 cumulative lengths [num_docs + 1] and the longest
+    document, i.e. megatron's THD ``cu_seqlens`` / ``max_seqlen``. O(b*s)."""
+    start = position_ids == 0
+    start[:, 0] = True
+    flat = start.reshape(-1)
+    end = torch.tensor([flat.numel()], device=flat.device)
+    cu_seqlens = torch.cat([flat.nonzero().squeeze(1), end]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
 def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
 

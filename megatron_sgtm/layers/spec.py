@@ -2,16 +2,18 @@
 
 With ``partition=None`` the spec is the identical plain megatron-core layer, which the benchmarks compare
 against. Backends: ``local`` runs anywhere (SDPA core attention, torch norms); ``gpu`` uses Transformer
-Engine's fused attention and norms where TE is installed, else megatron's fused-softmax attention and apex
-norms when present. The four masked linears are megatron's local tensor-parallel linears in both.
+Engine's fused attention and norms where TE is installed, else SDPA core attention (megatron's own refuses
+packed sequences) and apex norms when present. The four masked linears are megatron's local tensor-parallel
+linears in both.
 """
 
 from __future__ import annotations
 
+import functools
+
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -42,21 +44,38 @@ class SGTMTransformerLayer(TransformerLayer):
                 module.bind_layer(self.layer_number - 1)
 
 
+def _without_dense_masks(te_attention: type) -> type:
+    """TE applies a boolean mask only for its padding/arbitrary mask types: under causal attention it would
+    silently drop the dense document mask (and SGTM's isolation with it), so that input is refused; the
+    packed path hands TE `PackedSeqParams` instead."""
+
+    class TEDocumentAttention(te_attention):
+        def forward(self, query, key, value, attention_mask, *args, **kwargs):
+            if attention_mask is not None:
+                raise NotImplementedError("Transformer Engine attention ignores a dense document mask under causal "
+                                          "attention; use data.attention: packed (the default) on GPU")
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+    return TEDocumentAttention
+
+
+@functools.cache
 def _gpu_modules() -> tuple[type, type]:
     """(core attention, norm) for the GPU backend: the fastest megatron offers on this install."""
     try:
+        import transformer_engine  # noqa: F401  (megatron's TE wrappers import without it and fail when built)
         from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
 
-        return TEDotProductAttention, TENorm
+        return _without_dense_masks(TEDotProductAttention), TENorm
     except ImportError:
         pass
     try:
         import apex  # noqa: F401  (FusedLayerNorm needs apex's kernels)
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 
-        return DotProductAttention, FusedLayerNorm
+        return SDPACoreAttention, FusedLayerNorm
     except ImportError:
-        return DotProductAttention, SequenceParallelTorchNorm
+        return SDPACoreAttention, SequenceParallelTorchNorm
 
 
 def _backend_modules(backend: str) -> tuple[type, type]:

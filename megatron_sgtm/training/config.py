@@ -52,6 +52,9 @@ class DataConfig:
     adjacent_categories: list[str] = field(default_factory=lambda: ["italian"])
     retain_categories: list[str] = field(default_factory=lambda: ["english"])
     skip_bad_shards: bool = False
+    # With document_attention: packed = megatron's PackedSeqParams (THD varlen attention, no [s, s] mask);
+    # dense = a [b, 1, s, s] boolean mask (the reference the packed path is tested against; TE refuses it).
+    attention: str = "packed"
 
 
 @dataclass
@@ -377,6 +380,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = {model_parallel} does not "
             f"divide the world size {world_size}"
         )
+    if cfg.data.attention not in ("packed", "dense"):
+        raise ConfigError(f"data.attention={cfg.data.attention!r}: expected 'packed' or 'dense'")
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
     if par.engine == "deepspeed":

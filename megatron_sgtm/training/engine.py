@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron_sgtm.data.sampler import document_attention_mask
+from megatron_sgtm.data.sampler import document_attention_mask, document_cu_seqlens
 from megatron_sgtm.labels import token_labels
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
@@ -29,6 +30,30 @@ from megatron_sgtm.training.gating import Gate, step_metrics
 
 if TYPE_CHECKING:
     from megatron_sgtm.training.calibration import OutputBias
+
+
+# The micro-batch keys the model reads, [b, s] each; flattened to [1, b*s] for packed attention.
+_MODEL_INPUTS = ("tokens", "position_ids", "targets", "token_labels", "loss_mask")
+
+
+def packed_document_params(position_ids: torch.Tensor) -> PackedSeqParams:
+    """megatron's THD `PackedSeqParams` for the [b, s] micro-batch read as one row of b*s tokens, one
+    sequence per document (positions restart at document starts): TE's varlen attention on GPU,
+    `SDPACoreAttention` on CPU, and RoPE restarting per document."""
+    cu_seqlens, longest = document_cu_seqlens(position_ids)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def model_inputs(mb: dict, document_attention: bool, packed: bool) -> tuple[dict, dict]:
+    """(the micro-batch's model inputs, the model's attention arguments). Packed: the b rows as one THD row
+    of b*s tokens (documents never cross rows) with `PackedSeqParams`; dense: the [b, 1, s, s] document
+    mask; neither: plain causal attention."""
+    if document_attention and packed:
+        inputs = {k: mb[k].reshape(1, -1) for k in _MODEL_INPUTS}
+        return inputs, {"attention_mask": None, "packed_seq_params": packed_document_params(mb["position_ids"])}
+    mask = document_attention_mask(mb["position_ids"]) if document_attention else None
+    return {k: mb[k] for k in _MODEL_INPUTS}, {"attention_mask": mask}
 
 
 def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
@@ -96,16 +121,22 @@ class Engine(abc.ABC):
         dist.all_reduce(stats, group=self.dp_group)
         return stats[:3], float(stats[3])
 
-    def _attention_mask(self, mb: dict) -> torch.Tensor | None:
-        return document_attention_mask(mb["position_ids"]) if self.cfg.data.document_attention else None
+    @property
+    def packs_sequences(self) -> bool:
+        """Document attention through `PackedSeqParams` (``data.attention: packed``): each micro-batch's b
+        rows run as one THD row of b*s tokens, so activations are [b*s, 1, h] between pipeline stages."""
+        return self.cfg.data.document_attention and self.cfg.data.attention == "packed"
 
     def _forward(self, module: torch.nn.Module, mb: dict, use_labels: bool) -> torch.Tensor:
-        """Per-token losses of one micro-batch; with `use_labels` the SGTM layers route its gradients
-        by the token labels (training), without them it is the plain model (evaluation)."""
+        """Per-token losses [b, s] of one micro-batch (on the last pipeline stage); with `use_labels` the SGTM
+        layers route its gradients by the token labels (training), without them it is the plain model
+        (evaluation)."""
+        inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packs_sequences)
         if self.output_bias is not None:
-            self.output_bias.observe(mb["loss_mask"])
-        with token_labels(mb["token_labels"] if use_labels else None):
-            return module(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["targets"])
+            self.output_bias.observe(inputs["loss_mask"])
+        with token_labels(inputs["token_labels"] if use_labels else None):
+            out = module(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
+        return out.reshape(mb["tokens"].shape) if ps.is_pipeline_last_stage() else out
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""

@@ -84,13 +84,15 @@ class MegatronEngine(Engine):
 
             return out, loss_func
 
+        s, b = self.cfg.model.seq_length, self.cfg.optim.micro_batch_size
+        seq_length, micro_batch_size = (s * b, 1) if self.packs_sequences else (s, b)
         out = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=None,
             model=[self.ddp],
             num_microbatches=len(batches),
-            seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.optim.micro_batch_size,
+            seq_length=seq_length,  # of the [s, b, h] activations between pipeline stages
+            micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
         total = torch.zeros(2, dtype=torch.float64)
