@@ -263,7 +263,8 @@ _RULES: dict[str, dict[str, _Rule]] = {
     "model": {**{key: _AT_LEAST_ONE for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                                                 "seq_length", "num_query_groups", "ffn_hidden_size")},
               "init_method_std": _POSITIVE, "rotary_base": _POSITIVE},
-    "data": {"heldout_fraction": (lambda v: 0 < v < 1, "must lie in (0, 1)"), "mode": _one_of(MODES)},
+    "data": {"heldout_fraction": (lambda v: 0 < v < 1, "must lie in (0, 1)"), "mode": _one_of(MODES),
+             "attention": _one_of(("packed", "dense"))},
     "parallel": {"tensor_model_parallel_size": _AT_LEAST_ONE, "pipeline_model_parallel_size": _AT_LEAST_ONE},
     "optim": {"lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
               "beta1": _BETA, "beta2": _BETA, "eps": _POSITIVE, "clip_grad": _NON_NEGATIVE,
@@ -380,8 +381,6 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = {model_parallel} does not "
             f"divide the world size {world_size}"
         )
-    if cfg.data.attention not in ("packed", "dense"):
-        raise ConfigError(f"data.attention={cfg.data.attention!r}: expected 'packed' or 'dense'")
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
     if par.engine == "deepspeed":
