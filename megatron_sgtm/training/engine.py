@@ -18,7 +18,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.data.sampler import document_attention_mask
-from megatron_sgtm.labels import token_labels
+from megatron_sgtm.labels import label_flags, token_labels
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated
@@ -83,16 +83,24 @@ class Engine(abc.ABC):
         return Gate.from_label_counts(counts) if strategy_of(self.cfg.strategy).gates_steps else Gate()
 
     def _to_device(self, batches: list[dict]) -> list[dict]:
+        """The micro-batches on this rank's device, with their `label_flags` read on the host first."""
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        return [{k: v.to(device) for k, v in mb.items()} for mb in batches]
+        out = []
+        for mb in batches:
+            moved = {k: v.to(device) for k, v in mb.items()}
+            if "token_labels" in mb:
+                moved["label_flags"] = label_flags(mb["token_labels"])
+            out.append(moved)
+        return out
 
     def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, float]:
-        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch."""
+        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch, counted on
+        the host batches (before `_to_device`)."""
         stats = torch.zeros(4, dtype=torch.float64)
         for mb in batches:
-            keep = mb["loss_mask"] > 0
-            stats[:3] += torch.bincount(mb["token_labels"][keep].long().cpu(), minlength=3)[:3].double()
-            stats[3] += mb["loss_mask"].double().sum().cpu()
+            labels, loss_mask = mb["token_labels"].cpu(), mb["loss_mask"].cpu()
+            stats[:3] += torch.bincount(labels[loss_mask > 0].long(), minlength=3)[:3].double()
+            stats[3] += loss_mask.double().sum()
         dist.all_reduce(stats, group=self.dp_group)
         return stats[:3], float(stats[3])
 
@@ -104,13 +112,13 @@ class Engine(abc.ABC):
         by the token labels (training), without them it is the plain model (evaluation)."""
         if self.output_bias is not None:
             self.output_bias.observe(mb["loss_mask"])
-        with token_labels(mb["token_labels"] if use_labels else None):
+        with token_labels(mb["token_labels"] if use_labels else None, mb.get("label_flags")):
             return module(mb["tokens"], mb["position_ids"], self._attention_mask(mb), labels=mb["targets"])
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""
-        batches = self._to_device(batches)
         counts, loss_weight = self._global_counts(batches)
+        batches = self._to_device(batches)
         gate = self.step_gate(counts)
         loss_sum, tokens, grad_norm = self._optimizer_step(batches, gate, loss_weight)
         self.scheduler.step(increment=1)
