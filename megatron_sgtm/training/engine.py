@@ -42,6 +42,11 @@ def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
     )
 
 
+def transformer_options(cfg: TrainConfig) -> dict:
+    """The TransformerConfig keys the train config sets, whatever the engine."""
+    return {"recompute_granularity": cfg.train.recompute_granularity}
+
+
 class Engine(abc.ABC):
     """One job's model, optimizer and schedule (every call is collective). The trainer also reads `cfg`,
     `partition`, `model` (this rank's unwrapped GPTModel), `dp_rank`/`dp_size`/`dp_group`, and sets
@@ -64,7 +69,8 @@ class Engine(abc.ABC):
         self.cfg, self.partition = cfg, partition
         self.config = cfg.model.transformer_config(
             on_gpu=on_gpu, bf16=bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
-            pipeline_model_parallel_size=par.pipeline_model_parallel_size, **config_options,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size, **transformer_options(cfg),
+            **config_options,
         )
         self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
         init_weights(self.model, cfg)
