@@ -190,15 +190,20 @@ class SGTMAdamW(torch.optim.AdamW):
 
 def _adamw(tensors: list[tuple[torch.Tensor, ...]], step: int, group: dict) -> None:
     """torch's AdamW update of (param, grad, exp_avg, exp_avg_sq) tuples that share the step count `step`:
-    fused where torch has it for these tensors (GPU), else foreach."""
+    fused on GPU for dense tensors (torch's fused kernel), foreach for the rest (strided block views, CPU)."""
     if not tensors:
         return
-    params, grads, avgs, sqs = (list(ts) for ts in zip(*tensors))
-    device = params[0].device
-    fused = device.type == "cuda" and all(t.is_contiguous() for ts in tensors for t in ts)
-    # Fresh per-tensor counters (adamw advances each by one); fused reads them on the device, foreach on the host.
-    counters = torch.full((len(params),), float(step - 1), device=device if fused else "cpu").unbind(0)
-    beta1, beta2 = group["betas"]
-    adamw(params, grads, avgs, sqs, [], list(counters), foreach=not fused, fused=fused, amsgrad=False,
-          beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-          maximize=False)
+    on_gpu = tensors[0][0].device.type == "cuda"
+    fusable = [on_gpu and all(t.is_contiguous() for t in ts) for ts in tensors]
+    for fused in (True, False):
+        batch = [ts for ts, f in zip(tensors, fusable) if f == fused]
+        if not batch:
+            continue
+        params, grads, avgs, sqs = (list(ts) for ts in zip(*batch))
+        # Fresh per-tensor counters at step - 1 (adamw advances each by one): the fused kernel reads them on
+        # the device, foreach on the host.
+        counters = torch.full((len(params),), float(step - 1), device=params[0].device if fused else "cpu")
+        beta1, beta2 = group["betas"]
+        adamw(params, grads, avgs, sqs, [], list(counters.unbind(0)), foreach=not fused, fused=fused,
+              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=False)
