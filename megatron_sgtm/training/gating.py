@@ -168,11 +168,14 @@ class SGTMAdamW(torch.optim.AdamW):
                 tensors.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
             if len(set(steps)) == 1:  # no region was ever gated: plain AdamW
                 _adamw(tensors, steps[Region.JOINT], group)
-                continue
-            for region in (Region.JOINT, Region.RETAIN, Region.FORGET):
-                if (region == Region.RETAIN and gate.retain) or (region == Region.FORGET and gate.forget):
-                    continue
-                _adamw(self._region_views(tensors, region), steps[region], group)
+            elif not (gate.retain or gate.forget):
+                _adamw_region_bias_correction(tensors, {r: self._region_views(tensors, r) for r in Region}, steps,
+                                              group)
+            else:
+                for region in (Region.JOINT, Region.RETAIN, Region.FORGET):
+                    if (region == Region.RETAIN and gate.retain) or (region == Region.FORGET and gate.forget):
+                        continue
+                    _adamw(self._region_views(tensors, region), steps[region], group)
         return loss
 
     def _region_views(self, tensors: list[tuple[torch.Tensor, ...]], region: Region) -> list[tuple[torch.Tensor, ...]]:
@@ -207,3 +210,26 @@ def _adamw(tensors: list[tuple[torch.Tensor, ...]], step: int, group: dict) -> N
         adamw(params, grads, avgs, sqs, [], list(counters.unbind(0)), foreach=not fused, fused=fused,
               amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
               eps=group["eps"], maximize=False)
+
+
+def _adamw_region_bias_correction(tensors: list[tuple[torch.Tensor, ...]],
+                                  views: dict[Region, list[tuple[torch.Tensor, ...]]], steps: list[int],
+                                  group: dict) -> None:
+    """An ungated step with regions at different step counts: torch's foreach AdamW, operation for operation,
+    with weight decay and moments over whole tensors and only the bias-corrected update per region's views."""
+    if not tensors:
+        return
+    params, grads, avgs, sqs = (list(ts) for ts in zip(*tensors))
+    lr, eps, (beta1, beta2) = group["lr"], group["eps"], group["betas"]
+    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+    torch._foreach_lerp_(avgs, grads, 1 - beta1)
+    torch._foreach_mul_(sqs, beta2)
+    torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
+    for region, own in views.items():
+        if not own:
+            continue
+        region_params, _, region_avgs, region_sqs = (list(ts) for ts in zip(*own))
+        denom = torch._foreach_sqrt(region_sqs)
+        torch._foreach_div_(denom, (1 - beta2 ** steps[region]) ** 0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(region_params, region_avgs, denom, -lr / (1 - beta1 ** steps[region]))
