@@ -84,9 +84,7 @@ class Block:
         return self.rows * self.cols
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not tensor.is_contiguous():
-            raise RuntimeError(f"step gating needs contiguous parameters, gradients and moments; got strides "
-                               f"{tensor.stride()} for shape {tuple(tensor.shape)}")
+        """This block of a contiguous `tensor` (see `_contiguous`)."""
         base = tensor.storage_offset() + self.offset
         if self.rows == 1:
             return tensor.as_strided((self.cols,), (1,), base)
@@ -124,8 +122,10 @@ class SGTMAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.gate = Gate()
         self._blocks: dict[int, dict[Region, list[Block]]] = {}
+        self._state_views: dict[int, tuple] = {}  # id(param) -> (data pointers, views of param and moments)
 
     def set_region_codes(self, param: torch.Tensor, codes: torch.Tensor | None) -> None:
+        self._state_views.pop(id(param), None)
         if codes is None:
             self._blocks.pop(id(param), None)
             return
@@ -169,26 +169,41 @@ class SGTMAdamW(torch.optim.AdamW):
             if len(set(steps)) == 1:  # no region was ever gated: plain AdamW
                 _adamw(tensors, steps[Region.JOINT], group)
             elif not (gate.retain or gate.forget):
-                _adamw_region_bias_correction(tensors, {r: self._region_views(tensors, r) for r in Region}, steps,
-                                              group)
+                _adamw_region_bias_correction(tensors, self._region_views(tensors), steps, group)
             else:
-                for region in (Region.JOINT, Region.RETAIN, Region.FORGET):
-                    if (region == Region.RETAIN and gate.retain) or (region == Region.FORGET and gate.forget):
-                        continue
-                    _adamw(self._region_views(tensors, region), steps[region], group)
+                for region, own in self._region_views(tensors).items():
+                    if not ((region == Region.RETAIN and gate.retain) or (region == Region.FORGET and gate.forget)):
+                        _adamw(own, steps[region], group)
         return loss
 
-    def _region_views(self, tensors: list[tuple[torch.Tensor, ...]], region: Region) -> list[tuple[torch.Tensor, ...]]:
-        """(param, grad, exp_avg, exp_avg_sq) of the elements of `region`: whole tensors or views of blocks."""
-        views = []
+    def _region_views(self, tensors: list[tuple[torch.Tensor, ...]]) -> dict[Region, list[tuple[torch.Tensor, ...]]]:
+        """(param, grad, exp_avg, exp_avg_sq) of each region's elements: whole tensors (all Θ_J) or block views.
+        The views of a parameter and its moments are kept while their storage is; a gradient's are made per step
+        (keeping them would keep gradients alive that ZeRO frees)."""
+        views: dict[Region, list[tuple[torch.Tensor, ...]]] = {region: [] for region in Region}
         for ts in tensors:
-            blocks = self._blocks.get(id(ts[0]))
+            param, grad, avg, sq = ts
+            blocks = self._blocks.get(id(param))
             if blocks is None:
-                if region == Region.JOINT:
-                    views.append(ts)
+                views[Region.JOINT].append(ts)
                 continue
-            views.extend(tuple(block.view(t) for t in ts) for block in blocks.get(region, ()))
+            key = tuple(_contiguous(t).data_ptr() for t in (param, avg, sq))
+            cached = self._state_views.get(id(param))
+            if cached is None or cached[0] != key:
+                cached = key, {region: [tuple(b.view(t) for t in (param, avg, sq)) for b in own]
+                               for region, own in blocks.items()}
+                self._state_views[id(param)] = cached
+            _contiguous(grad)
+            for region, own in blocks.items():
+                views[region].extend((p, block.view(grad), a, q) for block, (p, a, q) in zip(own, cached[1][region]))
         return views
+
+
+def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_contiguous():
+        raise RuntimeError(f"step gating needs contiguous parameters, gradients and moments; got strides "
+                           f"{tensor.stride()} for shape {tuple(tensor.shape)}")
+    return tensor
 
 
 def _adamw(tensors: list[tuple[torch.Tensor, ...]], step: int, group: dict) -> None:
