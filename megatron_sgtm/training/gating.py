@@ -157,6 +157,7 @@ class SGTMAdamW(torch.optim.AdamW):
             steps[Region.RETAIN] += 0 if gate.retain else 1
             steps[Region.FORGET] += 0 if gate.forget else 1
             tensors = []
+            step = torch.tensor(float(steps[Region.JOINT]))  # megatron's checkpoints read each parameter's
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -164,7 +165,7 @@ class SGTMAdamW(torch.optim.AdamW):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = torch.tensor(float(steps[Region.JOINT]))  # megatron's checkpoints read it
+                state["step"] = step
                 tensors.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
             if len(set(steps)) == 1:  # no region was ever gated: plain AdamW
                 _adamw(tensors, steps[Region.JOINT], group)
