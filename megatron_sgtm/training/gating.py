@@ -9,9 +9,10 @@ as split optimizers would. The engines map the partition's region maps onto the 
 (`region_codes_for_shard`); the optimizer turns those per-element codes into `Block`s once, because
 regions are whole rows or columns of a weight: a block is a contiguous range of the flat shard, or a
 strided 2-D view of it (a column range repeated over the rows a shard covers). A step is then torch's
-own AdamW (foreach, fused on GPU) over whole parameters while every region has the same step count,
-else over each ungated region's block views at that region's count: a gated region is not touched
-and no full-size temporary is made.
+own AdamW (foreach, fused on GPU) over whole parameters while every region has the same step count;
+once they differ, an ungated step updates weight decay and moments over whole tensors and only the
+bias-corrected update per region's views, and a gated step runs AdamW over the ungated regions' views
+at their own counts: a gated region is not touched and no full-size temporary is made.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class SGTMAdamW(torch.optim.AdamW):
             steps[Region.RETAIN] += 0 if gate.retain else 1
             steps[Region.FORGET] += 0 if gate.forget else 1
             tensors = []
-            step = torch.tensor(float(steps[Region.JOINT]))  # megatron's checkpoints read each parameter's
+            step = torch.tensor(float(steps[Region.JOINT]))  # every state's "step" (megatron's checkpoints read it)
             for p in group["params"]:
                 if p.grad is None:
                     continue
