@@ -134,6 +134,17 @@ class SGTMAdamW(torch.optim.AdamW):
             raise ValueError(f"region codes of shape {tuple(codes.shape)} for a parameter of {tuple(param.shape)}")
         self._blocks[id(param)] = region_blocks(codes)
 
+    def codes_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The region codes registered for `param`, rebuilt from its blocks; None if it has none."""
+        blocks = self._blocks.get(id(param))
+        if blocks is None:
+            return None
+        codes = torch.full(param.shape, Region.JOINT, dtype=torch.uint8, device=param.device)
+        for region, own in blocks.items():
+            for block in own:
+                block.view(codes).fill_(region)
+        return codes
+
     def init_state(self) -> None:
         """Empty state for every parameter, so a checkpoint can be loaded into it in place."""
         for group in self.param_groups:
