@@ -7,7 +7,9 @@ Builds the SGTM GPTModel (paper partition, strategy ``sgtm``, TP=PP=DP=1) and ta
 region maps (`regions.param_regions` -> `gating.region_codes`), as the megatron engine's
 DistributedOptimizer shards do at DP=1 (one tensor per parameter); ``--flat`` instead lays every
 parameter out in one flat buffer, as a ZeRO-1/2 partition does. Fixed random gradients; fp32.
-Variants, timed in alternation (so background load hits all alike), median ms per step:
+Variants, timed in alternation (so background load hits all alike), median ms per step (on CPU the
+process's CPU time, which other processes on a shared machine disturb far less than wall time; on a GPU
+wall time between synchronisations):
 
 - ``torch``: ``torch.optim.AdamW(foreach=True)`` on a copy of the same tensors;
 - ``ungated (fresh)``: SGTMAdamW before any gated step (every region at the same step count);
@@ -118,23 +120,24 @@ def main(argv: list[str] | None = None) -> None:
         "torch": ref.step, "ungated (fresh)": fresh.step, "ungated": sgtm_step(Gate()),
         "gated retain": sgtm_step(Gate(retain=True)), "gated forget": sgtm_step(Gate(forget=True)),
     }
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.warmup + args.steps):
         for name, step in variants.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_ >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((clock() - start) * 1e3)
 
     n_params = sum(p.numel() for p, _ in pairs)
     gated_numel = gated.gated_elements
     print(f"{n_params / 1e6:.1f}M parameters ({gated_numel / 1e6:.1f}M in Θ_R/Θ_F), hidden {args.hidden}, "
           f"{args.layers} layers, {'one flat buffer' if args.flat else 'one tensor per parameter'}, "
-          f"{device.type}, torch threads {torch.get_num_threads()}")
+          f"{device.type}, torch threads {torch.get_num_threads()}, {'wall' if device.type == 'cuda' else 'CPU'} time")
     base = statistics.median(times["torch"])
     figures = {}
     print(f"{'variant':<18}{'ms/step':>10}{'vs torch':>10}{'spread':>10}")
