@@ -8,6 +8,9 @@ layout computes the same update. Step gating lives in the DistributedOptimizer's
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -26,9 +29,12 @@ from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes_for_shar
 
 
 def ddp_config(cfg: TrainConfig) -> DistributedDataParallelConfig:
-    """megatron DDP with the DistributedOptimizer, fp32 gradient reduction and the config's overlap knob."""
-    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
-                                         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
+    """megatron DDP with the DistributedOptimizer, fp32 gradient reduction and the config's overlap knobs."""
+    par = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+    )
 
 
 class MegatronEngine(Engine):
@@ -116,6 +122,24 @@ class MegatronEngine(Engine):
     def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
         return self._run(batches, forward_only=True, use_labels=False)
 
+    @contextlib.contextmanager
+    def _params_gathered(self) -> Iterator[None]:
+        """With overlap_param_gather the step's new parameters arrive in the next forward's pre-hooks; what
+        reads or edits them otherwise (ablation, checkpoints) gathers them first, as megatron's trainer does."""
+        if not self.ddp.ddp_config.overlap_param_gather:
+            yield
+            return
+        self.ddp.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            self.ddp.enable_forward_pre_hook()
+
+    @contextlib.contextmanager
+    def _ablated(self) -> Iterator[None]:
+        with self._params_gathered(), super()._ablated():
+            yield
+
     # -- checkpoints: megatron distributed checkpoints, reshardable to any layout ------------
     def _sharded_state_dict(self, is_loading: bool) -> dict:
         model_sd = self.model.sharded_state_dict()
@@ -126,7 +150,8 @@ class MegatronEngine(Engine):
         }
 
     def save(self, directory: str) -> None:
-        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
+        with self._params_gathered():
+            dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
     def load(self, directory: str) -> None:
         """Load a (possibly differently laid out) checkpoint into the gated inner optimizers."""

@@ -1,5 +1,5 @@
-"""The megatron performance knobs of the train config reach megatron: the DDP config (gradient reduce overlap)
-and the TransformerConfig (selective recomputation); the unsafe ones are refused."""
+"""The megatron performance knobs of the train config reach megatron: the DDP config (gradient reduce and
+parameter gather overlap) and the TransformerConfig (selective recomputation); the unsafe ones are refused."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ def _cfg(shards: Path, **sections):
 
 
 def test_overlap_knobs_reach_megatron_ddp(shards):
-    cfg = _cfg(shards, parallel={"overlap_grad_reduce": True})
+    cfg = _cfg(shards, parallel={"overlap_grad_reduce": True, "overlap_param_gather": True})
     validate(cfg, 1)
     ddp = ddp_config(cfg)
-    assert (ddp.overlap_grad_reduce, ddp.use_distributed_optimizer) == (True, True)
-    assert not ddp_config(_cfg(shards)).overlap_grad_reduce
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.use_distributed_optimizer) == (True, True, True)
+    default = ddp_config(_cfg(shards))
+    assert (default.overlap_grad_reduce, default.overlap_param_gather) == (False, False)
 
 
 def test_selective_recompute_reaches_the_transformer_config(shards):
@@ -44,6 +45,7 @@ def test_selective_recompute_reaches_the_transformer_config(shards):
     "sections,needle",
     [
         ({"train": {"recompute_granularity": "full"}}, "train.recompute_granularity='full'"),
+        ({"parallel": {"overlap_param_gather": True}}, "parallel.overlap_param_gather needs"),
         ({"parallel": {"engine": "deepspeed", "overlap_grad_reduce": True}}, "set overlap_comm"),
     ],
 )
