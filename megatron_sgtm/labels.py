@@ -4,6 +4,8 @@ and the per-forward label masks the masked layers read.
 The trainer wraps each model call in ``with token_labels(labels):``. Masked layers read the labels
 *during forward* and save what backward needs in the autograd graph, so pipeline schedules with
 several micro-batches in flight stay exact: nothing reads "the current labels" at backward time.
+Whether a micro-batch has any F or R position (`label_flags`) decides which masks the layers apply; the
+engines read it from the host batch before it moves to the device, so no layer waits on the device.
 """
 
 from __future__ import annotations
@@ -48,28 +50,38 @@ class LabelMasks:
 _ACTIVE: list[LabelMasks] = []
 
 
-def masks_from_labels(labels: torch.Tensor) -> LabelMasks:
-    """[b, s] integer labels -> [s, b, 1] keep indicators."""
+# (any_forget, any_retain) of a micro-batch's labels.
+LabelFlags = tuple[bool, bool]
+
+
+def label_flags(labels: torch.Tensor) -> LabelFlags:
+    """Whether `labels` hold any F / any R position: read from a host tensor (a device one would sync)."""
+    return bool((labels == TokenLabel.FORGET).any()), bool((labels == TokenLabel.RETAIN).any())
+
+
+def masks_from_labels(labels: torch.Tensor, flags: LabelFlags | None = None) -> LabelMasks:
+    """[b, s] integer labels -> [s, b, 1] keep indicators. `flags`: the labels' `label_flags`, taken
+    before they moved to the device; without them they are read from `labels`."""
     if labels.dim() != 2:
         raise ValueError(f"token labels must be [batch, seq], got shape {tuple(labels.shape)}")
     sb = labels.t().unsqueeze(-1)
-    is_forget = sb == TokenLabel.FORGET
-    is_retain = sb == TokenLabel.RETAIN
+    any_forget, any_retain = label_flags(labels) if flags is None else flags
     return LabelMasks(
-        not_forget=(~is_forget).float(),
-        not_retain=(~is_retain).float(),
-        any_forget=bool(is_forget.any()),
-        any_retain=bool(is_retain.any()),
+        not_forget=(sb != TokenLabel.FORGET).float(),
+        not_retain=(sb != TokenLabel.RETAIN).float(),
+        any_forget=any_forget,
+        any_retain=any_retain,
     )
 
 
 @contextlib.contextmanager
-def token_labels(labels: torch.Tensor | None) -> Iterator[None]:
-    """Make `labels` ([b, s]: U/R/F per position) visible to masked layers during one forward."""
+def token_labels(labels: torch.Tensor | None, flags: LabelFlags | None = None) -> Iterator[None]:
+    """Make `labels` ([b, s]: U/R/F per position) visible to masked layers during one forward (`flags`:
+    see `masks_from_labels`)."""
     if labels is None:
         yield
         return
-    _ACTIVE.append(masks_from_labels(labels))
+    _ACTIVE.append(masks_from_labels(labels, flags))
     try:
         yield
     finally:

@@ -2,7 +2,7 @@
 
     python tools/bench_train.py [--hidden 256] [--layers 4] [--heads 4] [--seq 256] [--micro-batch 4]
         [--global-batch 8] [--steps 30] [--warmup 5] [--nproc 1] [--engines megatron,deepspeed]
-        [--zero-stage 1] [--json PATH]
+        [--zero-stage 1] [--repeats 1] [--json PATH]
 
 What it measures: for each engine (``megatron``, and ``deepspeed`` at ZeRO stage ``--zero-stage``)
 and each method (``sgtm``: the SGTM layers with step gating; ``none``: the same model and data with
@@ -24,7 +24,10 @@ Reported per job:
 - peak memory: the peak RSS of the job's whole process tree (launcher + ranks, RSS summed, sampled
   with psutil every ~50 ms); on a GPU also ``torch.cuda.max_memory_allocated`` (max over ranks).
 
-and per engine the SGTM/none tokens/s ratio. Progress goes to stderr, the table to stdout.
+and per engine the SGTM/none tokens/s ratio. With ``--repeats N`` each engine runs N rounds of the two
+jobs, in alternating order (sgtm, none; none, sgtm; ...) so that background load drifts hit both alike;
+the ratio is then the median of the rounds' ratios, with their range as the noise. Progress goes to
+stderr, the table to stdout.
 """
 
 from __future__ import annotations
@@ -211,20 +214,37 @@ def print_table(results: list[dict]) -> None:
         if gpu:
             row.append(fmt(r["cuda_max_allocated_mib"], ",.0f"))
         rows.append(row)
+    if any(r.get("round", 0) for r in results):
+        header.insert(2, "round")
+        for row, r in zip(rows, results):
+            row.insert(2, str(r.get("round", 0)))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
     print()
-    for engine, ratio in ratios(results).items():
-        print(f"{engine}: SGTM/none tokens/s = {fmt(ratio, '.3f')}")
+    for engine, per_round in round_ratios(results).items():
+        ratio = statistics.median(per_round) if per_round else None
+        spread = f" (median of {len(per_round)} rounds, range {min(per_round):.3f}-{max(per_round):.3f})" \
+            if len(per_round) > 1 else ""
+        print(f"{engine}: SGTM/none tokens/s = {fmt(ratio, '.3f')}{spread}")
+
+
+def round_ratios(results: list[dict]) -> dict[str, list[float]]:
+    """Per engine, the SGTM/none tokens/s ratio of each round where both jobs ran."""
+    out: dict[str, list[float]] = {}
+    for engine in dict.fromkeys(r["engine"] for r in results):
+        out[engine] = []
+        for round_ in sorted({r.get("round", 0) for r in results}):
+            by = {r["method"]: r.get("tokens_per_s") for r in results
+                  if r["engine"] == engine and r.get("round", 0) == round_}
+            if by.get("sgtm") and by.get("none"):
+                out[engine].append(by["sgtm"] / by["none"])
+    return out
 
 
 def ratios(results: list[dict]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for engine in dict.fromkeys(r["engine"] for r in results):
-        by = {r["method"]: r.get("tokens_per_s") for r in results if r["engine"] == engine}
-        out[engine] = by["sgtm"] / by["none"] if by.get("sgtm") and by.get("none") else None
-    return out
+    return {engine: statistics.median(per_round) if per_round else None
+            for engine, per_round in round_ratios(results).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,12 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=2000, help="synthetic documents in the shard directory")
     p.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the synthetic data")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job before it is killed")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of (sgtm, none) per engine, order alternating")
     p.add_argument("--keep", help="keep the data, configs, logs and run directories here (default: a temp dir)")
     p.add_argument("--json", help="write all results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats} must be >= 1")
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -265,15 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"built {args.docs} synthetic docs (vocab {vocab_size}) into {data} in {time.time() - t0:.1f}s")
         results = []
         for engine in engines:
-            for method in METHODS:
-                name = f"{engine}-{method}"
-                cfg = make_config(args, data, vocab_size, engine, method, work / "runs" / name)
-                results.append(run_job(args, cfg, work, name))
+            for round_ in range(args.repeats):
+                for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
+                    name = f"{engine}-{method}" + (f"-r{round_}" if args.repeats > 1 else "")
+                    cfg = make_config(args, data, vocab_size, engine, method, work / "runs" / name)
+                    results.append({**run_job(args, cfg, work, name), "round": round_})
 
     print_table(results)
     if args.json:
         out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results,
-               "sgtm_over_none": ratios(results), "cpu_count": os.cpu_count(),
+               "sgtm_over_none": ratios(results),
+               "sgtm_over_none_per_round": round_ratios(results), "cpu_count": os.cpu_count(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
         Path(args.json).write_text(json.dumps(out, indent=2))
         progress(f"wrote {args.json}")

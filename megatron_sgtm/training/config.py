@@ -66,6 +66,11 @@ class ParallelConfig:
     zero_stage: int = 1  # deepspeed engine
     deepspeed_config: str | None = None  # a DeepSpeed JSON; its zero/optimizer sections win
     cpu_offload: bool = False
+    # megatron engine (its DDP config): overlap the gradient reduce-scatter with backward, the parameter
+    # all-gather with the next forward. DeepSpeed's equivalents (overlap_comm, contiguous_gradients, bucket
+    # sizes) go in deepspeed_config's zero_optimization section.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs overlap_grad_reduce
 
 
 @dataclass
@@ -93,6 +98,9 @@ class TrainLoopConfig:
     calibration_iters: int = 8  # forward passes over eval_batches retain training batches
     bf16: bool = False
     max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm that end the run (an error)
+    # megatron's activation recomputation: None or "selective" (core attention, which reads no labels);
+    # "full" is refused: a recomputed layer would run outside its micro-batch's token labels
+    recompute_granularity: str | None = None
 
 
 @dataclass
@@ -397,6 +405,16 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                 f"{par.pipeline_model_parallel_size}); ZeRO stage {par.zero_stage} shards the optimizer "
                 "instead (use engine=megatron for pipeline parallelism)"
             )
+    if cfg.train.recompute_granularity not in (None, "selective"):
+        raise ConfigError(
+            f"train.recompute_granularity={cfg.train.recompute_granularity!r}: expected null or 'selective' "
+            "('full' recomputes whole layers in backward, outside their micro-batch's SGTM labels)"
+        )
+    if par.overlap_param_gather and not par.overlap_grad_reduce:
+        raise ConfigError("parallel.overlap_param_gather needs parallel.overlap_grad_reduce")
+    if par.engine == "deepspeed" and (par.overlap_grad_reduce or par.overlap_param_gather):
+        raise ConfigError("parallel.overlap_grad_reduce / overlap_param_gather are megatron engine options; with "
+                          "engine=deepspeed set overlap_comm in parallel.deepspeed_config's zero_optimization")
     dp = world_size // model_parallel
     if optim.global_batch_size % (optim.micro_batch_size * dp):
         raise ConfigError(

@@ -19,7 +19,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.data.sampler import document_attention_mask, document_cu_seqlens
-from megatron_sgtm.labels import token_labels
+from megatron_sgtm.labels import label_flags, token_labels
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.partition import Partition
 from megatron_sgtm.regions import ablated
@@ -67,6 +67,11 @@ def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
     )
 
 
+def transformer_options(cfg: TrainConfig) -> dict:
+    """The TransformerConfig keys the train config sets, whatever the engine."""
+    return {"recompute_granularity": cfg.train.recompute_granularity}
+
+
 class Engine(abc.ABC):
     """One job's model, optimizer and schedule (every call is collective). The trainer also reads `cfg`,
     `partition`, `model` (this rank's unwrapped GPTModel), `dp_rank`/`dp_size`/`dp_group`, and sets
@@ -89,7 +94,8 @@ class Engine(abc.ABC):
         self.cfg, self.partition = cfg, partition
         self.config = cfg.model.transformer_config(
             on_gpu=on_gpu, bf16=bf16, tensor_model_parallel_size=par.tensor_model_parallel_size,
-            pipeline_model_parallel_size=par.pipeline_model_parallel_size, **config_options,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size, **transformer_options(cfg),
+            **config_options,
         )
         self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
         init_weights(self.model, cfg)
@@ -108,16 +114,24 @@ class Engine(abc.ABC):
         return Gate.from_label_counts(counts) if strategy_of(self.cfg.strategy).gates_steps else Gate()
 
     def _to_device(self, batches: list[dict]) -> list[dict]:
+        """The micro-batches on this rank's device, with their `label_flags` read on the host first."""
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        return [{k: v.to(device) for k, v in mb.items()} for mb in batches]
+        out = []
+        for mb in batches:
+            moved = {k: v.to(device) for k, v in mb.items()}
+            if "token_labels" in mb:
+                moved["label_flags"] = label_flags(mb["token_labels"])
+            out.append(moved)
+        return out
 
     def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, float]:
-        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch."""
+        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch, counted on
+        the host batches (before `_to_device`)."""
         stats = torch.zeros(4, dtype=torch.float64)
         for mb in batches:
-            keep = mb["loss_mask"] > 0
-            stats[:3] += torch.bincount(mb["token_labels"][keep].long().cpu(), minlength=3)[:3].double()
-            stats[3] += mb["loss_mask"].double().sum().cpu()
+            labels, loss_mask = mb["token_labels"].cpu(), mb["loss_mask"].cpu()
+            stats[:3] += torch.bincount(labels[loss_mask > 0].long(), minlength=3)[:3].double()
+            stats[3] += loss_mask.double().sum()
         dist.all_reduce(stats, group=self.dp_group)
         return stats[:3], float(stats[3])
 
@@ -134,14 +148,14 @@ class Engine(abc.ABC):
         inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packs_sequences)
         if self.output_bias is not None:
             self.output_bias.observe(inputs["loss_mask"])
-        with token_labels(inputs["token_labels"] if use_labels else None):
+        with token_labels(inputs["token_labels"] if use_labels else None, mb.get("label_flags")):
             out = module(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
         return out.reshape(mb["tokens"].shape) if ps.is_pipeline_last_stage() else out
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""
-        batches = self._to_device(batches)
         counts, loss_weight = self._global_counts(batches)
+        batches = self._to_device(batches)
         gate = self.step_gate(counts)
         loss_sum, tokens, grad_norm = self._optimizer_step(batches, gate, loss_weight)
         self.scheduler.step(increment=1)

@@ -8,6 +8,9 @@ layout computes the same update. Step gating lives in the DistributedOptimizer's
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -25,19 +28,23 @@ from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes_for_shard
 
 
+def ddp_config(cfg: TrainConfig) -> DistributedDataParallelConfig:
+    """megatron DDP with the DistributedOptimizer, fp32 gradient reduction and the config's overlap knobs."""
+    par = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+    )
+
+
 class MegatronEngine(Engine):
     name = "megatron"
 
     def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool):
         super().__init__(cfg, partition, on_gpu, bf16=cfg.train.bf16,
                          sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True)
-        self.wrapped = self.ddp = DistributedDataParallel(
-            config=self.config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=True, overlap_grad_reduce=False
-            ),
-            module=self.model,
-        )
+        self.wrapped = self.ddp = DistributedDataParallel(config=self.config, ddp_config=ddp_config(cfg),
+                                                          module=self.model)
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -50,6 +57,8 @@ class MegatronEngine(Engine):
         self.inner_optimizers = self._install_gating()
         self.start_schedule()
         self.config.no_sync_func = self.ddp.no_sync
+        if cfg.parallel.overlap_grad_reduce:  # the schedules launch the last micro-batch's reduce (as megatron's)
+            self.config.grad_sync_func = self.ddp.start_grad_sync
         self.config.finalize_model_grads_func = finalize_model_grads
         self.is_last_stage = ps.is_pipeline_last_stage()
 
@@ -115,6 +124,24 @@ class MegatronEngine(Engine):
     def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
         return self._run(batches, forward_only=True, use_labels=False)
 
+    @contextlib.contextmanager
+    def _params_gathered(self) -> Iterator[None]:
+        """With overlap_param_gather the step's new parameters arrive in the next forward's pre-hooks; what
+        reads or edits them otherwise (ablation, checkpoints) gathers them first, as megatron's trainer does."""
+        if not self.ddp.ddp_config.overlap_param_gather:
+            yield
+            return
+        self.ddp.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            self.ddp.enable_forward_pre_hook()
+
+    @contextlib.contextmanager
+    def _ablated(self) -> Iterator[None]:
+        with self._params_gathered(), super()._ablated():
+            yield
+
     # -- checkpoints: megatron distributed checkpoints, reshardable to any layout ------------
     def _sharded_state_dict(self, is_loading: bool) -> dict:
         model_sd = self.model.sharded_state_dict()
@@ -125,7 +152,8 @@ class MegatronEngine(Engine):
         }
 
     def save(self, directory: str) -> None:
-        dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
+        with self._params_gathered():
+            dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
     def load(self, directory: str) -> None:
         """Load a (possibly differently laid out) checkpoint into the gated inner optimizers."""

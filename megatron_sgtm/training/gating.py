@@ -3,10 +3,16 @@
 At a step where the *global* batch routed nothing to Θ_R (no R or U token), Θ_R's parameters and
 Adam moments must stay bit-identical; likewise Θ_F when there is no F or U token. Masking the
 gradient is not enough: momentum and weight decay would still move them. The reference does this
-with two optimizers; here one `SGTMAdamW` carries a region code per element of each (flat, sharded)
+with two optimizers; here one `SGTMAdamW` knows the region of every element of each (flat, sharded)
 parameter it updates, and each region keeps its own step count for Adam's bias correction, exactly
 as split optimizers would. The engines map the partition's region maps onto the shards they own
-(`region_codes_for_shard`).
+(`region_codes_for_shard`); the optimizer turns those per-element codes into `Block`s once, because
+regions are whole rows or columns of a weight: a block is a contiguous range of the flat shard, or a
+strided 2-D view of it (a column range repeated over the rows a shard covers). A step is then torch's
+own AdamW (foreach, fused on GPU) over whole parameters while every region has the same step count;
+once they differ, an ungated step updates weight decay and moments over whole tensors and only the
+bias-corrected update per region's views, and a gated step runs AdamW over the ungated regions' views
+at their own counts: a gated region is not touched and no full-size temporary is made.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.optim.adamw import adamw
 
 from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.regions import ParamRegion
@@ -64,6 +71,44 @@ def region_codes_for_shard(
     return None if codes is None else codes.reshape(-1)[start:end].clone()
 
 
+@dataclass(frozen=True)
+class Block:
+    """`rows` runs of `cols` elements of a flat (contiguous) tensor, `stride` elements apart, from `offset`."""
+
+    offset: int
+    rows: int
+    cols: int
+    stride: int
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This block of a contiguous `tensor` (see `_contiguous`)."""
+        base = tensor.storage_offset() + self.offset
+        if self.rows == 1:
+            return tensor.as_strided((self.cols,), (1,), base)
+        return tensor.as_strided((self.rows, self.cols), (self.stride, 1), base)
+
+
+def region_blocks(codes: torch.Tensor) -> dict[Region, list[Block]]:
+    """The elements of each region in the flattened `codes`, as few blocks as the runs' regularity allows."""
+    flat = codes.reshape(-1).cpu()
+    bounds = [0, *((flat[1:] != flat[:-1]).nonzero().squeeze(1) + 1).tolist(), flat.numel()]
+    blocks: dict[Region, list[Block]] = {}
+    for start, end, code in zip(bounds[:-1], bounds[1:], flat[bounds[:-1]].tolist()):
+        own = blocks.setdefault(Region(code), [])
+        last = own[-1] if own else None
+        if last is not None and end - start == last.cols:
+            stride = start - last.offset if last.rows == 1 else last.stride
+            if start == last.offset + last.rows * stride:
+                own[-1] = Block(last.offset, last.rows + 1, last.cols, stride)
+                continue
+        own.append(Block(start, 1, end - start, end - start))
+    return blocks
+
+
 class SGTMAdamW(torch.optim.AdamW):
     """AdamW (decoupled weight decay) with SGTM step gating.
 
@@ -75,17 +120,30 @@ class SGTMAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.gate = Gate()
-        self._codes: dict[int, torch.Tensor] = {}
+        self._blocks: dict[int, dict[Region, list[Block]]] = {}
+        self._state_views: dict[int, tuple] = {}  # id(param) -> (data pointers, views of param and moments)
 
     def set_region_codes(self, param: torch.Tensor, codes: torch.Tensor | None) -> None:
+        self._state_views.pop(id(param), None)
         if codes is None:
-            self._codes.pop(id(param), None)
+            self._blocks.pop(id(param), None)
             return
         if codes.shape != param.shape:
             raise ValueError(f"region codes of shape {tuple(codes.shape)} for a parameter of {tuple(param.shape)}")
-        self._codes[id(param)] = codes.to(param.device)
+        self._blocks[id(param)] = region_blocks(codes)
+
+    def codes_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The region codes registered for `param`, rebuilt from its blocks; None if it has none."""
+        blocks = self._blocks.get(id(param))
+        if blocks is None:
+            return None
+        codes = torch.full(param.shape, Region.JOINT, dtype=torch.uint8, device=param.device)
+        for region, own in blocks.items():
+            for block in own:
+                block.view(codes).fill_(region)
+        return codes
 
     def init_state(self) -> None:
         """Empty state for every parameter, so a checkpoint can be loaded into it in place."""
@@ -97,7 +155,9 @@ class SGTMAdamW(torch.optim.AdamW):
 
     @property
     def gated_elements(self) -> int:
-        return sum(int(c.numel()) for c in self._codes.values())
+        """Elements of registered parameters outside Θ_J."""
+        return sum(b.numel for blocks in self._blocks.values() for region, own in blocks.items()
+                   if region != Region.JOINT for b in own)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -108,44 +168,96 @@ class SGTMAdamW(torch.optim.AdamW):
             steps[Region.JOINT] += 1
             steps[Region.RETAIN] += 0 if gate.retain else 1
             steps[Region.FORGET] += 0 if gate.forget else 1
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            tensors = []
+            step = torch.tensor(float(steps[Region.JOINT]))  # every state's "step" (megatron's checkpoints read it)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = torch.tensor(float(steps[Region.JOINT]))  # megatron's checkpoints read it
-                codes = self._codes.get(id(p))
-                _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], codes, gate, steps,
-                              lr, beta1, beta2, eps, wd)
+                state["step"] = step
+                tensors.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+            if len(set(steps)) == 1:  # no region was ever gated: plain AdamW
+                _adamw(tensors, steps[Region.JOINT], group)
+            elif not (gate.retain or gate.forget):
+                _adamw_region_bias_correction(tensors, self._region_views(tensors), steps, group)
+            else:
+                for region, own in self._region_views(tensors).items():
+                    if not ((region == Region.RETAIN and gate.retain) or (region == Region.FORGET and gate.forget)):
+                        _adamw(own, steps[region], group)
         return loss
 
+    def _region_views(self, tensors: list[tuple[torch.Tensor, ...]]) -> dict[Region, list[tuple[torch.Tensor, ...]]]:
+        """(param, grad, exp_avg, exp_avg_sq) of each region's elements: whole tensors (all Θ_J) or block views.
+        The views of a parameter and its moments are kept while their storage is; a gradient's are made per step
+        (keeping them would keep gradients alive that ZeRO frees)."""
+        views: dict[Region, list[tuple[torch.Tensor, ...]]] = {region: [] for region in Region}
+        for ts in tensors:
+            param, grad, avg, sq = ts
+            blocks = self._blocks.get(id(param))
+            if blocks is None:
+                views[Region.JOINT].append(ts)
+                continue
+            key = tuple(_contiguous(t).data_ptr() for t in (param, avg, sq))
+            cached = self._state_views.get(id(param))
+            if cached is None or cached[0] != key:
+                cached = key, {region: [tuple(b.view(t) for t in (param, avg, sq)) for b in own]
+                               for region, own in blocks.items()}
+                self._state_views[id(param)] = cached
+            _contiguous(grad)
+            for region, own in blocks.items():
+                views[region].extend((p, block.view(grad), a, q) for block, (p, a, q) in zip(own, cached[1][region]))
+        return views
 
-def _adamw_update(p, grad, exp_avg, exp_avg_sq, codes, gate: Gate, steps, lr, beta1, beta2, eps, wd) -> None:
-    if codes is None:
-        bc1, bc2 = 1 - beta1 ** steps[Region.JOINT], 1 - beta2 ** steps[Region.JOINT]
-        p.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (exp_avg_sq / bc2).sqrt_().add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+
+def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_contiguous():
+        raise RuntimeError(f"step gating needs contiguous parameters, gradients and moments; got strides "
+                           f"{tensor.stride()} for shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _adamw(tensors: list[tuple[torch.Tensor, ...]], step: int, group: dict) -> None:
+    """torch's AdamW update of (param, grad, exp_avg, exp_avg_sq) tuples that share the step count `step`:
+    fused on GPU for dense tensors (torch's fused kernel), foreach for the rest (strided block views, CPU)."""
+    if not tensors:
         return
-    # Per-element bias correction from each region's own step count (0-step regions are frozen).
-    table = torch.tensor(steps, dtype=torch.float64)
-    bc1 = (1 - beta1 ** table).to(p.dtype)[codes.long()]
-    bc2 = (1 - beta2 ** table).to(p.dtype)[codes.long()]
-    frozen = torch.zeros_like(codes, dtype=torch.bool)
-    if gate.retain:
-        frozen |= codes == Region.RETAIN
-    if gate.forget:
-        frozen |= codes == Region.FORGET
-    new_avg = exp_avg.lerp(grad, 1 - beta1)
-    new_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-    new_p = p.mul(1 - lr * wd).sub_(lr * (new_avg / bc1) / ((new_avg_sq / bc2).sqrt_().add_(eps)))
-    exp_avg.copy_(torch.where(frozen, exp_avg, new_avg))
-    exp_avg_sq.copy_(torch.where(frozen, exp_avg_sq, new_avg_sq))
-    p.copy_(torch.where(frozen, p, new_p))
+    on_gpu = tensors[0][0].device.type == "cuda"
+    fusable = [on_gpu and all(t.is_contiguous() for t in ts) for ts in tensors]
+    for fused in (True, False):
+        batch = [ts for ts, f in zip(tensors, fusable) if f == fused]
+        if not batch:
+            continue
+        params, grads, avgs, sqs = (list(ts) for ts in zip(*batch))
+        # Fresh per-tensor counters at step - 1 (adamw advances each by one): the fused kernel reads them on
+        # the device, foreach on the host.
+        counters = torch.full((len(params),), float(step - 1), device=params[0].device if fused else "cpu")
+        beta1, beta2 = group["betas"]
+        adamw(params, grads, avgs, sqs, [], list(counters.unbind(0)), foreach=not fused, fused=fused,
+              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=False)
+
+
+def _adamw_region_bias_correction(tensors: list[tuple[torch.Tensor, ...]],
+                                  views: dict[Region, list[tuple[torch.Tensor, ...]]], steps: list[int],
+                                  group: dict) -> None:
+    """An ungated step with regions at different step counts: torch's foreach AdamW, operation for operation,
+    with weight decay and moments over whole tensors and only the bias-corrected update per region's views."""
+    if not tensors:
+        return
+    params, grads, avgs, sqs = (list(ts) for ts in zip(*tensors))
+    lr, eps, (beta1, beta2) = group["lr"], group["eps"], group["betas"]
+    torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+    torch._foreach_lerp_(avgs, grads, 1 - beta1)
+    torch._foreach_mul_(sqs, beta2)
+    torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
+    for region, own in views.items():
+        if not own:
+            continue
+        region_params, _, region_avgs, region_sqs = (list(ts) for ts in zip(*own))
+        denom = torch._foreach_sqrt(region_sqs)
+        torch._foreach_div_(denom, (1 - beta2 ** steps[region]) ** 0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(region_params, region_avgs, denom, -lr / (1 - beta1 ** steps[region]))

@@ -55,7 +55,7 @@ def shard_states(engine) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]
             for p in group["params"]:
                 state = opt.state[p]
                 out.append((p.detach().clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v)},
-                            opt._codes.get(id(p))))
+                            opt.codes_of(p)))
     return out
 
 
