@@ -10,14 +10,12 @@ import pytest
 from megatron_sgtm.training.config import ConfigError, from_dict, validate
 from megatron_sgtm.training.engine import transformer_options
 from megatron_sgtm.training.engine_megatron import ddp_config
-from tests.support.train_fixtures import tiny_config
+from tests.support.train_fixtures import tiny_config, write_manifest
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("shards")
-    (path / "manifest.json").write_text("{}")
-    return path
+    return write_manifest(tmp_path_factory.mktemp("shards"))  # validate() reads only the manifest
 
 
 def _cfg(shards: Path, **sections):
