@@ -278,7 +278,8 @@ _RULES: dict[str, dict[str, _Rule]] = {
               "beta1": _BETA, "beta2": _BETA, "eps": _POSITIVE, "clip_grad": _NON_NEGATIVE,
               "global_batch_size": _AT_LEAST_ONE, "micro_batch_size": _AT_LEAST_ONE},
     # log_interval divides the step number: unlike the eval and save intervals, 0 cannot mean "never"
-    "train": {"train_steps": _AT_LEAST_ONE, "log_interval": _AT_LEAST_ONE, "eval_interval": _NON_NEGATIVE,
+    # train_steps 0: evaluate only (e.g. a model-only checkpoint given as checkpoint.pretrained)
+    "train": {"train_steps": _NON_NEGATIVE, "log_interval": _AT_LEAST_ONE, "eval_interval": _NON_NEGATIVE,
               "eval_batches": _NON_NEGATIVE, "calibration_iters": _NON_NEGATIVE, "max_bad_steps": _AT_LEAST_ONE},
     "checkpoint": {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE},
     "logging": {"wandb_mode": _one_of(("offline", "online", "disabled"))},

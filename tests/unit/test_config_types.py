@@ -67,7 +67,7 @@ def test_numbers_yaml_reads_as_strings_are_numbers(shards, tmp_path):
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("train.train_steps=-5", "train.train_steps=-5: must be >= 1"),
+        ("train.train_steps=-5", "train.train_steps=-5: must be >= 0"),
         ("optim.lr=-1e-3", "optim.lr='-1e-3': must be > 0"),
         ("optim.lr=0", "optim.lr=0: must be > 0"),
         ("optim.min_lr=-0.1", "optim.min_lr=-0.1: must be >= 0"),
@@ -167,7 +167,7 @@ def test_masked_embeddings_need_untied_embeddings(shards):
     "overrides,needle",
     [
         (["--optim.micro_batch_size=eight"], "optim.micro_batch_size='eight': expected an integer"),
-        (["--train.train_steps=-5"], "train.train_steps=-5: must be >= 1"),
+        (["--train.train_steps=-5"], "train.train_steps=-5: must be >= 0"),
         (["--data.forget_categories=[klingon]"], "data.forget_categories=['klingon']"),
         (["--sgtm.mask_embeddings=true"], "sgtm.mask_embeddings=true needs untied embeddings"),
     ],
