@@ -40,6 +40,14 @@ class ModelDims:
     kv_channels: int
     gated_mlp: bool
 
+    @classmethod
+    def from_transformer_config(cls, config) -> ModelDims:
+        """The shape of a megatron-core `TransformerConfig` (a user's own script resolves its partition here)."""
+        return cls(num_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+                   num_query_groups=config.num_query_groups or config.num_attention_heads,
+                   ffn_hidden_size=config.ffn_hidden_size, kv_channels=config.kv_channels,
+                   gated_mlp=bool(config.gated_linear_unit))
+
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
