@@ -49,17 +49,21 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def prepare_data(out: Path, num_docs: int, seed: int) -> Path:
-    """Synthetic corpus -> shards -> tagged shards (skipped when already there)."""
+    """Synthetic corpus -> shards -> tagged shards, each step skipped when its complete output is there (every
+    step publishes its output only when complete, so a rerun after a failure continues where it stopped)."""
     tagged = out / "data" / "tagged"
     if (tagged / "manifest.json").is_file():
         return tagged
     raw, shards = out / "data" / "raw", out / "data" / "shards"
     raw.mkdir(parents=True, exist_ok=True)
-    _say(f"generating {num_docs} synthetic documents")
-    _run(_cli("data", "synth", "--out", str(raw), "--num-docs", str(num_docs), "--seed", str(seed)), out / "synth.log")
-    _say("building shards with a 512-token BPE tokenizer")
-    _run(_cli("data", "build", "--input", str(raw), "--train-tokenizer", "512", "--out", str(shards)),
-         out / "build.log")
+    if not (raw / "synthetic.jsonl").is_file():
+        _say(f"generating {num_docs} synthetic documents")
+        _run(_cli("data", "synth", "--out", str(raw), "--num-docs", str(num_docs), "--seed", str(seed)),
+             out / "synth.log")
+    if not (shards / "manifest.json").is_file():
+        _say("building shards with a 512-token BPE tokenizer")
+        _run(_cli("data", "build", "--input", str(raw), "--train-tokenizer", "512", "--out", str(shards)),
+             out / "build.log")
     _say("tagging with the linear classifier (trained on 500 ground-truth documents)")
     _run(_cli("data", "tag", "--shards", str(shards), "--out", str(tagged), "--classifier", "linear",
               "--train-from-truth", "500", "--seed", str(seed)), out / "tag.log")
