@@ -14,17 +14,13 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-import yaml
 
 from tests.support import ROOT
+from tests.support.cli_runs import kill_when, train_command
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 STEPS = {"train_steps": 8}
@@ -36,15 +32,8 @@ def data(tmp_path_factory) -> Path:
     return build_tiny_shards(tmp_path_factory.mktemp("data") / "shards")
 
 
-def _command(tmp: Path, cfg: dict, name: str, nproc: int, *overrides: str) -> list[str]:
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))  # YAML floats: JSON's 1e+30 would read back as a string
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "megatron_sgtm.cli", "train", "--config", str(path), *overrides]
-
-
 def _train(tmp: Path, cfg: dict, name: str, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(tmp, cfg, name, nproc, *overrides), env=ENV, capture_output=True, text=True,
+    return subprocess.run(train_command(tmp, cfg, name, nproc, *overrides), env=ENV, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -62,17 +51,7 @@ def resumed(data, tmp_path_factory) -> dict:
 
     ckpt = {"dir": str(tmp / "ckpt"), "save_interval": 2, "keep_last": 2, "resume": "auto"}
     cfg = tiny_config(data, tmp / "run", train=STEPS, checkpoint=ckpt)
-    proc = subprocess.Popen(_command(tmp, cfg, "run", 2), env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp / "ckpt" / "iter_0000004" / "meta.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # SIGKILL the launcher and every rank (torchrun puts its workers in sessions of their own).
-    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        process.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run never reached its step-4 checkpoint"
+    kill_when(train_command(tmp, cfg, "run", 2), ENV, tmp / "ckpt" / "iter_0000004" / "meta.json")
     killed_at = max(r["step"] for r in _records(tmp / "run") if r["kind"] == "train")
     assert killed_at < 8, "the run finished before it could be killed"
 

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from megatron_sgtm.model import ModelConfig
 from tests.distributed.launch import torchrun
 from tests.support import ROOT, reference_gpt
+from tests.support.cli_runs import kill_when, train_command, train_losses
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 LAYOUTS = {
@@ -158,43 +155,23 @@ def test_tp2_checkpoint_resumes_at_tp1(world1, tp2_saved):
     assert _relative(resumed, uninterrupted) <= 1e-5
 
 
-def _metrics(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
-
-
-def _cli(tmp: Path, cfg: dict, name: str) -> list[str]:
-    path = tmp / f"{name}.yaml"
-    path.write_text(json.dumps(cfg))
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "megatron_sgtm.cli", "train", "--config", str(path)]
-
-
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     steps = {"train_steps": 8}
     full = tiny_config(data, tmp_path / "full", train=steps)
-    subprocess.run(_cli(tmp_path, full, "full"), env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(train_command(tmp_path, full, "full"), env=env, check=True, capture_output=True,
+                   timeout=600)
 
     ckpt = {"dir": str(tmp_path / "ckpt"), "save_interval": 2, "keep_last": 2, "resume": "auto"}
     killed = tiny_config(data, tmp_path / "killed", train=steps, checkpoint=ckpt)
-    proc = subprocess.Popen(_cli(tmp_path, killed, "killed"), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "ckpt" / "iter_0000004" / "meta.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # SIGKILL the launcher and every rank (torchrun puts its workers in sessions of their own).
-    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-        process.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run never reached its step-4 checkpoint"
-    killed_at = max(_metrics(tmp_path / "killed"))
+    kill_when(train_command(tmp_path, killed, "killed"), env, tmp_path / "ckpt" / "iter_0000004" / "meta.json")
+    killed_at = max(train_losses(tmp_path / "killed"))
     assert killed_at < 8, "the run finished before it could be killed"
 
     resumed = tiny_config(data, tmp_path / "resumed", train=steps, checkpoint=ckpt)
-    subprocess.run(_cli(tmp_path, resumed, "resumed"), env=env, check=True, capture_output=True, timeout=600)
-    expected, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
+    subprocess.run(train_command(tmp_path, resumed, "resumed"), env=env, check=True, capture_output=True,
+                   timeout=600)
+    expected, got = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
     assert min(got) >= 5 and max(got) == 8
     for step, loss in got.items():
         assert loss == expected[step], f"step {step}: {loss!r} != {expected[step]!r}"
