@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.strategy import SGTM, STRATEGIES, Strategy, strategy_of
+from megatron_sgtm.strategy import SGTM, STRATEGIES, LinearKind, Strategy, strategy_of
 
 # Paper defaults: 1 of 32 heads and 64 of 2048 MLP units per layer.
 DEFAULT_HEAD_FRACTION = 1 / 32
@@ -61,6 +61,9 @@ class SGTMConfig:
     the paper) or an explicit list of global indices. forget_param_fraction derives both counts
     instead. With GQA a forget set must consist of whole query groups, since K/V are shared
     inside a group. masked_layers: 0-based layer indices; None masks every layer.
+    joint_down_projections: the paper's variant whose attention output projections (linear_proj) and MLP
+    down-projections (linear_fc2), weights and biases, are Θ_J (no masked gradient, not ablated); ablation
+    still silences the forget heads and units through their Θ_F qkv / fc1 rows.
     """
 
     strategy: str = SGTM.name
@@ -69,6 +72,7 @@ class SGTMConfig:
     forget_mlp_units: int | list[int] | None = None
     forget_param_fraction: float | None = None
     mask_embeddings: bool = False
+    joint_down_projections: bool = False
 
     def resolve(self, dims: ModelDims) -> Partition:
         if self.strategy not in STRATEGIES:
@@ -76,6 +80,8 @@ class SGTMConfig:
         if self.mask_embeddings and not STRATEGIES[self.strategy].allows_mask_embeddings:
             allowed = ", ".join(repr(name) for name, s in STRATEGIES.items() if s.allows_mask_embeddings)
             raise PartitionError(f"sgtm.mask_embeddings applies to strategy {allowed} only")
+        if self.joint_down_projections and not STRATEGIES[self.strategy].active:
+            raise PartitionError(f"sgtm.joint_down_projections: strategy {self.strategy!r} has no forget heads/units")
         _check_model(dims)
         masked = _resolve_layers(self.masked_layers, dims.num_layers)
         fraction = self.forget_param_fraction
@@ -94,7 +100,8 @@ class SGTMConfig:
         units = _resolve_indices("sgtm.forget_mlp_units", self.forget_mlp_units, dims.ffn_hidden_size,
                                  default_count=_default_count(dims.ffn_hidden_size, unit_fraction))
         return Partition(strategy=self.strategy, dims=dims, masked_layers=masked, forget_heads=heads,
-                         forget_units=units, mask_embeddings=self.mask_embeddings)
+                         forget_units=units, mask_embeddings=self.mask_embeddings,
+                         joint_down_projections=self.joint_down_projections)
 
 
 def _check_model(dims: ModelDims) -> None:
@@ -186,6 +193,7 @@ class Partition:
     forget_heads: tuple[int, ...]
     forget_units: tuple[int, ...]
     mask_embeddings: bool = False
+    joint_down_projections: bool = False
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
@@ -198,6 +206,11 @@ class Partition:
 
     def is_masked(self, layer: int) -> bool:
         return layer in self.masked_layers
+
+    def splits(self, kind: LinearKind) -> bool:
+        """Whether a masked layer's linear `kind` has Θ_F lines (the rest Θ_R); if not it is all Θ_J. The one
+        rule that region maps, ablation, pruning and the layers' gradient masking follow."""
+        return kind.column_parallel or not self.joint_down_projections
 
     @property
     def forget_groups(self) -> tuple[int, ...]:
@@ -236,13 +249,14 @@ class Partition:
     def to_dict(self) -> dict:
         return {"strategy": self.strategy, "dims": asdict(self.dims), "masked_layers": list(self.masked_layers),
                 "forget_heads": list(self.forget_heads), "forget_units": list(self.forget_units),
-                "mask_embeddings": self.mask_embeddings}
+                "mask_embeddings": self.mask_embeddings, "joint_down_projections": self.joint_down_projections}
 
     @classmethod
     def from_dict(cls, data: dict) -> Partition:
         return cls(strategy=data["strategy"], dims=ModelDims(**data["dims"]),
                    masked_layers=tuple(data["masked_layers"]), forget_heads=tuple(data["forget_heads"]),
-                   forget_units=tuple(data["forget_units"]), mask_embeddings=bool(data["mask_embeddings"]))
+                   forget_units=tuple(data["forget_units"]), mask_embeddings=bool(data["mask_embeddings"]),
+                   joint_down_projections=bool(data.get("joint_down_projections", False)))  # older: absent
 
 
 def _local_indicator(global_indices: Sequence[int], rank: int, per_rank: int) -> torch.Tensor:

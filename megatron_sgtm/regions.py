@@ -52,10 +52,12 @@ class ParamRegion:
 
 
 def linear_regions(
-    kind: LinearKind, forget_index: torch.Tensor, has_bias: bool
+    partition: Partition, kind: LinearKind, forget_index: torch.Tensor, has_bias: bool
 ) -> tuple[ParamRegion, ParamRegion | None]:
-    """(weight, bias) regions of a masked layer's linear: Θ_F lines along `kind.forget_dim`, the rest Θ_R
-    (bias None without one)."""
+    """(weight, bias) regions of a masked layer's linear: Θ_F lines along `kind.forget_dim`, the rest Θ_R, or all
+    Θ_J where the partition does not split `kind` (`Partition.splits`); bias None without one."""
+    if not partition.splits(kind):
+        return ParamRegion(Region.JOINT), ParamRegion(Region.JOINT) if has_bias else None
     bias = ParamRegion(Region.RETAIN, 0, forget_index) if kind.column_parallel else ParamRegion(Region.RETAIN)
     return ParamRegion(Region.RETAIN, kind.forget_dim, forget_index), bias if has_bias else None
 
@@ -78,7 +80,7 @@ def sgtm_linears(model: torch.nn.Module):
 
 
 def _linear_regions(linear: SGTMLinearMixin) -> tuple[ParamRegion, ParamRegion | None]:
-    return linear_regions(LINEARS[linear.sgtm_kind], linear.forget_index, linear.bias is not None)
+    return linear_regions(linear.partition, LINEARS[linear.sgtm_kind], linear.forget_index, linear.bias is not None)
 
 
 def param_regions(model: torch.nn.Module) -> dict[str, ParamRegion]:
@@ -104,7 +106,8 @@ def ablate(model: torch.nn.Module) -> int:
     """Zero the forget parameters in place; returns how many elements were zeroed on this rank.
 
     Θ_F of the linears of the strategy's `ablated_kinds`: all of Θ_F (forget rows of qkv and fc1 with
-    their bias entries, forget columns of proj and fc2) but for gradient routing's qkv and fc1 only.
+    their bias entries, forget columns of proj and fc2) but for gradient routing's qkv and fc1 only. With
+    joint down-projections proj and fc2 have no Θ_F: the forget heads' and units' zero outputs silence them.
     """
     zeroed = 0
     for linear in sgtm_linears(model):

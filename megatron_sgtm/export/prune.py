@@ -42,7 +42,7 @@ def _masked_linears(cfg: ModelConfig, partition: Partition | None) -> Iterator[t
     for layer in partition.masked_layers:
         for kind in LINEARS.values():
             name = f"decoder.layers.{layer}.{kind.path}"
-            weight, bias = linear_regions(kind, index.for_kind(kind.name), f"{name}.bias" in names)
+            weight, bias = linear_regions(partition, kind, index.for_kind(kind.name), f"{name}.bias" in names)
             yield f"{name}.weight", kind, weight
             if bias is not None:
                 yield f"{name}.bias", kind, bias
@@ -220,6 +220,7 @@ def summarize(cfg: ModelConfig, partition: Partition | None, pruned: bool = Fals
             strategy=partition.strategy, masked_layers=list(partition.masked_layers),
             forget_heads=list(partition.forget_heads), forget_query_groups=list(partition.forget_groups),
             forget_mlp_units=list(partition.forget_units), mask_embeddings=partition.mask_embeddings,
+            joint_down_projections=partition.joint_down_projections,
         )
     if pruned:
         if partition is None:

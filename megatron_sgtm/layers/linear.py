@@ -5,7 +5,8 @@ fc2) are Θ_F on this TP rank. With labels active, the partition's `Strategy` de
 - every active strategy applies the retain-forward rule at the row-parallel inputs (forget heads'
   context and forget units' activations are zero at R positions); `retain_at_forget` says what the
   retain ones do at F positions (kept, zeroed, or kept without gradient);
-- `masks_gradients`: the weight and bias gradients follow SGTM's rule (`MaskedWgradLinear`, `masked_bias_add`).
+- `masks_gradients`: the weight and bias gradients follow SGTM's rule (`MaskedWgradLinear`, `masked_bias_add`),
+  in the linears the partition splits (`Partition.splits`: joint down-projections keep proj and fc2 plain).
 Without labels (inference, evaluation, unmasked layers) they are plain megatron linears.
 
 Biases are added here rather than by megatron's callers, so their gradient can be masked too; a
@@ -41,6 +42,10 @@ class SGTMLinearMixin:
         self.partition = partition
         self.rules = partition.rules
         self.sgtm_kind = sgtm_kind
+        # Masked weight and bias gradients: the strategy masks them and this linear has Θ_F / Θ_R lines.
+        self._masks_wgrad = self.rules.masks_gradients and partition.splits(LINEARS[sgtm_kind])
+        # fc1 and fc2 apply the MLP's retain-forward rule in place only where fc2's backward is masked anyway.
+        self._fc_in_place = self.rules.masks_gradients and partition.splits(LINEARS["fc2"])
         self._caller_adds_bias = skip_bias_add
         self._wgrad_masks: LabelMasks | None = None
         self._input_rule = False  # fc2 with masked gradients: fc1 zeroed the input's forget units; mask their gradient
@@ -99,10 +104,11 @@ class SGTMLinearMixin:
             self._input_rule = False
 
     def _fc_rule(self, masks: LabelMasks | None) -> bool:
-        """With masked gradients, the MLP's retain-forward rule (forget units' activations zero at R positions) is
+        """With fc2's gradients masked, the MLP's retain-forward rule (forget units' activations zero at R positions) is
         applied in place at fc1's output, whose zero stays zero through GELU / SwiGLU, and fc2 zeroes the
-        matching input gradient in its backward: no copy of the [s, b, ffn] activation or its gradient."""
-        return (masks is not None and masks.any_retain and self.rules.masks_gradients
+        matching input gradient in its backward: no copy of the [s, b, ffn] activation or its gradient. (Joint
+        down-projections: fc2 applies the rule itself, as `scale_columns`.)"""
+        return (masks is not None and masks.any_retain and self._fc_in_place
                 and self.sgtm_forget_lines.numel() > 0)
 
 
@@ -116,7 +122,7 @@ class SGTMColumnParallelLinear(SGTMLinearMixin, ColumnParallelLinear):
         self._init_sgtm(partition, sgtm_kind, skip_bias_add)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        masks = self._masks() if self.rules.masks_gradients else None
+        masks = self._masks() if self._masks_wgrad else None
         self._wgrad_masks = masks
         output, bias = self._run(super().forward, input_, weight, runtime_gather_output)
         output, bias = self._finish_bias(output, bias, masks, self.forget_lines)
@@ -137,14 +143,14 @@ class SGTMRowParallelLinear(SGTMLinearMixin, RowParallelLinear):
         input_rule = self.sgtm_kind == "fc2" and self._fc_rule(masks) and self.weight.requires_grad
         if masks is not None and not input_rule:
             input_ = self._forward_rule(input_, masks.to(input_.dtype))
-        wgrad_masks = masks if self.rules.masks_gradients else None
+        wgrad_masks = masks if self._masks_wgrad else None
         self._wgrad_masks = wgrad_masks
         self._input_rule = input_rule
         output, bias = self._run(super().forward, input_)
         if wgrad_masks is not None and self.sequence_parallel:
             tp_group = get_tensor_model_parallel_group_if_none(self.tp_group)
             wgrad_masks = wgrad_masks.seq_slice(tp_group.rank(), tp_group.size())
-        # The output bias is entirely Θ_R.
+        # The output bias is entirely Θ_R (Θ_J with joint down-projections: no masks then).
         return self._finish_bias(output, bias, wgrad_masks, None)
 
     def _forward_rule(self, x: torch.Tensor, masks: LabelMasks) -> torch.Tensor:

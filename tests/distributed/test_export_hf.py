@@ -30,7 +30,7 @@ from megatron_sgtm.strategy import Region  # noqa: E402
 from tests.distributed.workers.export_native import CASES, TOKENIZER_VOCAB, tokens_for  # noqa: E402
 from tests.support import ROOT  # noqa: E402
 
-PARITY = ("llama_gqa", "llama_kept_heads", "gpt2", "gpt2_routing")  # the exportable, prunable cases
+PARITY = ("llama_gqa", "llama_kept_heads", "gpt2", "gpt2_routing", "llama_joint_down")  # the exportable, prunable cases
 TOL = 1e-4
 
 
@@ -101,12 +101,17 @@ def test_logit_parity_live_ablated_pruned(native, exports, name):
     numel = lambda s: sum(t.numel() for t in s.values())
     assert numel(plain) - numel(pruned) == summary["pruned"]["params_removed"] > 0
     assert pruned_config.to_dict()["architectures"] == [summary["pruned"]["hf_class"]]
-    # Θ_F is either removed or (heads that transformers cannot drop) kept zeroed.
-    assert summary["pruned"]["params_removed"] + summary["pruned"]["params_zeroed"] == summary["params"]["forget"]
+    # Θ_F is either removed or (heads that transformers cannot drop) kept zeroed; with joint down-projections so
+    # are the forget heads' and units' lines of the (Θ_J) proj and fc2.
+    partition = _partition(name)
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    down = len(partition.forget_heads) * hd + len(partition.forget_units)
+    removed = summary["params"]["forget"] + partition.joint_down_projections * cfg.num_layers * cfg.hidden_size * down
+    assert summary["pruned"]["params_removed"] + summary["pruned"]["params_zeroed"] == removed
     units = pruned_config.intermediate_size if cfg.arch == "llama" else pruned_config.n_inner
     assert units == cfg.ffn_hidden_size - len(_partition(name).forget_units)
-    if name == "llama_gqa":  # 6 -> 4 heads divide hidden 48: the forget heads and their query group go
-        assert summary["pruned"]["params_removed"] == summary["params"]["forget"]
+    if name in ("llama_gqa", "llama_joint_down"):  # 6 -> 4 heads divide hidden 48: the forget heads and group go
+        assert summary["pruned"]["params_removed"] == removed
         assert pruned_config.num_attention_heads == cfg.num_attention_heads - len(_partition(name).forget_heads)
         assert pruned_config.num_key_value_heads == cfg.num_query_groups - len(_partition(name).forget_groups)
     else:  # GPT2Attention, or a head count transformers refuses: the heads stay, zero

@@ -25,8 +25,18 @@ def for_strategy(strategy: str):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return torchrun("sgtm_core.py", 4, tmp_path_factory.mktemp("sgtm_core"))
+def results(request, tmp_path_factory):
+    return torchrun("sgtm_core.py", 4, tmp_path_factory.mktemp("sgtm_core"), *_selected_cases(request))
+
+
+def _selected_cases(request) -> list[str]:
+    """The cases of this module's selected tests: the worker runs only those (`-k` narrows it)."""
+    names = set()
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.module is request.module and callspec is not None and "case" in callspec.params:
+            names.add(callspec.params["case"].name)
+    return sorted(names)
 
 
 def _state(results, case):
@@ -47,6 +57,7 @@ def _reference(case, state):
         grads, _ = reference_gpt.sgtm_gradients(
             state, case.model, batch, case.heads, case.units, case.layers,
             case.sgtm.strategy, case.sgtm.mask_embeddings, scale=1.0 / len(batch),
+            joint_down=case.sgtm.joint_down_projections,
         )
         with torch.no_grad():
             losses = torch.cat([

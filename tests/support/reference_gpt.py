@@ -13,8 +13,10 @@ import torch.nn.functional as F
 U, R, FG = 0, 1, 2  # unlabeled, retain, forget
 
 
-def forget_masks(state: dict[str, torch.Tensor], cfg, heads, units, layers, strategy="sgtm", embeddings=False):
-    """Elementwise Θ_F (True) and Θ_R masks of the global state, from the partition's index sets."""
+def forget_masks(state: dict[str, torch.Tensor], cfg, heads, units, layers, strategy="sgtm", embeddings=False,
+                 joint_down=False):
+    """Elementwise Θ_F (True) and Θ_R masks of the global state, from the partition's index sets. `joint_down`:
+    the attention output and MLP down-projections (weights and biases) are neither: Θ_J."""
     hd = cfg.hidden_size // cfg.num_attention_heads
     groups = cfg.num_query_groups
     per = cfg.num_attention_heads // groups
@@ -36,18 +38,19 @@ def forget_masks(state: dict[str, torch.Tensor], cfg, heads, units, layers, stra
         split = {
             "self_attention.linear_qkv.weight": qkv_rows[:, None],
             "self_attention.linear_qkv.bias": qkv_rows,
-            "self_attention.linear_proj.weight": proj_cols[None, :],
             "mlp.linear_fc1.weight": fc1_rows[:, None],
             "mlp.linear_fc1.bias": fc1_rows,
-            "mlp.linear_fc2.weight": unit[None, :],
         }
+        if not joint_down:
+            split["self_attention.linear_proj.weight"] = proj_cols[None, :]
+            split["mlp.linear_fc2.weight"] = unit[None, :]
         for suffix, mask in split.items():
             if p + suffix in state:
                 full = mask.expand(state[p + suffix].shape)
                 forget[p + suffix] = full.clone()
                 retain[p + suffix] = ~full
         for suffix in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
-            if p + suffix in state:
+            if p + suffix in state and not joint_down:
                 retain[p + suffix][:] = True
     if embeddings:
         if not cfg.tie_embeddings:
@@ -144,9 +147,9 @@ def forward(state, cfg, tokens, targets, labels, attn_mask, heads, units, layers
     return F.cross_entropy(logits.reshape(b * s, -1), targets.reshape(-1), reduction="none").view(b, s)
 
 
-def sgtm_gradients(state, cfg, batch, heads, units, layers, strategy, embeddings, scale):
+def sgtm_gradients(state, cfg, batch, heads, units, layers, strategy, embeddings, scale, joint_down=False):
     """Expected gradients: Θ_R from the loss without F positions, everything else from the full loss."""
-    forget, retain = forget_masks(state, cfg, heads, units, layers, strategy, embeddings)
+    forget, retain = forget_masks(state, cfg, heads, units, layers, strategy, embeddings, joint_down)
 
     def grads(loss_mask):
         params = {k: v.clone().requires_grad_(True) for k, v in state.items()}

@@ -58,6 +58,15 @@ CASES = [
         units=(0, 33),
         layers=(1,),
     ),
+    # The joint down-projections variant: proj and fc2 (weights, biases) Θ_J; GELU and SwiGLU layers, biases.
+    Case(
+        "gpt2_joint_down",
+        _model(arch="gpt2", num_query_groups=2, activation="swiglu", ffn_hidden_size=64),
+        SGTMConfig(forget_heads=[2, 3], forget_mlp_units=[1, 5, 63], joint_down_projections=True),
+        heads=(2, 3),
+        units=(1, 5, 63),
+        layouts=((1, 1, False), (2, 2, True)),
+    ),
     Case(
         "gradient_routing",
         _model(arch="gpt2", ffn_hidden_size=64),
@@ -133,7 +142,8 @@ def make_batch(model: ModelConfig, seq: int, mbs: int, seed: int) -> list[dict[s
 
 def masks_for(case: Case, state):
     return reference_gpt.forget_masks(
-        state, case.model, case.heads, case.units, case.layers, case.sgtm.strategy, case.sgtm.mask_embeddings
+        state, case.model, case.heads, case.units, case.layers, case.sgtm.strategy, case.sgtm.mask_embeddings,
+        case.sgtm.joint_down_projections,
     )
 
 

@@ -73,6 +73,7 @@ def test_global_index_set_is_layout_independent_and_roundtrips():
         (SGTMConfig(forget_param_fraction=1.5), PAPER, "sgtm.forget_param_fraction=1.5"),
         (SGTMConfig(forget_param_fraction=0.1, forget_heads=1), PAPER, "not both"),
         (SGTMConfig(strategy="gradient_routing", mask_embeddings=True), PAPER, "mask_embeddings"),
+        (SGTMConfig(strategy="none", joint_down_projections=True), PAPER, "sgtm.joint_down_projections"),
     ],
 )
 def test_misconfiguration_names_the_setting(config, dims, needle):
@@ -91,3 +92,25 @@ def test_resolve_partition_checks_tp_before_building_anything():
     model = ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=6, vocab_size=64, seq_length=8)
     with pytest.raises(PartitionError, match="does not divide num_attention_heads=6"):
         resolve_partition(SGTMConfig(), model, tp_size=4)
+
+
+def test_joint_down_projections_are_joint_and_never_ablated():
+    """The variant: linear_proj / linear_fc2 weights and biases Θ_J, not ablated; qkv / fc1 keep their Θ_F rows.
+    An older partition (no such key) reads back as the paper's default split."""
+    from megatron_sgtm.export.prune import ablation_masks, global_regions
+    from megatron_sgtm.strategy import Region
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=8, arch="gpt2")
+    split, joint = (SGTMConfig(forget_heads=1, forget_mlp_units=4, joint_down_projections=j).resolve(cfg.dims())
+                    for j in (False, True))
+    old = split.to_dict()
+    del old["joint_down_projections"]
+    assert Partition.from_dict(old) == split and Partition.from_dict(joint.to_dict()) == joint
+    regions, masks = global_regions(cfg, joint), ablation_masks(cfg, joint)
+    down = [n for n in regions if n.endswith(("linear_proj.weight", "linear_proj.bias", "linear_fc2.weight",
+                                              "linear_fc2.bias"))]
+    assert len(down) == 8 and all(regions[n].region == Region.JOINT and not regions[n].split for n in down)
+    assert not set(down) & set(masks)
+    up = [n for n in regions if ".linear_qkv." in n or ".linear_fc1." in n]
+    assert up and all(regions[n].split and n in masks for n in up)
+    assert set(masks) < set(ablation_masks(cfg, split))

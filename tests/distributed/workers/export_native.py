@@ -27,6 +27,13 @@ CASES: dict[str, tuple[ModelConfig, SGTMConfig]] = {
                     vocab_size=301, seq_length=SEQ, arch="llama", rotary_base=5000),
         SGTMConfig(forget_heads=[2, 3], forget_mlp_units=[0, 17, 37], mask_embeddings=True),
     ),
+    # joint down-projections: o_proj / down_proj stay unablated, pruning still removes the forget heads' and units'
+    # lines of them (they multiply zeros after ablation).
+    "llama_joint_down": (
+        ModelConfig(num_layers=2, hidden_size=48, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=38,
+                    vocab_size=301, seq_length=SEQ, arch="llama"),
+        SGTMConfig(forget_heads=[0, 1], forget_mlp_units=[5, 37], joint_down_projections=True),
+    ),
     # 5 heads of 8, odd ffn and vocab; explicit non-contiguous heads and units.
     "gpt2": (
         ModelConfig(num_layers=2, hidden_size=40, num_attention_heads=5, ffn_hidden_size=70, vocab_size=299,
