@@ -46,6 +46,9 @@ class DataConfig:
     mode: str = "packed"  # packed | batch_uniform
     document_attention: bool = True  # attention stays inside each packed document
     heldout_fraction: float = 0.05
+    # The share of the ground-truth forget-category training documents kept (seeded by train.seed; the held-out
+    # split is unchanged): the leakage grid's runs vary the forget tokens a model sees.
+    forget_keep_fraction: float = 1.0
     # tau_forget, tau_retain, retain_rate, undiscovered_rate, false_positive_rate, forget_categories and
     # score_source: written flat in `data:`; their seed is train.seed.
     labeling: LabelingConfig = field(default_factory=LabelingConfig, metadata={_FLAT: LabelingConfig})
@@ -272,6 +275,7 @@ _RULES: dict[str, dict[str, _Rule]] = {
                                                 "seq_length", "num_query_groups", "ffn_hidden_size")},
               "init_method_std": _POSITIVE, "rotary_base": _POSITIVE},
     "data": {"heldout_fraction": (lambda v: 0 < v < 1, "must lie in (0, 1)"), "mode": _one_of(MODES),
+             "forget_keep_fraction": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
              "attention": _one_of(("packed", "dense"))},
     "parallel": {"tensor_model_parallel_size": _AT_LEAST_ONE, "pipeline_model_parallel_size": _AT_LEAST_ONE},
     "optim": {"lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
@@ -457,6 +461,10 @@ def _check_categories(cfg: TrainConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"data.path={data.path}: unreadable manifest.json ({err})") from err
     needs_truth = labeling.needs_truth or cfg.data_filter in ("oracle", "strict")
+    if data.forget_keep_fraction < 1 and not any(counts.get(name) for name in labeling.forget_categories):
+        raise ConfigError(f"data.forget_keep_fraction={data.forget_keep_fraction} keeps a share of the ground-truth "
+                          f"forget documents, but data.forget_categories={list(labeling.forget_categories)} selects "
+                          f"none of the documents at data.path={data.path}")
     if not counts:
         if needs_truth:
             raise ConfigError(f"method={cfg.method} with data.score_source={labeling.score_source}, undiscovered_rate="

@@ -29,6 +29,8 @@ from megatron_sgtm.training.distributed import init_distributed, world_size_from
 from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.logging import RunLogger
 
+_KEEP_FORGET_SEED = 12  # the random stream of data.forget_keep_fraction (train.seed first)
+
 
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (a non-finite loss); one line naming the step, for the CLI to print."""
@@ -56,8 +58,22 @@ def load_data(cfg: TrainConfig) -> RunData:
     return RunData(corpus, doc_labels, _filter(cfg, corpus, doc_labels, train_docs), heldout_docs)
 
 
+def _keep_forget(cfg: TrainConfig, corpus: Corpus, docs: np.ndarray) -> np.ndarray:
+    """`docs` less a seeded share 1 - data.forget_keep_fraction of its ground-truth forget documents (all kept at
+    1.0), in their order: the leakage grid varies how many forget tokens a run sees."""
+    fraction = cfg.data.forget_keep_fraction
+    if fraction >= 1.0:
+        return docs
+    forget = docs[corpus.category_mask(cfg.data.labeling.forget_categories)[docs]]
+    order = np.random.default_rng([cfg.train.seed, _KEEP_FORGET_SEED]).permutation(len(forget))
+    dropped = forget[order[round(len(forget) * fraction):]]
+    return docs[~np.isin(docs, dropped)]
+
+
 def _filter(cfg: TrainConfig, corpus: Corpus, doc_labels: np.ndarray, docs: np.ndarray) -> np.ndarray:
-    """The data-filtering baselines: which training documents each method keeps."""
+    """The training documents a run keeps: `data.forget_keep_fraction` of the forget ones, then each data-filtering
+    baseline's choice."""
+    docs = _keep_forget(cfg, corpus, docs)
     kind = cfg.data_filter
     if kind == "none":
         return docs
