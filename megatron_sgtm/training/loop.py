@@ -86,6 +86,43 @@ def _filter(cfg: TrainConfig, corpus: Corpus, doc_labels: np.ndarray, docs: np.n
     return docs[~drop[docs]]
 
 
+TOKEN_GROUPS = ("forget", "forget_undiscovered", "forget_labelled", "retain", "adjacent", "total")
+
+
+class TokenCounts:
+    """Tokens the run trained on per document group (summary.json's ``train_tokens``), counted exactly: each step's
+    loss-bearing positions (``loss_mask > 0``) by the document they belong to (``doc_ids``). ``forget`` is the
+    ground-truth forget categories, ``forget_undiscovered`` / ``forget_labelled`` those of its documents labelled
+    U / F; ``retain`` and ``adjacent`` their categories; ``total`` every one. Each rank counts the micro-batches it
+    trains on; `totals` sums them over the data-parallel group (the other ranks of a DP rank hold the same ones)."""
+
+    def __init__(self, cfg: TrainConfig, data: RunData, saved: dict | None = None):
+        corpus, labels = data.corpus, data.doc_labels
+        forget = corpus.category_mask(cfg.data.labeling.forget_categories)
+        members = (forget, forget & (labels == TokenLabel.UNLABELED), forget & (labels == TokenLabel.FORGET),
+                   corpus.category_mask(cfg.data.retain_categories), corpus.category_mask(cfg.data.adjacent_categories),
+                   np.ones(corpus.num_docs, dtype=bool))
+        self._flags = sum(m.astype(np.uint8) << i for i, m in enumerate(members))  # bit i: the document is in group i
+        self._bits = np.uint8(1) << np.arange(len(TOKEN_GROUPS), dtype=np.uint8)
+        self._saved = np.array([(saved or {}).get(g, 0) for g in TOKEN_GROUPS], dtype=np.int64)  # before a resume
+        self._local = np.zeros(len(TOKEN_GROUPS), dtype=np.int64)
+
+    def add(self, batches: list[dict]) -> None:
+        for mb in batches:
+            flags = self._flags[mb["doc_ids"][mb["loss_mask"] > 0].numpy()]
+            self._local += ((flags[:, None] & self._bits) != 0).sum(0)
+
+    def local(self) -> dict[str, int]:
+        """This rank's counts since the run (or its resume) started."""
+        return dict(zip(TOKEN_GROUPS, self._local.tolist()))
+
+    def totals(self, engine: Engine) -> dict[str, int]:
+        """Collective over the data-parallel group: the run's counts so far, checkpoints it resumed from included."""
+        counts = torch.from_numpy(self._local.copy())
+        dist.all_reduce(counts, group=engine.dp_group)
+        return dict(zip(TOKEN_GROUPS, (self._saved + counts.numpy()).tolist()))
+
+
 def _any_rank(flag: bool) -> bool:
     """True on every rank when it is true on one: ranks take the same branch."""
     value = torch.tensor([1.0 if flag else 0.0])
@@ -208,11 +245,11 @@ def train(cfg: TrainConfig) -> dict:
     engine = _make_engine(cfg, on_gpu)
     log = RunLogger(cfg, rank, world)
     sampler = _sampler(cfg, data, engine.dp_rank, engine.dp_size)
-    step, gated = 0, {"retain": 0, "forget": 0}
+    step, gated, saved_tokens = 0, {"retain": 0, "forget": 0}, None
     identity = checkpoint.run_identity(cfg, engine.partition)  # what a resume of this run's checkpoints must share
     if resume_from is not None:
         meta = checkpoint.load(engine, resume_from, verify=cfg.checkpoint.verify, identity=identity)
-        step, gated = meta["step"], meta["gated"]
+        step, gated, saved_tokens = meta["step"], meta["gated"], meta.get("train_tokens")  # older: none counted
         sampler.load_state_dict(meta["sampler"])
         engine.load_scheduler_state(meta["scheduler"])
         log.console(f"resumed from {resume_from} at step {step}")
@@ -223,6 +260,7 @@ def train(cfg: TrainConfig) -> dict:
         log.console(f"checkpoint.resume=auto: {root} holds only incomplete checkpoints "
                     f"({', '.join(p.name for p in unfinished)}); starting from step 0")
     log.rewind(step)
+    tokens = TokenCounts(cfg, data, saved_tokens)
     signals = _Signals()
     total = cfg.train.train_steps
     log.console(f"training {cfg.method} ({cfg.parallel.engine} engine, world {world}) for {total} steps")
@@ -230,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
     def save() -> None:
         meta = {"gated": gated, "sampler": sampler.state_dict(), "scheduler": engine.scheduler_state(),
                 "partition": engine.partition.to_dict(), "method": cfg.method, "config": cfg.to_dict(),
-                "engine": engine.name, "identity": identity}
+                "engine": engine.name, "identity": identity, "train_tokens": tokens.totals(engine)}
         path = checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last)
         log.console(f"saved checkpoint {path}")
 
@@ -238,6 +276,7 @@ def train(cfg: TrainConfig) -> dict:
     bad_steps = 0  # consecutive steps with a non-finite loss or grad norm: no checkpoint of such a state
     while step < total:
         batches = [next(sampler) for _ in range(sampler.num_micro_batches)]
+        tokens.add(batches)
         metrics = engine.train_step(batches)
         step += 1
         gated["retain"] += int(metrics["gated_retain"])
@@ -260,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
                 save()
             log.console(f"stopping at step {step} on a signal")
             break
-    final = {"step": step, "train_losses": losses, "gated": gated}
+    final = {"step": step, "train_losses": losses, "gated": gated, "train_tokens": tokens.totals(engine)}
     if step >= total:
         if root and not bad_steps and not (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
             save()

@@ -10,8 +10,9 @@ import pytest
 from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
+from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training.config import from_dict
-from megatron_sgtm.training.loop import load_data
+from megatron_sgtm.training.loop import TokenCounts, _sampler, load_data
 from tests.support.train_fixtures import tiny_config
 
 
@@ -36,6 +37,30 @@ def test_forget_keep_fraction_keeps_a_seeded_share_of_the_forget_training_docume
     assert len(kept) == round(len(all_forget) * 0.5) > 0 and set(kept) < set(all_forget)
     assert np.array_equal(load_data(_cfg(shards, 0.5)).train_docs, half.train_docs)  # seeded by train.seed
     assert not np.array_equal(load_data(_cfg(shards, 0.5, seed=7)).train_docs, half.train_docs)
+
+
+def test_train_tokens_of_one_epoch_are_every_training_documents_loss_positions(shards):
+    cfg = _cfg(shards, 1.0, undiscovered_rate=0.5)
+    data = load_data(cfg)
+    counts = TokenCounts(cfg, data)
+    sampler = _sampler(cfg, data, 0, 1)
+    for _ in range(sampler.steps_per_epoch()):
+        counts.add([next(sampler) for _ in range(sampler.num_micro_batches)])
+    docs = data.train_docs
+    loss_positions = data.corpus.lengths[docs] - 1  # the last token's target is the next document's first
+
+    def tokens(mask):
+        return int(loss_positions[mask[docs]].sum())
+
+    forget = data.corpus.category_mask(["spanish"])
+    expected = {
+        "forget": tokens(forget), "forget_undiscovered": tokens(forget & (data.doc_labels == TokenLabel.UNLABELED)),
+        "forget_labelled": tokens(forget & (data.doc_labels == TokenLabel.FORGET)),
+        "retain": tokens(data.corpus.category_mask(["english"])),
+        "adjacent": tokens(data.corpus.category_mask(["italian"])), "total": int(loss_positions.sum()),
+    }
+    assert counts.local() == expected
+    assert 0 < expected["forget_undiscovered"] < expected["forget"]
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.5])
