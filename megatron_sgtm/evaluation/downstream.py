@@ -227,10 +227,10 @@ def offline() -> Iterator[None]:
 
 
 def _metrics(task_results: dict, samples: dict | None) -> dict[str, float]:
-    """lm-eval's ``"acc,none"`` keys as ``"acc"``; numbers only (stderr "N/A" and aliases dropped); plus
-    ``n``, the number of items evaluated."""
+    """lm-eval's ``"acc,none"`` keys as ``"acc"``; numbers only (stderr "N/A", aliases, lm-eval's own count
+    dropped); plus ``n``, the number of items evaluated."""
     out = {key.split(",")[0]: float(value) for key, value in task_results.items()
-           if key != "alias" and isinstance(value, int | float) and not isinstance(value, bool)}
+           if key not in ("alias", "sample_len") and isinstance(value, int | float) and not isinstance(value, bool)}
     if samples:
         out["n"] = float(samples.get("effective", samples.get("original", math.nan)))
     return out

@@ -16,8 +16,10 @@ from megatron_sgtm.data.tokenizer import load_tokenizer
 from megatron_sgtm.errors import UserError
 from megatron_sgtm.evaluation import downstream as ds
 from megatron_sgtm.export.hf import to_hf, write_hf_dir
+from megatron_sgtm.export.prune import ablate_state
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
+from megatron_sgtm.partition import SGTMConfig
 from tests.support.train_fixtures import build_tiny_shards
 
 pytest.importorskip("lm_eval")
@@ -48,10 +50,14 @@ def setup(tmp_path_factory):
     # seq_length above every document's length: lm-eval scores each document in one window, as the reference does
     cfg = ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                       ffn_hidden_size=64, vocab_size=320, seq_length=2048)
+    live = _random_state(cfg, seed=0)
+    # GQA: a forget set of whole query groups (2 heads of 4)
+    ablated, zeroed = ablate_state(live, cfg, SGTMConfig(forget_heads=2, forget_mlp_units=16).resolve(cfg.dims()))
+    assert zeroed > 0
     models = {}
-    for name, seed in (("live", 0), ("ablated", 1)):
-        config, state = to_hf(_random_state(cfg, seed), cfg)
-        models[name] = write_hf_dir(root / name, config, state, tokenizer_path=data / "tokenizer.json")
+    for name, state in (("live", live), ("ablated", ablated)):
+        config, hf_state = to_hf(state, cfg)
+        models[name] = write_hf_dir(root / name, config, hf_state, tokenizer_path=data / "tokenizer.json")
     docs = ds.heldout_by_category(corpus, heldout)
     tasks = ds.write_tasks(root / "tasks", corpus, docs, data / "tokenizer.json", items=ITEMS, seed=0)
     user = root / "user"
@@ -152,6 +158,7 @@ def test_lm_eval_offline_on_exports(setup, monkeypatch):
                 assert f"| {task} | acc |" in table
             else:
                 assert metrics["bits_per_byte"] > 0 and metrics["word_perplexity"] > 1
+    assert report["models"]["live"]["sgtm_ppl_spanish"] != report["models"]["ablated"]["sgtm_ppl_spanish"]
     # lm-eval's loglikelihood_rolling total equals the model's own summed token log-likelihood on the same texts
     eod = corpus.eod_id
     for group in ("english", "spanish"):
