@@ -24,7 +24,9 @@ setup(
         "transformers",
         "matplotlib",
     ],
-    # datasets: the optional `datasets.load_from_disk` source, tested in CI.
-    extras_require={"test": ["pytest", "ruff", "psutil", "datasets"]},
+    # datasets: the optional `datasets.load_from_disk` source, tested in CI. eval: lm-evaluation-harness for
+    # `megatron-sgtm eval --lm-eval` (its hf backend needs the [hf] extra), tested in CI too.
+    extras_require={"test": ["pytest", "ruff", "psutil", "datasets", "lm_eval[hf]==0.4.13"],
+                    "eval": ["lm_eval[hf]==0.4.13"]},
     entry_points={"console_scripts": ["megatron-sgtm=megatron_sgtm.cli:main"]},
 )
