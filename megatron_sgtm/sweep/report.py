@@ -198,23 +198,28 @@ def _leakage(rows: list[dict], out: Path) -> tuple[str, Path | None]:
 
 
 def _plot_leakage(rows: list[dict], results: dict, keys: list[tuple], sizes: list[str], path: Path) -> Path:
-    """Leakage vs parameter count; a seed whose loss lies outside the curve is a triangle at its bound."""
+    """Leakage vs parameter count (log axes where every exact value is positive); a seed whose loss lies
+    outside the curve is a triangle at its bound (pointing the way the true value lies)."""
     params = {r["size"]: float(r["params"]) for r in rows}
+    exact = {key: mean_std(v.value for v in values) for key, values in results.items()
+             if not any(v.bound for v in values)}
+    log = all(m > 0 for m, _, _ in exact.values())
     plt, fig, axes = figure(1, 1)
     ax = axes[0][0]
     for i, (name, rate) in enumerate(keys):
-        exact = [(params[s], mean_std(v.value for v in results[(name, rate, s)])) for s in sizes
-                 if (name, rate, s) in results and not any(v.bound for v in results[(name, rate, s)])]
-        color = f"C{i % 10}"
-        if exact:
-            ax.errorbar([x for x, _ in exact], [m for _, (m, _, _) in exact], yerr=[s for _, (_, s, _) in exact],
-                        marker="o", capsize=2, color=color, label=f"{name}, undiscovered {rate:g}")
-        for s in sizes:
-            for v in results.get((name, rate, s), []):
-                if v.bound:
-                    ax.scatter([params[s]], [v.value], marker="v" if v.bound == "<" else "^", color=color)
+        color, label = f"C{i % 10}", f"{name}, undiscovered {rate:g}"
+        mine = [(params[s], exact[(name, rate, s)]) for s in sizes if (name, rate, s) in exact]
+        if mine:
+            ax.errorbar([x for x, _ in mine], [m for _, (m, _, _) in mine], yerr=[sd for _, (_, sd, _) in mine],
+                        marker="o", capsize=2, color=color, label=label)
+            label = None
+        bounds = [(params[s], v) for s in sizes for v in results.get((name, rate, s), [])
+                  if v.bound and (v.value > 0 or not log)]
+        for x, v in bounds:
+            ax.scatter([x], [v.value], marker="v" if v.bound == "<" else "^", color=color, label=label)
+            label = None
     ax.set_xscale("log")
-    if all(v.value > 0 for values in results.values() for v in values):
+    if log and exact:
         ax.set_yscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("leakage (equivalent / undiscovered forget tokens)")
