@@ -184,6 +184,13 @@ def test_variants_and_forget_fractions_are_more_points_per_method(data, tmp_path
     assert check(grid) == []
 
 
+@pytest.mark.parametrize("name, runs", [("sweep_tiny", 4), ("sweep_scaling", 60), ("sweep_tradeoff", 162),
+                                        ("sweep_leakage", 78)])
+def test_example_grids_expand(name, runs):
+    grid = load(ROOT / "examples" / f"{name}.yaml")
+    assert len(grid.runs) == runs and len({r.name for r in grid.runs}) == runs
+
+
 def test_finished_runs_are_skipped(data, tmp_path):
     grid = load(write_grid(tmp_path, data))
     done = grid.runs[1]
