@@ -57,11 +57,11 @@ def print_grid(grid) -> None:
         f"{res.nodes} node(s) x {res.tasks_per_node} CPU task(s)"
     print(f"sweep {grid.name} ({grid.path}): {len(runs)} runs, {len(runs) - done} pending, {done} finished; "
           f"each on {where} (world size {res.world_size}); out {grid.out}")
-    print(f"{'#':>3}  {'run':<34} {'size':<9} {'params':>14} {'method':<14} {'undisc.':>7} {'seed':>5} "
+    print(f"{'#':>3}  {'run':<42} {'size':<9} {'params':>14} {'method':<14} {'undisc.':>7} {'seed':>5} "
           f"{'steps':>8} {'tokens':>15} {'TP/PP/DP':>9}  status")
     for i, r in enumerate(runs):
         rate = "-" if r.undiscovered_rate is None else f"{r.undiscovered_rate:g}"
-        print(f"{i:>3}  {r.name:<34} {r.size:<9} {r.params.total:>14,} {r.method:<14} {rate:>7} {r.seed:>5} "
+        print(f"{i:>3}  {r.name:<42} {r.size:<9} {r.params.total:>14,} {r.method:<14} {rate:>7} {r.seed:>5} "
               f"{r.train_steps:>8,} {r.tokens:>15,} {_layout(grid, r):>9}  {'finished' if r.finished else 'pending'}")
 
 
