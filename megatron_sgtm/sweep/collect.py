@@ -189,7 +189,7 @@ def _plot_tradeoff_by_variant(rows: list[dict], path: Path) -> Path:
     as the points of its curve: one panel per size and undiscovered rate; the rate-free methods'
     plain runs are reference points in every panel."""
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    rates = sorted({r["undiscovered_rate"] for r in rows} - {""})
+    rates = sorted({r["undiscovered_rate"] for r in rows} - {""}) or [""]  # [""]: only rate-free methods
     plt, fig, axes = figure(len(sizes), len(rates))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for i, size in enumerate(sizes):
@@ -202,7 +202,7 @@ def _plot_tradeoff_by_variant(rows: list[dict], path: Path) -> Path:
                 if runs:
                     points = list(group(runs, lambda r: r["variant"]).items())
                     _draw(ax, method, f"C{k % 10}", points, marker="o" if runs[0]["undiscovered_rate"] != "" else "s")
-            _label(ax, f"{size}, undiscovered {rate:g}", "retain loss (nats)")
+            _label(ax, size + ("" if rate == "" else f", undiscovered {rate:g}"), "retain loss (nats)")
     return save_figure(plt, fig, path)
 
 

@@ -75,9 +75,14 @@ def _losses(rows: list[dict]) -> str:
             "(`train.calibrate_ablated`).\n\n" + _table(header, lines))
 
 
+def _standard(row: dict) -> bool:
+    """A standard model: `none` or `oracle` without a variant (a variant would mix other settings in)."""
+    return row["method"] in RATE_FREE and row["variant"] == ""
+
+
 def _baseline(row: dict) -> bool:
-    """A `none` run on all forget documents: the standard model of the compute fit."""
-    return row["method"] == "none" and row["forget_keep_fraction"] == ""
+    """A standard `none` run on all forget documents: the model of the compute fit."""
+    return _standard(row) and row["method"] == "none" and row["forget_keep_fraction"] == ""
 
 
 def _compute(row: dict, params: str) -> float:
@@ -86,13 +91,13 @@ def _compute(row: dict, params: str) -> float:
 
 def _penalties(rows: list[dict], params: str) -> str:
     text = ["## Compute penalty",
-            f"Fit of loss = a·C^(−b) per category to the `none` runs on all forget documents (every seed, "
-            f"least squares in log space), C = 6·N·D with N the {params.replace('_', '-')} parameter count and D "
-            f"the tokens the run trained on (steps × global batch × context). A run's penalty is "
-            f"(C_base − C_eq)/C_base, C_base = 6·N·D of the run itself and C_eq = (loss/a)^(−1/b) the compute "
-            f"a standard model needs for the run's loss: positive = the method costs compute. The loss is "
-            f"the deployed model's: calibrated ablated for methods with an active strategy (uncalibrated "
-            f"ablated where a run has no calibrated losses), live for the others."]
+            f"Fit of loss = a·C^(−b) per category to the `none` runs on all forget documents and without a "
+            f"variant (every seed, least squares in log space), C = 6·N·D with N the "
+            f"{params.replace('_', '-')} parameter count and D the tokens the run trained on (steps × global "
+            f"batch × context). A run's penalty is (C_base − C_eq)/C_base, C_base = 6·N·D of the run itself and "
+            f"C_eq = (loss/a)^(−1/b) the compute a standard model needs for the run's loss: positive = the method "
+            f"costs compute. The loss is the deployed model's: calibrated ablated for methods with an active "
+            f"strategy (uncalibrated ablated where a run has no calibrated losses), live for the others."]
     laws: dict[str, PowerLaw] = {}
     fits = []
     base = [r for r in rows if _baseline(r)]
@@ -116,16 +121,11 @@ def _penalties(rows: list[dict], params: str) -> str:
     return "\n\n".join(text)
 
 
-def _curve_rows(rows: list[dict]) -> list[dict]:
-    """The standard models of the leakage curve: `none` (any share of forget documents) and `oracle`."""
-    return [r for r in rows if r["method"] in RATE_FREE]
-
-
 def leakage_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """Per size: (forget tokens trained on, live forget loss), each the mean over the seeds of one
     setting of the standard models."""
     curves = {}
-    for size, runs in group([r for r in _curve_rows(rows) if r["train_tokens_forget"] != ""],
+    for size, runs in group([r for r in rows if _standard(r) and r["train_tokens_forget"] != ""],
                             lambda r: r["size"]).items():
         points = [(mean_std(value(r["train_tokens_forget"]) for r in same)[0],
                    mean_std(value(r["forget_loss"]) for r in same)[0])
@@ -170,21 +170,20 @@ def _leakage_cell(values: list[Bounded]) -> str:
     return f"{mean:.3g}" if n == 1 else f"{mean:.3g} ± {std:.2g}"
 
 
-def _leakage(rows: list[dict], out: Path) -> tuple[str, Path | None]:
+def _leakage(rows: list[dict], out: Path) -> str:
     curves, results, problems = run_leakage(rows)
     text = ["## Leakage",
             "Equivalent forget tokens per undiscovered forget token the run trained on. The curve of each size: "
             "the standard models (`none` on all or a capped share of the forget documents, `oracle` at zero "
-            "forget tokens), forget tokens trained on vs live forget loss, means over seeds. A run's "
-            "uncalibrated forget loss (ablated for methods with an active strategy, live for filters) is read "
-            "off the curve by linear interpolation between the two points around it, in linear token space "
-            "(the paper's choice). `<x`/`>x`: the loss lies outside the curve, so only a bound is known. "
-            "A filter's leakage is 1 by definition; its measured value checks the curve."]
+            "forget tokens; runs without a variant), forget tokens trained on vs live forget loss, means over "
+            "seeds. A run's uncalibrated forget loss (ablated for methods with an active strategy, live for "
+            "filters) is read off the curve by linear interpolation between the two points around it, in "
+            "linear token space (the paper's choice). `<x`/`>x`: the loss lies outside the curve, so only a "
+            "bound is known. A filter's leakage is 1 by definition; its measured value checks the curve."]
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     curve_lines = [[size, f"{tokens:,.0f}", f"{loss:.4f}"] for size in sizes for tokens, loss in curves.get(size, [])]
     text.append(_table(["size", "forget tokens", "forget loss"], curve_lines) if curve_lines else
-                "No leakage curve: the grid has no `none`/`oracle` runs with `train_tokens` in summary.json.")
-    plot = None
+                "No leakage curve: no `none`/`oracle` run without a variant has `train_tokens` in summary.json.")
     if results:
         keys = list(dict.fromkeys(key[:2] for key in results))
         lines = [[name, f"{rate:g}", *(_leakage_cell(results.get((name, rate, size), [])) for size in sizes)]
@@ -194,7 +193,7 @@ def _leakage(rows: list[dict], out: Path) -> tuple[str, Path | None]:
         text.append(f"![leakage vs size]({plot.name})")
     for problem, runs in problems.items():
         text.append(f"Not computed ({problem}): " + ", ".join(f"`{r}`" for r in runs))
-    return "\n\n".join(text), plot
+    return "\n\n".join(text)
 
 
 def _plot_leakage(rows: list[dict], results: dict, keys: list[tuple], sizes: list[str], path: Path) -> Path:
@@ -241,7 +240,7 @@ def write_report(grid: Grid, out: Path, params: str = "total") -> tuple[Path, li
              f"Per-run numbers: [{result.csv.name}]({result.csv.name})."]
     if result.missing:
         parts.append(f"**Not finished ({len(result.missing)}):** " + ", ".join(f"`{m}`" for m in result.missing))
-    parts += [_losses(rows), _penalties(rows, params), _leakage(rows, out)[0], "## Trade-off",
+    parts += [_losses(rows), _penalties(rows, params), _leakage(rows, out), "## Trade-off",
               "Forget vs retain loss of the deployed models (means over seeds, error bars the seeds' standard "
               "deviations): ablated and calibrated for methods with an active strategy, live for the others.",
               *(f"![{plot.stem}]({plot.name})" for plot in result.plots)]
