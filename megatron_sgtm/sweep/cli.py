@@ -1,4 +1,5 @@
-"""`megatron-sgtm sizes` and `megatron-sgtm sweep [collect] --grid GRID [--dry-run | --submit | --local]`."""
+"""`megatron-sgtm sizes`, `megatron-sgtm sweep [collect] --grid GRID [--dry-run | --submit | --local]` and
+`megatron-sgtm report --grid GRID`."""
 
 from __future__ import annotations
 
@@ -56,11 +57,11 @@ def print_grid(grid) -> None:
         f"{res.nodes} node(s) x {res.tasks_per_node} CPU task(s)"
     print(f"sweep {grid.name} ({grid.path}): {len(runs)} runs, {len(runs) - done} pending, {done} finished; "
           f"each on {where} (world size {res.world_size}); out {grid.out}")
-    print(f"{'#':>3}  {'run':<34} {'size':<9} {'params':>14} {'method':<14} {'undisc.':>7} {'seed':>5} "
+    print(f"{'#':>3}  {'run':<42} {'size':<9} {'params':>14} {'method':<14} {'undisc.':>7} {'seed':>5} "
           f"{'steps':>8} {'tokens':>15} {'TP/PP/DP':>9}  status")
     for i, r in enumerate(runs):
         rate = "-" if r.undiscovered_rate is None else f"{r.undiscovered_rate:g}"
-        print(f"{i:>3}  {r.name:<34} {r.size:<9} {r.params.total:>14,} {r.method:<14} {rate:>7} {r.seed:>5} "
+        print(f"{i:>3}  {r.name:<42} {r.size:<9} {r.params.total:>14,} {r.method:<14} {rate:>7} {r.seed:>5} "
               f"{r.train_steps:>8,} {r.tokens:>15,} {_layout(grid, r):>9}  {'finished' if r.finished else 'pending'}")
 
 
@@ -116,6 +117,18 @@ def _collect(grid, out: str | None) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from megatron_sgtm.sweep.grid import load
+    from megatron_sgtm.sweep.report import write_report
+
+    grid = load(args.grid, args.overrides)
+    path, missing = write_report(grid, Path(args.out) if args.out else grid.out / "report", args.params)
+    if missing:
+        print(f"not finished ({len(missing)}): {', '.join(missing)}", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sizes", help="the model-size table: exact parameter counts, layouts, token budgets",
                               description="Exact parameter counts of the sweep sizes for an architecture, a "
@@ -145,3 +158,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--local", action="store_true", help="run the unfinished runs here, one after another")
     q.add_argument("--out", help="collect: where results.csv and the plots go (default: the grid's out)")
     q.set_defaults(func=sweep, overrides=[])
+
+    r = subparsers.add_parser("report", help="a Markdown report of a sweep: losses, compute penalty, leakage, "
+                                             "trade-off plots",
+                              description="One Markdown report of a finished sweep (unfinished runs are named "
+                                          "and left out): losses per size, method, variant and rate, the "
+                                          "compute penalty (paper App. B), the leakage per size (paper §4.3) "
+                                          "and the trade-off plots.")
+    r.add_argument("--grid", required=True, help="the sweep grid YAML the runs were trained from")
+    r.add_argument("--out", help="where report.md, results.csv and the plots go (default: <grid out>/report)")
+    r.add_argument("--params", default="total", choices=("total", "non_embedding"),
+                   help="N in the training compute C = 6 N D of the compute penalty")
+    r.set_defaults(func=report, overrides=[])

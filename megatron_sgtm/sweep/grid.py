@@ -11,9 +11,17 @@
     resources: {nodes: 1, gpus_per_node: 8, gpu_memory_gib: 80}   # per run; gpus_per_node 0 = CPU tasks
     layout: auto                           # or {default: {tensor_model_parallel_size: 2}, 1B: {...}}
     slurm: {time: "24:00:00", partition: gpu, max_concurrent: 8}
+    variants:                              # named override sets: each is one more point of a curve
+      full: {}                             # short form: section.key overrides, for the active methods
+      joint_down: {sgtm.joint_down_projections: true}
+      tau03: {overrides: {data.tau_forget: 0.3}, methods: [weak_filter]}   # long form: chosen methods
+    forget_keep_fractions: [0.01, 0.1]     # extra `none` runs on that fraction of the forget documents
 
 Methods whose training ignores the labels (`none`, `oracle`) run once per size and seed, not once per
-rate. `expand` refuses structural mistakes (unknown keys, methods or sizes, layouts that cannot fit)
+rate. A variant applies to the methods it lists (default: those with an active strategy, i.e. the
+ones with a partition); a method no variant applies to runs once, unnamed. `forget_keep_fractions`
+adds `none` runs trained on a capped share of the forget documents: the leakage curve (`report`).
+`expand` refuses structural mistakes (unknown keys, methods or sizes, layouts that cannot fit)
 and `check` runs the trainer's own validation on every run, so nothing is submitted from a bad grid.
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,12 +56,17 @@ from megatron_sgtm.training.config import (
 )
 
 KEYS = {"base", "out", "sizes", "methods", "undiscovered_rates", "seeds", "budget", "overrides", "resources",
-        "layout", "slurm"}
+        "layout", "slurm", "variants", "forget_keep_fractions"}
 RESOURCE_KEYS = {"nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "gpu_memory_gib"}
 SLURM_KEYS = {"partition", "account", "time", "max_concurrent", "extra_args"}
 PARALLEL_KEYS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel"}
 # Methods whose training does not depend on the F/R/U labels: the undiscovered rate cannot change them.
 RATE_FREE = {name for name, m in METHODS.items() if not m.strategy.active and m.data_filter in ("none", "oracle")}
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Keys the grid sets per run (or that change the parameter count the budget was computed from).
+RUN_KEYS = {"method", "data.undiscovered_rate", "data.forget_keep_fraction", "train.seed", "train.train_steps",
+            "checkpoint.dir", "checkpoint.resume", "logging.run_dir"}
+RUN_SECTIONS = ("model.", "parallel.")
 
 
 class GridError(UserError, ValueError):
@@ -72,6 +86,13 @@ class Resources:
         return self.nodes * (self.gpus_per_node or self.tasks_per_node)
 
 
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict  # section.key -> value
+    methods: tuple[str, ...]
+
+
 @dataclass
 class Run:
     name: str
@@ -84,6 +105,8 @@ class Run:
     tokens: int
     layout: Layout | None  # None: the layout was set by hand (or the run is on CPUs)
     config: dict  # the full raw training config of this run
+    variant: str | None = None
+    forget_keep_fraction: float | None = None  # `none` runs of the leakage curve; None: all forget documents
 
     @property
     def run_dir(self) -> Path:
@@ -133,6 +156,62 @@ def _mapping(raw: dict, key: str, path: Path, known: set[str] | None = None) -> 
     if unknown:
         raise GridError(f"{path}: {key}: unknown key(s) {unknown}; known: {sorted(known)}")
     return value
+
+
+def _variants(raw: dict, path: Path, methods: list[str], base: dict) -> list[Variant]:
+    """`variants:` as a list; each variant's overrides must apply to the base config."""
+    value = raw.get("variants")
+    if value is None:
+        return []
+    if not isinstance(value, dict) or not value:
+        raise GridError(f"{path}: variants must be a non-empty mapping of name -> overrides")
+    active = [m for m in methods if METHODS[m].strategy.active]
+    variants = []
+    for name, spec in value.items():
+        where = f"{path}: variants.{name}"
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+            raise GridError(f"{where}: a variant name is letters, digits, '_', '.' or '-' (it is part of run names)")
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            raise GridError(f"{where}: expected a mapping of section.key overrides, got {spec!r}")
+        long_form = bool(spec) and set(spec) <= {"overrides", "methods"}
+        overrides = (spec.get("overrides") or {}) if long_form else spec
+        chosen = spec.get("methods", active) if long_form else active
+        if not isinstance(overrides, dict) or any(not isinstance(k, str) or "." not in k for k in overrides):
+            raise GridError(f"{where}: keys must be section.key overrides, or 'overrides' and 'methods'; "
+                            f"got {list(overrides) if isinstance(overrides, dict) else overrides!r}")
+        fixed = sorted(k for k in overrides if k in RUN_KEYS or k.startswith(RUN_SECTIONS))
+        if fixed:
+            raise GridError(f"{where}: {fixed} are set by the grid itself (sizes, methods, rates, seeds, budget, "
+                            f"layout, forget_keep_fractions), not by a variant")
+        if chosen == []:
+            raise GridError(f"{where}: applies to no method (none of {methods} has an active strategy); give it "
+                            f"'overrides' and 'methods'")
+        if not isinstance(chosen, list) or any(m not in methods for m in chosen):
+            raise GridError(f"{where}: methods: expected a list of this grid's methods {methods}, got {chosen!r}")
+        try:
+            apply_overrides(copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+        except ConfigError as err:
+            raise GridError(f"{where}: {err}") from err
+        variants.append(Variant(name, dict(overrides), tuple(chosen)))
+    return variants
+
+
+def _fractions(raw: dict, path: Path, methods: list[str]) -> list[float]:
+    value = raw.get("forget_keep_fractions")
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1]
+    if not values or bad:
+        raise GridError(f"{path}: forget_keep_fractions: {bad or values} are not fractions in (0, 1) (the `none` "
+                        f"run on all forget documents is always there)")
+    if len(set(values)) != len(values):
+        raise GridError(f"{path}: forget_keep_fractions: duplicate entries in {values}")
+    if "none" not in methods:
+        raise GridError(f"{path}: forget_keep_fractions: the leakage curve's runs are `none` runs; add none to "
+                        f"methods")
+    return sorted(values)
 
 
 def _layouts(raw: dict, path: Path, sizes: list[str]) -> dict[str, dict] | None:
@@ -196,6 +275,8 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
     except ConfigError as err:
         raise GridError(f"{path}: overrides: {err}") from err
     layouts = _layouts(raw, path, sizes)
+    variants = _variants(raw, path, methods, base)
+    fractions = _fractions(raw, path, methods)
 
     grid = Grid(path=path, name=path.stem, out=Path(raw["out"]), resources=resources, slurm=slurm)
     for size in sizes:
@@ -205,13 +286,30 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
         tokens_per_step = int(batch) * model.seq_length
         steps = budget.steps(count, tokens_per_step)
         for method in methods:
-            for rate in [None] if method in RATE_FREE else rates:
-                for seed in seeds:
-                    name = f"{size}_{method}" + ("" if rate is None else f"_u{rate:g}") + f"_s{seed}"
-                    config = _run_config(base, grid.out / name, model, method, rate, seed, steps, parallel)
-                    grid.runs.append(Run(name, size, method, rate, seed, count, steps, steps * tokens_per_step,
-                                         layout, config))
+            for variant, fraction in _settings(method, variants, fractions):
+                for rate in [None] if method in RATE_FREE else rates:
+                    for seed in seeds:
+                        run = Run(_name(size, method, variant, fraction, rate, seed), size, method, rate, seed,
+                                  count, steps, steps * tokens_per_step, layout, {},
+                                  variant.name if variant else None, fraction)
+                        run.config = _run_config(base, grid.out / run.name, model, run, parallel, variant)
+                        grid.runs.append(run)
     return grid
+
+
+def _name(size: str, method: str, variant: Variant | None, fraction: float | None, rate: float | None,
+          seed: int) -> str:
+    """e.g. tiny-h32_sgtm_joint_down_u0.2_s0, tiny-h32_none_f0.1_s1."""
+    return "_".join([size, method, *([variant.name] if variant else []),
+                     *([] if fraction is None else [f"f{fraction:g}"]), *([] if rate is None else [f"u{rate:g}"]),
+                     f"s{seed}"])
+
+
+def _settings(method: str, variants: list[Variant], fractions: list[float]) -> list[tuple[Variant | None,
+                                                                                        float | None]]:
+    """(variant, forget keep fraction) of each run of `method` per size, rate and seed; fraction None: all."""
+    mine = [v for v in variants if method in v.methods] or [None]
+    return [(v, f) for v in mine for f in ([None, *fractions] if method == "none" else [None])]
 
 
 def _size_model(path: Path, base: dict, size: str, resources: Resources, layouts: dict | None):
@@ -232,19 +330,23 @@ def _size_model(path: Path, base: dict, size: str, resources: Resources, layouts
     return model, layout, layout.parallel()
 
 
-def _run_config(base: dict, run_dir: Path, model, method: str, rate: float | None, seed: int, steps: int,
-                parallel: dict) -> dict:
-    """The base config with this run's shape, method, rate, seed, steps, layout and directories."""
+def _run_config(base: dict, run_dir: Path, model, run: Run, parallel: dict, variant: Variant | None) -> dict:
+    """The base config with this run's variant, shape, method, rate, forget share, seed, steps, layout and
+    directories."""
     cfg = copy.deepcopy(base)
+    if variant:
+        cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in variant.overrides.items()])
     shape = {k: getattr(model, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
                                              "num_query_groups", "ffn_hidden_size")}
     cfg["model"] = {**(cfg.get("model") or {}), **shape}
-    cfg["method"] = method
+    cfg["method"] = run.method
     cfg.setdefault("data", {})
-    if rate is not None:
-        cfg["data"]["undiscovered_rate"] = rate
+    if run.undiscovered_rate is not None:
+        cfg["data"]["undiscovered_rate"] = run.undiscovered_rate
+    if run.forget_keep_fraction is not None:
+        cfg["data"]["forget_keep_fraction"] = run.forget_keep_fraction
     cfg["parallel"] = {**(cfg.get("parallel") or {}), **parallel}
-    cfg["train"] = {**(cfg.get("train") or {}), "seed": seed, "train_steps": steps}
+    cfg["train"] = {**(cfg.get("train") or {}), "seed": run.seed, "train_steps": run.train_steps}
     cfg["checkpoint"] = {**(cfg.get("checkpoint") or {}), "dir": str(run_dir / "checkpoints"), "resume": "auto"}
     cfg["logging"] = {**(cfg.get("logging") or {}), "run_dir": str(run_dir)}
     return cfg

@@ -160,6 +160,37 @@ def test_grid_expands_sizes_methods_rates_seeds_into_valid_runs(data, tmp_path):
     assert sorted({r.size for r in grid.runs}) == ["tiny-h32", "tiny-h64"]
 
 
+def test_variants_and_forget_fractions_are_more_points_per_method(data, tmp_path):
+    variants = {"full": {}, "units4": {"sgtm.forget_mlp_units": 4},
+                "rr3": {"overrides": {"data.retain_rate": 0.3}, "methods": ["weak_filter", "none"]}}
+    path = write_grid(tmp_path, data, sizes=["tiny-h32"], methods=["sgtm", "gradient_routing", "weak_filter", "none"],
+                      variants=variants, forget_keep_fractions=[0.5, 0.1], seeds=[0, 1])
+    grid = load(path)
+    # A variant applies to the methods with a partition unless it lists its own; `none` adds its capped runs.
+    assert [r.name for r in grid.runs if r.seed == 0] == [
+        "tiny-h32_sgtm_full_u0.2_s0", "tiny-h32_sgtm_units4_u0.2_s0", "tiny-h32_gradient_routing_full_u0.2_s0",
+        "tiny-h32_gradient_routing_units4_u0.2_s0", "tiny-h32_weak_filter_rr3_u0.2_s0", "tiny-h32_none_rr3_s0",
+        "tiny-h32_none_rr3_f0.1_s0", "tiny-h32_none_rr3_f0.5_s0"]
+    assert len(grid.runs) == 16
+    for run in grid.runs:
+        cfg = run.config
+        assert cfg["sgtm"]["forget_mlp_units"] == (4 if run.variant == "units4" else 8)
+        assert cfg["data"]["retain_rate"] == (0.3 if run.variant == "rr3" else 0.5)
+        assert cfg["data"].get("forget_keep_fraction") == run.forget_keep_fraction
+        assert (run.forget_keep_fraction is not None) == ("_f0." in run.name)
+        assert cfg["logging"]["run_dir"] == str(tmp_path / "out" / run.name)
+    # The trainer's own validation (data.forget_keep_fraction is the data branch's key: left out here).
+    grid.runs = [r for r in grid.runs if r.forget_keep_fraction is None]
+    assert check(grid) == []
+
+
+@pytest.mark.parametrize("name, runs", [("sweep_tiny", 4), ("sweep_scaling", 60), ("sweep_tradeoff", 162),
+                                        ("sweep_leakage", 78)])
+def test_example_grids_expand(name, runs):
+    grid = load(ROOT / "examples" / f"{name}.yaml")
+    assert len(grid.runs) == runs and len({r.name for r in grid.runs}) == runs
+
+
 def test_finished_runs_are_skipped(data, tmp_path):
     grid = load(write_grid(tmp_path, data))
     done = grid.runs[1]
@@ -194,6 +225,19 @@ BAD_GRIDS = {
     "does not fit in GPU memory": (
         {"sizes": ["2B"], "resources": {"nodes": 1, "gpus_per_node": 1, "gpu_memory_gib": 16}},
         r"size 2B: no TP x PP layout of 1 GPUs"),
+    "variant for a method not in the grid": (
+        {"variants": {"x": {"overrides": {"sgtm.forget_mlp_units": 4}, "methods": ["gradient_routing"]}}},
+        r"variants.x: methods: expected a list of this grid's methods \['sgtm', 'weak_filter'\]"),
+    "variant sets what the grid sets": ({"variants": {"s": {"train.seed": 3, "model.hidden_size": 8}}},
+                                        r"variants.s: \['model.hidden_size', 'train.seed'\] are set by the grid"),
+    "variant key without its section": ({"variants": {"v": {"forget_mlp_units": 4}}},
+                                        r"variants.v: keys must be section.key overrides"),
+    "variant name unfit for run names": ({"variants": {"a b": {}}}, r"variants.a b: a variant name is letters"),
+    "variant of no method": ({"methods": ["weak_filter"], "variants": {"t": {"data.tau_forget": 0.3}}},
+                             r"variants.t: applies to no method"),
+    "forget fractions without none": ({"forget_keep_fractions": [0.1]}, r"forget_keep_fractions: .* add none"),
+    "forget fraction out of range": ({"methods": ["sgtm", "none"], "forget_keep_fractions": [0.1, 1.0]},
+                                     r"forget_keep_fractions: \[1.0\] are not fractions in \(0, 1\)"),
 }
 
 
