@@ -1,8 +1,8 @@
 """`megatron-sgtm unlearn rmu | cir --checkpoint IN --out OUT [--data PATH] [method flags]`.
 
 Post-hoc unlearning of a trained model (usually the no-filter baseline) on the forget categories' training
-documents; writes a model-only checkpoint that `eval`, `export-hf`, `ablate` and `attack` read. One CPU (or
-one GPU-less) process; the held-out forget/retain losses before and after are printed and kept in meta.json.
+documents; writes a model-only checkpoint that `eval`, `export-hf`, `ablate` and `attack` read. One process, on
+CPU; the held-out forget/retain losses before and after are printed and kept in meta.json.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import json
 
 # The checkpoint readers' errors for a bad input directory (besides UserError and OSError).
-READER_ERRORS = (KeyError,)
+READER_ERRORS = (ValueError, KeyError)
 
 
 def _run(args: argparse.Namespace, method: str) -> None:
