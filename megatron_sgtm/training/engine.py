@@ -147,7 +147,7 @@ class Engine(abc.ABC):
         (evaluation)."""
         inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packs_sequences)
         if self.output_bias is not None:
-            self.output_bias.observe(inputs["loss_mask"])
+            self.output_bias.observe(inputs)
         with token_labels(inputs["token_labels"] if use_labels else None, mb.get("label_flags")):
             out = module(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
         return out.reshape(mb["tokens"].shape) if ps.is_pipeline_last_stage() else out
