@@ -1,0 +1,1 @@
+"""Measurements on trained models: `megatron-sgtm eval`, downstream tasks, and what they report."""
