@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ class Source:
     method: str
     step: int | None
     ablated: bool  # the weights are already ablated (`ablate`, `export-hf --ablate`)
-    tokenizer_sha256: str | None  # of the tokenizer the model was trained with, when recorded
+    tokenizer: str | None  # the trained-with tokenizer's `_tokenizer_id`, when known
     weights: dict[str, torch.Tensor] | None  # global fp32 weights; None: the engine loads `path` (megatron)
 
 
@@ -43,11 +44,25 @@ def _training_config(meta: dict) -> dict:
     return config
 
 
-def _tokenizer_sha(directory: Path, meta: dict) -> str | None:
+def tokenizer_fingerprint(path: Path) -> str:
+    """SHA-256 of what makes token ids mean the same text (the model's vocabulary and merges, the added
+    tokens), so that `export-hf`'s re-saved copy (other padding and length settings) matches its source."""
+    try:
+        data = json.loads(path.read_text())
+        added = sorted((t["id"], t["content"]) for t in data["added_tokens"])
+        content = {"model": data["model"], "added_tokens": added}
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return "file:" + sha256_file(path)
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _tokenizer_id(directory: Path, meta: dict) -> str | None:
+    """The tokenizer the model was trained with: the fingerprint of its copy in `directory`, or the file hash
+    the training run recorded (`file:<sha256>`)."""
     if (directory / TOKENIZER_FILE).is_file():
-        return sha256_file(directory / TOKENIZER_FILE)
+        return tokenizer_fingerprint(directory / TOKENIZER_FILE)
     recorded = meta.get("identity", {}).get("tokenizer")
-    return recorded if recorded and not recorded.startswith("vocab_size=") else None
+    return f"file:{recorded}" if recorded and not recorded.startswith("vocab_size=") else None
 
 
 def open_source(path: Path, world: int) -> Source:
@@ -72,7 +87,7 @@ def open_source(path: Path, world: int) -> Source:
     if "identity" not in meta and meta.get("source") and (Path(meta["source"]) / META).is_file():
         source_meta = json.loads((Path(meta["source"]) / META).read_text())  # model-only: its training run's
     return Source(path, kind, _training_config(meta), meta.get("method", "none"), meta.get("step"),
-                  bool(meta.get("ablated", False)), _tokenizer_sha(path, source_meta), weights)
+                  bool(meta.get("ablated", False)), _tokenizer_id(path, source_meta), weights)
 
 
 def _open_hf(path: Path) -> Source:
@@ -86,7 +101,8 @@ def _open_hf(path: Path) -> Source:
         raise SourceError(f"--checkpoint {path}: a pruned export (its shapes are not the trained model's); "
                           "evaluate the checkpoint it came from")
     try:
-        model, weights = from_hf(*read_hf_dir(path))
+        config, hf_state = read_hf_dir(path)
+        model, weights = from_hf(hf_state, config)
     except (ValueError, KeyError) as err:
         raise SourceError(f"--checkpoint {path}: unsupported HF config ({err})") from err
     origin = Path(manifest.get("source") or "/nonexistent")
@@ -94,15 +110,17 @@ def _open_hf(path: Path) -> Source:
     config = _training_config(meta)
     config["model"] = dataclasses.asdict(model)
     return Source(path, "hf", config, manifest.get("method") or "none", manifest.get("step"),
-                  bool(manifest.get("ablated", False)), _tokenizer_sha(path, meta), weights)
+                  bool(manifest.get("ablated", False)), _tokenizer_id(path, meta), weights)
 
 
 def check_tokenizer(source: Source, data: Path) -> None:
     """Refuse data tokenized differently from the model's training data (by the tokenizers' content hash)."""
     manifest = Manifest.read(data)
     tokenizer = data / manifest.tokenizer
-    if source.tokenizer_sha256 is None or not tokenizer.is_file():
+    if source.tokenizer is None or not tokenizer.is_file():
         return
-    if sha256_file(tokenizer) != source.tokenizer_sha256:
+    by_file = source.tokenizer.startswith("file:")
+    mine = "file:" + sha256_file(tokenizer) if by_file else tokenizer_fingerprint(tokenizer)
+    if mine != source.tokenizer:
         raise SourceError(f"--checkpoint {source.path} and --data {data}: different tokenizers ({tokenizer} is not "
                           "the one the model was trained with)")
