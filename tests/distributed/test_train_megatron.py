@@ -29,7 +29,7 @@ LAYOUTS = {
     "zero3": {"engine": "deepspeed", "zero_stage": 3},
 }
 CALIBRATED = ("tp2", "pp2", "zero3")  # runs that also fit the ablated model's output bias
-CALIBRATE = {"calibrate_ablated": True, "calibration_steps": 20}
+CALIBRATE = {"calibrate_ablated": True, "calibration_steps": 100}
 
 
 @pytest.fixture(scope="module")
