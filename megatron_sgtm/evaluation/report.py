@@ -62,8 +62,8 @@ def absorption_plot(out: Path, absorption: dict) -> str:
 
 def markdown(result: dict, images: list[str]) -> str:
     lines = [f"# megatron-sgtm eval: {result['checkpoint']}", "",
-             f"{result['kind']} checkpoint, method {result['method']}, step {result['step']}; data {result['data']} "
-             f"({result['documents']}); {result['wall_time_s']:.0f} s at TP={result['layout']['tp']} "
+             f"{result['kind']} checkpoint, method {result['method']}, step {result['step']}; data {result['data']}: "
+             f"{result['documents']}; {result['wall_time_s']:.0f} s at TP={result['layout']['tp']} "
              f"PP={result['layout']['pp']} DP={result['layout']['dp']}.", "",
              "## Per-category loss (nats per token) and bits per byte", "",
              "| category | docs | tokens | " + " | ".join(f"{m} loss | {m} bpb" for m in MODELS) + " |",
