@@ -4,7 +4,9 @@
 2. tokenize it into WebDataset shards, tag it with the trained linear classifier;
 3. train the tiny model four ways at 20% undiscovered forget data: SGTM (a 2-process gloo run),
    weak filter, no filter, and the perfect-filter oracle;
-4. evaluate (live and ablated) and write a Markdown report and a PNG of forget vs retain loss.
+4. evaluate (live, ablated and calibrated), then `megatron-sgtm eval --grad-norms` on the SGTM checkpoint
+   (bits per byte, per-token loss distributions, absorption), and write a Markdown report and a PNG of forget
+   vs retain loss.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ RUNS = {  # name -> (method, processes)
     "oracle": ("oracle", 1),
 }
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "tiny_cpu.yaml"
+EVAL_BATCHES, GRAD_NORM_DOCS = 8, 16  # what `eval` measures of the SGTM model: bounded, to keep the demo short
 
 
 def _say(text: str) -> None:
@@ -77,7 +80,10 @@ def train_runs(out: Path, data: Path, steps: int | None) -> dict[str, dict]:
         summary = run_dir / "summary.json"
         if not summary.is_file():
             _say(f"training {name} ({nproc} process{'es' if nproc > 1 else ''})")
-            overrides = [f"--method={method}", f"--data.path={data}", f"--logging.run_dir={run_dir}"]
+            overrides = [f"--method={method}", f"--data.path={data}", f"--logging.run_dir={run_dir}",
+                         "--train.calibrate_ablated=true"]
+            if name == SGTM.name:  # kept for `megatron-sgtm eval`
+                overrides.append(f"--checkpoint.dir={run_dir / 'checkpoints'}")
             if steps:
                 overrides.append(f"--train.train_steps={steps}")
             start = time.time()
@@ -87,18 +93,51 @@ def train_runs(out: Path, data: Path, steps: int | None) -> dict[str, dict]:
     return results
 
 
-def write_report(out: Path, results: dict[str, dict]) -> Path:
+def evaluate_sgtm(out: Path, data: Path) -> dict:
+    """`megatron-sgtm eval --grad-norms` on the SGTM run's final checkpoint; its eval.json."""
+    from megatron_sgtm.training.checkpoint import complete_checkpoints
+
+    evaluation = out / "eval_sgtm"
+    if not (evaluation / "eval.json").is_file():
+        checkpoint = complete_checkpoints(out / "runs" / SGTM.name / "checkpoints")[-1]
+        _say(f"evaluating {checkpoint} (megatron-sgtm eval --grad-norms)")
+        start = time.time()
+        _run(_cli("eval", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(evaluation),
+                  "--eval-batches", str(EVAL_BATCHES), "--grad-norms", "--grad-norm-docs", str(GRAD_NORM_DOCS)),
+             out / "eval_sgtm.log")
+        _say(f"  eval done in {time.time() - start:.0f}s")
+    return json.loads((evaluation / "eval.json").read_text())
+
+
+def _eval_section(evaluation: dict) -> list[str]:
+    """The SGTM model's calibration effect and absorption, from `eval`'s eval.json."""
+    lines = ["## SGTM model: `megatron-sgtm eval`", "",
+             f"Full report: [eval_sgtm/report.md](eval_sgtm/report.md) ({evaluation['wall_time_s']:.0f} s).", "",
+             "| category | live | ablated | calibrated ablated | bits per byte (calibrated ablated) |",
+             "|---|---|---|---|---|"]
+    for group, r in evaluation["categories"].items():
+        lines.append(f"| {group} | {r['live']['loss']:.3f} | {r['ablated']['loss']:.3f} | "
+                     f"{r['calibrated']['loss']:.3f} | {r['calibrated']['bits_per_byte']:.3f} |")
+    lines += ["", "Absorption (median relative gradient norm of the live model per held-out document):", "",
+              "| documents | ‖∇Θ_F‖/‖Θ_F‖ | ‖∇Θ_R‖/‖Θ_R‖ |", "|---|---|---|"]
+    for group, a in evaluation["absorption"]["medians"].items():
+        lines.append(f"| {group} | {a['forget']:.3e} | {a['retain']:.3e} |")
+    return [*lines, ""]
+
+
+def write_report(out: Path, results: dict[str, dict], evaluation: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ["| run | forget loss | retain loss | adjacent loss | forget (ablated) | retain (ablated) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| run | forget loss | retain loss | adjacent loss | forget (ablated) | retain (ablated) | "
+            "forget (calibrated ablated) | retain (calibrated ablated) |", "|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, r in results.items():
         rows.append(f"| {name} | {r['forget_loss']:.3f} | {r['retain_loss']:.3f} | {r['adjacent_loss']:.3f} | "
-                    f"{r['forget_loss_ablated']:.3f} | {r['retain_loss_ablated']:.3f} |")
+                    f"{r['forget_loss_ablated']:.3f} | {r['retain_loss_ablated']:.3f} | "
+                    f"{_cell(r, 'forget_loss_ablated_calibrated')} | {_cell(r, 'retain_loss_ablated_calibrated')} |")
         ax.scatter(r["retain_loss"], r["forget_loss"], label=name, s=60)
         if METHODS[RUNS[name][0]].strategy.active:
             ax.scatter(r["retain_loss_ablated"], r["forget_loss_ablated"], label=f"{name} (ablated)", marker="*",
@@ -122,11 +161,16 @@ def write_report(out: Path, results: dict[str, dict]) -> Path:
              "adjacent), labels from the linear classifier with 20% of forget documents undiscovered.", "",
              *rows, "", "## The paper's effect", "",
              *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks.items()], "",
-             f"![forget vs retain]({plot.name})", ""]
+             f"![forget vs retain]({plot.name})", "", *(_eval_section(evaluation) if evaluation else [])]
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps({"results": results, "checks": checks}, indent=2))
+    (out / "report.json").write_text(json.dumps({"results": results, "checks": checks, "eval_sgtm": evaluation},
+                                                indent=2))
     return report
+
+
+def _cell(result: dict, key: str) -> str:
+    return f"{result[key]:.3f}" if key in result else "-"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -135,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.time()
     data = prepare_data(out, args.num_docs, args.seed)
     results = train_runs(out, data, args.steps)
-    report = write_report(out, results)
+    report = write_report(out, results, evaluate_sgtm(out, data))
     _say(f"finished in {time.time() - start:.0f}s; report: {report}")
     print(report)
     return 0

@@ -269,11 +269,13 @@ def write_model_only(out: Path, state: dict[str, torch.Tensor], meta: dict, file
     return out
 
 
-def init_weights(model: torch.nn.Module, cfg) -> None:
-    """Layout-invariant random weights, or `checkpoint.pretrained`'s (Megatron-LM's
-    --pretrained-checkpoint: weights only, a fresh optimizer from step 0)."""
+def init_weights(model: torch.nn.Module, cfg, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Layout-invariant random weights, then the global `weights` given (e.g. `megatron-sgtm eval`'s) or
+    `checkpoint.pretrained`'s (Megatron-LM's --pretrained-checkpoint: weights only, a fresh optimizer from step 0)."""
     from megatron_sgtm.layout import init_layout_invariant, load_global
 
     init_layout_invariant(model, cfg.train.seed, cfg.model.init_method_std, cfg.model.num_layers)
-    if cfg.checkpoint.pretrained:
-        load_global(model, load_model_only(Path(cfg.checkpoint.pretrained), cfg.checkpoint.verify)[1])
+    if weights is None and cfg.checkpoint.pretrained:
+        weights = load_model_only(Path(cfg.checkpoint.pretrained), cfg.checkpoint.verify)[1]
+    if weights is not None:
+        load_global(model, weights)

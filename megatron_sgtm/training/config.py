@@ -97,8 +97,13 @@ class TrainLoopConfig:
     log_interval: int = 10
     eval_interval: int = 50
     eval_batches: int = 8  # micro-batches per category over all DP ranks; 0 = the whole held-out stream
-    calibrate_ablated: bool = False  # also report ablated losses after fitting an output bias on retain data
-    calibration_iters: int = 8  # forward passes over eval_batches retain training batches
+    # also report ablated losses after the paper's logit calibration (training/calibration.py): an output bias
+    # fitted with AdamW on eval_batches training micro-batches of forget, adjacent and retain data
+    calibrate_ablated: bool = False
+    calibration_steps: int = 200  # AdamW steps, each on one cached micro-batch per group
+    calibration_alpha: float = 100.0  # weight of the retain loss (loss = L_f + beta L_adj + alpha L_ret)
+    calibration_beta: float = 100.0  # weight of the adjacent loss
+    calibration_lr: float = 1e-2  # decays linearly to a tenth over the steps
     bf16: bool = False
     max_bad_steps: int = 1  # consecutive steps with a non-finite loss or grad norm that end the run (an error)
     # megatron's activation recomputation: None or "selective" (core attention, which reads no labels);
@@ -284,10 +289,16 @@ _RULES: dict[str, dict[str, _Rule]] = {
     # log_interval divides the step number: unlike the eval and save intervals, 0 cannot mean "never"
     # train_steps 0: evaluate only (e.g. a model-only checkpoint given as checkpoint.pretrained)
     "train": {"train_steps": _NON_NEGATIVE, "log_interval": _AT_LEAST_ONE, "eval_interval": _NON_NEGATIVE,
-              "eval_batches": _NON_NEGATIVE, "calibration_iters": _NON_NEGATIVE, "max_bad_steps": _AT_LEAST_ONE},
+              "eval_batches": _NON_NEGATIVE, "calibration_steps": _NON_NEGATIVE, "calibration_alpha": _NON_NEGATIVE,
+              "calibration_beta": _NON_NEGATIVE, "calibration_lr": _POSITIVE, "max_bad_steps": _AT_LEAST_ONE},
     "checkpoint": {"save_interval": _NON_NEGATIVE, "keep_last": _AT_LEAST_ONE},
     "logging": {"wandb_mode": _one_of(("offline", "online", "disabled"))},
 }
+
+
+# Keys a release removed, by section: the key that replaces each (named in the error).
+_REPLACED = {"train": {"calibration_iters": "calibration_steps (the paper's AdamW fit; also calibration_alpha, "
+                                            "calibration_beta, calibration_lr)"}}
 
 
 def _flat_fields(cls) -> list[dataclasses.Field]:
@@ -315,6 +326,8 @@ def _section(cls, values: Any, source: str, name: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     key_types = _key_types(cls)
+    for key in set(values) & set(_REPLACED.get(name, {})):
+        raise ConfigError(f"{source}: {name}.{key} was removed; use {name}.{_REPLACED[name][key]}")
     unknown = sorted(map(str, set(values) - set(key_types)))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(key_types)}")
@@ -431,8 +444,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"train.eval_batches={cfg.train.eval_batches} (micro-batches per category, over all data-parallel "
             f"ranks) must be a multiple of the data-parallel size {dp}"
         )
-    if cfg.train.calibrate_ablated and cfg.train.calibration_iters < 1:
-        raise ConfigError(f"train.calibration_iters={cfg.train.calibration_iters}: must be >= 1 with "
+    if cfg.train.calibrate_ablated and cfg.train.calibration_steps < 1:
+        raise ConfigError(f"train.calibration_steps={cfg.train.calibration_steps}: must be >= 1 with "
                           "train.calibrate_ablated")
     if cfg.checkpoint.pretrained:
         _check_pretrained(cfg)

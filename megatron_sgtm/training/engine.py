@@ -85,8 +85,9 @@ class Engine(abc.ABC):
     scheduler: OptimizerParamScheduler
 
     def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool, *, bf16: bool,
-                 **config_options):
-        """Parallel state and the initialised model; `config_options` go to the TransformerConfig."""
+                 weights: dict[str, torch.Tensor] | None = None, **config_options):
+        """Parallel state and the initialised model (global `weights` loaded when given, see `init_weights`);
+        `config_options` go to the TransformerConfig."""
         par = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                      pipeline_model_parallel_size=par.pipeline_model_parallel_size)
@@ -98,7 +99,7 @@ class Engine(abc.ABC):
             **config_options,
         )
         self.model = build_gpt_model(cfg.model, self.config, partition, backend="gpu" if on_gpu else "local")
-        init_weights(self.model, cfg)
+        init_weights(self.model, cfg, weights)
         if on_gpu:
             self.model.cuda()
         self.dp_group = ps.get_data_parallel_group()
@@ -147,7 +148,7 @@ class Engine(abc.ABC):
         (evaluation)."""
         inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packs_sequences)
         if self.output_bias is not None:
-            self.output_bias.observe(inputs["loss_mask"])
+            self.output_bias.observe(inputs)
         with token_labels(inputs["token_labels"] if use_labels else None, mb.get("label_flags")):
             out = module(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
         return out.reshape(mb["tokens"].shape) if ps.is_pipeline_last_stage() else out
@@ -169,6 +170,21 @@ class Engine(abc.ABC):
             result = self._forward_only(self._to_device(batches))
         self.wrapped.train()
         return result
+
+    @torch.no_grad()
+    def token_losses(self, batches: list[dict], ablate: bool = False) -> list[torch.Tensor]:
+        """Like `evaluate`, but the loss of every loss-bearing token: one CPU tensor per micro-batch of the
+        global batch (micro-batch i of DP rank r is number i·DP + r), on every rank."""
+        found: list[torch.Tensor] = []
+        self.wrapped.eval()
+        with self._ablated() if ablate else contextlib.nullcontext():
+            self._forward_only(self._to_device(batches), found)
+        self.wrapped.train()
+        mine = found if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 else None
+        shares: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (self.dp_rank, mine))
+        per_rank = {rank: losses for rank, losses in shares if losses is not None}
+        return [per_rank[r][i] for i in range(len(batches)) for r in range(self.dp_size)]
 
     def _ablated(self) -> contextlib.AbstractContextManager:
         """Θ_F := 0 for the duration."""
@@ -193,8 +209,9 @@ class Engine(abc.ABC):
         grad norm) over the global batch. `loss_weight` is the global batch's loss-mask sum."""
 
     @abc.abstractmethod
-    def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
-        """(loss sum, tokens) of a forward pass without labels over the global batch."""
+    def _forward_only(self, batches: list[dict], token_losses: list | None = None) -> tuple[float, float]:
+        """(loss sum, tokens) of a forward pass without labels over the global batch; with `token_losses`, the
+        last stage also appends each micro-batch's losses at its loss-bearing positions (CPU, fp32) there."""
 
     @abc.abstractmethod
     def save(self, directory: str) -> None:

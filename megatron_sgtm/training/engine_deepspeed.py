@@ -283,10 +283,12 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(loss_sum, group=self.dp_group)
         return loss_sum, loss_weight, self.engine.get_global_grad_norm()
 
-    def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
+    def _forward_only(self, batches: list[dict], token_losses: list | None = None) -> tuple[float, float]:
         total = torch.zeros(2, dtype=torch.float64)
         for mb in batches:
             per_token = self._forward(self.engine, mb, use_labels=False)
+            if token_losses is not None:
+                token_losses.append(per_token.detach().float()[mb["loss_mask"] > 0].cpu())
             total[0] += (per_token.float() * mb["loss_mask"]).sum().double().cpu()
             total[1] += mb["loss_mask"].double().sum().cpu()
         dist.all_reduce(total, group=self.dp_group)

@@ -19,6 +19,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_sgtm.compat.megatron_optimizer import Shard, load_fully_reshardable, replace_inner_optimizers
 from megatron_sgtm.partition import Partition
@@ -40,8 +42,9 @@ def ddp_config(cfg: TrainConfig) -> DistributedDataParallelConfig:
 class MegatronEngine(Engine):
     name = "megatron"
 
-    def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool):
-        super().__init__(cfg, partition, on_gpu, bf16=cfg.train.bf16,
+    def __init__(self, cfg: TrainConfig, partition: Partition | None, on_gpu: bool,
+                 weights: dict[str, torch.Tensor] | None = None):
+        super().__init__(cfg, partition, on_gpu, bf16=cfg.train.bf16, weights=weights,
                          sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True)
         self.wrapped = self.ddp = DistributedDataParallel(config=self.config, ddp_config=ddp_config(cfg),
                                                           module=self.model)
@@ -78,7 +81,8 @@ class MegatronEngine(Engine):
         return replace_inner_optimizers(self.optimizer, gated)
 
     # -- micro-batches through megatron's schedule -------------------------------------------
-    def _run(self, batches: list[dict], forward_only: bool, use_labels: bool) -> tuple[float, float]:
+    def _run(self, batches: list[dict], forward_only: bool, use_labels: bool,
+             token_losses: list | None = None) -> tuple[float, float]:
         micro = iter(batches)
 
         def forward_step(_data_iterator, model):
@@ -88,6 +92,8 @@ class MegatronEngine(Engine):
             def loss_func(per_token: torch.Tensor):
                 mask = mb["loss_mask"]
                 loss = (per_token.float() * mask).sum()
+                if token_losses is not None:
+                    token_losses.append(per_token.detach().float()[mask > 0].cpu())
                 tokens = mask.sum().to(torch.int)
                 return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}
 
@@ -121,8 +127,34 @@ class MegatronEngine(Engine):
         _, grad_norm, _ = self.optimizer.step()
         return loss_sum, tokens, grad_norm
 
-    def _forward_only(self, batches: list[dict]) -> tuple[float, float]:
-        return self._run(batches, forward_only=True, use_labels=False)
+    def _forward_only(self, batches: list[dict], token_losses: list | None = None) -> tuple[float, float]:
+        return self._run(batches, forward_only=True, use_labels=False, token_losses=token_losses)
+
+    def relative_grad_norms(self, mb: dict) -> tuple[float, float]:
+        """(‖∇Θ_F‖/‖Θ_F‖, ‖∇Θ_R‖/‖Θ_R‖) of the live model without labels (no routing) on one micro-batch, the
+        gradient of its mean token loss; every DP rank passes the same micro-batch. Nothing is updated."""
+        self.ddp.zero_grad_buffer()
+        self.wrapped.eval()
+        self._run(self._to_device([mb]), forward_only=False, use_labels=False)  # finalize: ÷ tokens over DP ranks
+        self.wrapped.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # Σ grad² and Σ θ² over Θ_F, then over Θ_R
+        for (_, region), param in zip(param_regions(self.model).items(), self.model.parameters()):
+            if not (param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param)):
+                continue  # counted where it is owned: once over TP ranks and tied pipeline stages
+            grad, value = param.main_grad.detach().double(), param.detach().double()
+            for k, mask in enumerate((region.forget_mask(param), region.retain_mask(param))):
+                sums[2 * k] += grad[mask].square().sum().cpu()
+                sums[2 * k + 1] += value[mask].square().sum().cpu()
+        dist.all_reduce(sums, group=ps.get_model_parallel_group())
+        self.ddp.zero_grad_buffer()
+        ratio = (sums[0::2] / sums[1::2].clamp_min(1e-30)).sqrt()
+        return float(ratio[0]), float(ratio[1])
+
+    def load_weights(self, directory: str) -> None:
+        """The model weights of a megatron training checkpoint of any layout (resharded to this one); the
+        optimizer keeps its fresh state (collective)."""
+        state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, directory)
+        self.model.load_state_dict(state["model"])
 
     @contextlib.contextmanager
     def _params_gathered(self) -> Iterator[None]:

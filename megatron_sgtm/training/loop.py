@@ -23,7 +23,7 @@ from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
 from megatron_sgtm.errors import UserError
 from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
-from megatron_sgtm.training.calibration import calibrated
+from megatron_sgtm.training.calibration import Settings, calibrated
 from megatron_sgtm.training.config import ConfigError, TrainConfig, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.engine import Engine
@@ -174,16 +174,26 @@ def _batches(cfg: TrainConfig, engine: Engine, data: RunData, docs: np.ndarray) 
     return batches[: int(count)]
 
 
+def evaluation_groups(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:
+    """The categories of each reported group."""
+    return {"forget": tuple(cfg.data.labeling.forget_categories), "retain": tuple(cfg.data.retain_categories),
+            "adjacent": tuple(cfg.data.adjacent_categories)}
+
+
+def calibration_batches(cfg: TrainConfig, engine: Engine, data: RunData) -> dict[str, list[dict]]:
+    """This rank's share of `train.eval_batches` micro-batches of each group's training (not held-out)
+    documents, before any data filter: what the calibration fits on, whatever the method trained on."""
+    training = np.setdiff1d(np.arange(data.corpus.num_docs), data.heldout_docs)
+    return {name: _batches(cfg, engine, data, training[data.corpus.category_mask(cats)[training]])
+            for name, cats in evaluation_groups(cfg).items()}
+
+
 def evaluate(engine: Engine, cfg: TrainConfig, data: RunData) -> dict[str, float]:
     """Per-category held-out loss of the live model and of its ablated copy (and, with
-    `train.calibrate_ablated`, of the ablated copy with an output bias fitted on retain data)."""
-    groups = {
-        "forget": cfg.data.labeling.forget_categories,
-        "retain": cfg.data.retain_categories,
-        "adjacent": cfg.data.adjacent_categories,
-    }
+    `train.calibrate_ablated`, of the ablated copy with the paper's calibrated output bias; a method without
+    a partition, a filter, calibrates its live model)."""
     held_out = {name: _batches(cfg, engine, data, data.heldout_docs[data.corpus.category_mask(c)[data.heldout_docs]])
-                for name, c in groups.items()}
+                for name, c in evaluation_groups(cfg).items()}
     held_out = {name: batches for name, batches in held_out.items() if batches}
     results: dict[str, float] = {}
     for name, batches in held_out.items():
@@ -191,19 +201,16 @@ def evaluate(engine: Engine, cfg: TrainConfig, data: RunData) -> dict[str, float
             loss, tokens = engine.evaluate(batches, ablate=ablate)
             results[f"{name}_loss{'_ablated' if ablate else ''}"] = loss / max(tokens, 1.0)
     if cfg.train.calibrate_ablated:
-        retain_train = data.train_docs[data.corpus.category_mask(cfg.data.retain_categories)[data.train_docs]]
-        with calibrated(engine, _batches(cfg, engine, data, retain_train), cfg.train.calibration_iters) as bias:
+        ablate = engine.partition is not None and engine.partition.active
+        with calibrated(engine, calibration_batches(cfg, engine, data), Settings.of(cfg), ablate=ablate):
             for name, batches in held_out.items():
-                loss, tokens = engine.evaluate(batches, ablate=True)
+                loss, tokens = engine.evaluate(batches, ablate=ablate)
                 results[f"{name}_loss_ablated_calibrated"] = loss / max(tokens, 1.0)
-        gap = torch.tensor([bias.residuals[-1] if bias.residuals else 0.0])  # known on the last stage
-        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
-        results["calibration_gap"] = float(gap)
     return results
 
 
 def evaluation_metrics(final: dict) -> dict[str, float]:
-    """The evaluation entries (losses, calibration gap) of `train`'s final metrics."""
+    """The evaluation entries (losses) of `train`'s final metrics."""
     return {k: v for k, v in final.items() if k.endswith(("_loss", "_ablated", "_calibrated", "_gap"))}
 
 

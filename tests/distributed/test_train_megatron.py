@@ -29,7 +29,7 @@ LAYOUTS = {
     "zero3": {"engine": "deepspeed", "zero_stage": 3},
 }
 CALIBRATED = ("tp2", "pp2", "zero3")  # runs that also fit the ablated model's output bias
-CALIBRATE = {"calibrate_ablated": True, "calibration_iters": 6}
+CALIBRATE = {"calibrate_ablated": True, "calibration_steps": 100}
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +99,10 @@ def test_layout_invariance_of_five_training_steps(world1, world2, world4):
 
 
 def test_calibrated_ablation_fits_the_output_bias_at_every_layout(world1, world2):
-    """The bias fitted after ablation reaches its optimum (zero gradient), lowers the retain loss it was
-    fitted for, and gives the same losses at every layout (the fit runs on TP-sharded logits)."""
+    """The bias fitted after ablation lowers the retain loss it was fitted for, and gives the same losses at
+    every layout (the fit runs on TP-sharded logits; test_calibration_optimum.py checks it reaches the optimum)."""
     for run in ("dp1", *CALIBRATED):
         results = world1 if run == "dp1" else world2
-        assert float(results[f"{run}/calibration_gap"]) < 1e-3, run
         assert results[f"{run}/retain_loss_ablated_calibrated"] < results[f"{run}/retain_loss_ablated"] - 0.1, run
         for name in ("forget", "retain", "adjacent"):
             key = f"{name}_loss_ablated_calibrated"

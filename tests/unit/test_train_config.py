@@ -39,7 +39,8 @@ def _raw(shards: Path, **sections) -> dict:
         ({"optim": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "global_batch_size=6"),
         ({"train": {"eval_batches": 3}}, 2, "train.eval_batches=3"),
         ({"checkpoint": {"pretrained": "/nonexistent"}}, 1, "checkpoint.pretrained: /nonexistent: incomplete or not"),
-        ({"train": {"calibrate_ablated": True, "calibration_iters": 0}}, 1, "train.calibration_iters=0"),
+        ({"train": {"calibrate_ablated": True, "calibration_steps": 0}}, 1, "train.calibration_steps=0"),
+        ({"train": {"calibration_iters": 8}}, 1, "train.calibration_iters was removed; use train.calibration_steps"),
     ],
 )
 def test_bad_config_is_refused_with_the_setting_named(shards, sections, world, needle):

@@ -1,0 +1,60 @@
+"""`megatron-sgtm eval` gives the same per-category losses (live, ablated, calibrated) for a native checkpoint,
+its HF export and at TP=2 as at TP=1 (fp32): the checkpoint readers, the engine's layouts and the calibration
+are layout-independent. One process trains, exports and evaluates at TP=1; one torchrun launch evaluates at TP=2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+
+WORKER = ROOT / "tests" / "distributed" / "workers" / "eval_parity.py"
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+@pytest.fixture(scope="module")
+def evaluations(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("eval")
+    runs = [[sys.executable, str(WORKER), str(out), "single"],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER), str(out),
+             "tp2"]]
+    for cmd in runs:
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-8000:]
+    return {name: json.loads((out / name / "eval.json").read_text()) for name in ("native", "hf", "tp2")}
+
+
+def _losses(result: dict) -> dict[str, float]:
+    return {f"{group}/{model}": values[model]["loss"] for group, values in result["categories"].items()
+            for model in ("live", "ablated", "calibrated") if model in values}
+
+
+def test_native_hf_and_tp2_evaluations_agree(evaluations):
+    reference = _losses(evaluations["native"])
+    assert {k.split("/")[0] for k in reference} >= {"forget", "retain", "adjacent"}
+    assert {k.split("/")[1] for k in reference} == {"live", "ablated", "calibrated"}
+    for name in ("hf", "tp2"):
+        found = _losses(evaluations[name])
+        assert found.keys() == reference.keys(), name
+        for key, value in reference.items():
+            assert abs(found[key] - value) <= 1e-4, (name, key, found[key], value)
+    assert evaluations["tp2"]["layout"]["tp"] == 2 and evaluations["hf"]["kind"] == "hf"
+
+
+def test_reports_are_complete(evaluations):
+    result = evaluations["native"]
+    for values in result["categories"].values():
+        assert values["bytes"] > 0 and values["tokens"] > 0
+        assert 0 < values["live"]["bits_per_byte"] and list(values["live"]["quantiles"]) == [
+            "p05", "p25", "p50", "p75", "p95"]
+    assert result["calibration"]["objective_end"] < result["calibration"]["objective_start"]
