@@ -46,4 +46,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see examples/robustness_tiny.yaml)")
     p.add_argument("--out", required=True, help="the experiment directory (reruns skip finished parts)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    p.add_argument("--data", help="override the config's shard directory")
     p.set_defaults(func=_robustness)

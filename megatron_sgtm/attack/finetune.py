@@ -167,7 +167,8 @@ def _write_release(checkpoint: Path, released: Path, world: int) -> None:
 def finetune(args: argparse.Namespace) -> int:
     from megatron_sgtm.attack.release import is_released
     from megatron_sgtm.export.native import read_meta
-    from megatron_sgtm.training.distributed import init_distributed
+    from megatron_sgtm.training.config import validate
+    from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
     from megatron_sgtm.training.loop import train
 
     if not 0 < args.forget_fraction < 1:
@@ -186,6 +187,10 @@ def finetune(args: argparse.Namespace) -> int:
     cfg = attack_config(meta, released, out, data=args.data, forget_fraction=args.forget_fraction,
                         overrides=args.overrides)
     check_tokenizer(checkpoint, meta, cfg.data.path)
+    # Bad settings fail here, on every rank, before anything is written (the release, not yet written, has the
+    # checkpoint's model by construction).
+    unwritten = dataclasses.replace(cfg.checkpoint, pretrained=None if released != checkpoint else str(released))
+    validate(dataclasses.replace(cfg, checkpoint=unwritten), world_size_from_env())
 
     rank, world, _ = init_distributed()
     if released != checkpoint:

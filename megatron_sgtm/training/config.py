@@ -495,6 +495,10 @@ def _check_categories(cfg: TrainConfig) -> None:
         if unknown:
             raise ConfigError(f"data.{key}={list(names)}: {unknown} not among the categories of data.path={data.path} "
                               f"(known: {sorted(counts)}; an empty list [] names none)")
+    for name in data.mixture or {}:
+        if not sum(counts[category] for category in groups.get(name, [name])):
+            raise ConfigError(f"data.mixture: pool {name!r} (categories {groups.get(name, [name])}) selects none of "
+                              f"the documents at data.path={data.path} (categories: {counts})")
     needs_forget = (cfg.data_filter != "none" or METHODS[cfg.method].strategy.active or labeling.undiscovered_rate > 0
                     or labeling.false_positive_rate > 0)
     if needs_forget and not any(counts[name] for name in labeling.forget_categories):
