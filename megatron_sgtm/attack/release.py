@@ -14,9 +14,11 @@ from pathlib import Path
 
 from megatron_sgtm.errors import UserError
 
-# torchrun's variables: without them the child process is a world of one.
-_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                    "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
+# torchrun's and srun's variables: without them the child process is a world of one (with
+# TORCHELASTIC_USE_AGENT_STORE it would wait for a rendezvous store that never comes).
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
+_DISTRIBUTED_PREFIXES = ("TORCHELASTIC_",)
 
 
 class ReleaseError(UserError, RuntimeError):
@@ -44,7 +46,7 @@ def write_release(checkpoint: Path, out: Path) -> bool:
 
 def write_release_in_child(checkpoint: Path, out: Path) -> None:
     """`write_release` in a fresh single-process world (for a rank of a torchrun job)."""
-    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV and not k.startswith(_DISTRIBUTED_PREFIXES)}
     proc = subprocess.run([sys.executable, "-m", "megatron_sgtm.attack.release", str(checkpoint), str(out)],
                           env=env, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
