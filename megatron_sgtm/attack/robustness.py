@@ -161,8 +161,8 @@ def write_report(out: Path, exp: Experiment, results: dict[int, dict[str, dict]]
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(n for per_seed in results.values() for n in per_seed))
-    rows = ["| method | seed | steps to target | tokens to target | forget loss before | retain loss before |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| method | seed | steps to target | tokens to target | forget loss before | retain loss before | "
+            "forget loss after |", "|---|---|---|---|---|---|---|"]
     means = ["| method | mean steps | mean tokens | reached | mean forget loss before | mean retain loss before |",
              "|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -171,7 +171,8 @@ def write_report(out: Path, exp: Experiment, results: dict[int, dict[str, dict]]
         runs = [(seed, per_seed[name]) for seed, per_seed in results.items() if name in per_seed]
         for seed, r in runs:
             rows.append(f"| {name} | {seed} | {_fmt(r['reached_step'], 'd')} | {_fmt(r['reached_tokens'], ',d')} | "
-                        f"{r['before']['forget_loss']:.3f} | {r['before']['retain_loss']:.3f} |")
+                        f"{r['before']['forget_loss']:.3f} | {r['before']['retain_loss']:.3f} | "
+                        f"{r['curve'][-1]['forget_loss']:.3f} |")
             curve = [(p["step"], p["forget_loss"]) for p in r["curve"]]
             ax.plot(*zip(*curve), color=colors[name], marker=".", label=name if seed == runs[0][0] else None)
         reached = [r for _, r in runs if r["reached"]]
@@ -196,7 +197,8 @@ def write_report(out: Path, exp: Experiment, results: dict[int, dict[str, dict]]
              f"seeds {list(results)}; the released model (SGTM ablated; {', '.join(exp.unlearn)} applied to the "
              f"{exp.target} model) fine-tuned on {exp.forget_fraction:.0%} forget / "
              f"{1 - exp.forget_fraction:.0%} retain tokens ({attack_cfg}) until its held-out forget loss reaches "
-             f"the {exp.target} model's (uncalibrated losses, evaluated every train.eval_interval steps).", "",
+             f"the {exp.target} model's, {statistics.mean(targets):.3f} (uncalibrated losses, evaluated every "
+             "train.eval_interval steps; 'after': at the attack's last step).", "",
              "## Mean over seeds", "", *means, "", "## Per seed", "", *rows, "",
              f"![forget loss vs attack step]({plot.name})", ""]
     report = out / "report.md"
