@@ -192,10 +192,14 @@ def write_report(out: Path, exp: Experiment, results: dict[int, dict[str, dict]]
     fig.savefig(plot, dpi=120)
     plt.close(fig)
     attack_cfg = " ".join(_overrides(exp.attack)) or "the attack's defaults"
+    applied = [n for n in exp.unlearn if n in names]
+    skipped = [n for n in exp.unlearn if n not in names]
+    unlearned = (f"{', '.join(applied)} applied to the {exp.target} model" if applied else "no unlearning") + (
+        f"; {', '.join(skipped)} skipped: no `megatron-sgtm unlearn` here" if skipped else "")
     lines = ["# Robustness to fine-tuning", "",
              f"Every method pretrained on {exp.data} ({exp.base.name}, {' '.join(_overrides(exp.pretrain))}), "
-             f"seeds {list(results)}; the released model (SGTM ablated; {', '.join(exp.unlearn)} applied to the "
-             f"{exp.target} model) fine-tuned on {exp.forget_fraction:.0%} forget / "
+             f"seeds {list(results)}; the released model (SGTM ablated; {unlearned}) fine-tuned on "
+             f"{exp.forget_fraction:.0%} forget / "
              f"{1 - exp.forget_fraction:.0%} retain tokens ({attack_cfg}) until its held-out forget loss reaches "
              f"the {exp.target} model's, {statistics.mean(targets):.3f} (uncalibrated losses, evaluated every "
              "train.eval_interval steps; 'after': at the attack's last step).", "",
