@@ -174,3 +174,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert main(base) == 2
     err = capsys.readouterr().err.strip()
     assert f"its tokenizer ({data / 'tokenizer.json'}) differs from the checkpoint's" in err and "\n" not in err
+
+
+def test_robustness_example_reads(tmp_path):
+    """examples/robustness_tiny.yaml is a valid experiment whose base recipe and attack overrides load."""
+    from megatron_sgtm.attack.robustness import Experiment, RobustnessError
+    from megatron_sgtm.training.config import load_config
+    from tests.support import ROOT
+
+    exp = Experiment.read(ROOT / "examples" / "robustness_tiny.yaml")
+    assert exp.target in exp.methods and exp.base.is_file()
+    overrides = [f"--{k}={v}" for k, v in {**exp.pretrain, **exp.attack}.items()]
+    load_config(exp.base, overrides)
+    (tmp_path / "bad.yaml").write_text(f"base: {exp.base}\ndata: d\nmethods: [sgtm, bogus]\n")
+    with pytest.raises(RobustnessError, match=r"methods \['bogus'\] are not training methods"):
+        Experiment.read(tmp_path / "bad.yaml")
