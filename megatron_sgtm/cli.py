@@ -19,7 +19,7 @@ from megatron_sgtm.errors import DEBUG_ENV, UserError, debug_requested, report
 # Modules exposing `register(subparsers)`; each adds its subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES: list[str] = ["megatron_sgtm.data.cli", "megatron_sgtm.training.cli", "megatron_sgtm.export.cli",
                             "megatron_sgtm.demo", "megatron_sgtm.sweep.cli", "megatron_sgtm.evaluation.cli",
-                            "megatron_sgtm.unlearning.cli"]
+                            "megatron_sgtm.unlearning.cli", "megatron_sgtm.attack.cli"]
 
 
 def _commands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

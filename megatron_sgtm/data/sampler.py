@@ -10,7 +10,10 @@ every token of every document is delivered exactly once per epoch.
 Modes. ``packed``: one pool with every document. ``batch_uniform`` (the paper's schedule): two
 pools, F-labelled documents ("forget") and R/U-labelled ones ("other"); each global step draws
 one pool, in stratified blocks of 1000 steps that reproduce each pool's share of tokens, so both
-run through their documents at the same pace.
+run through their documents at the same pace. ``mixture`` (any mode's documents, split into named
+pools with given token shares, e.g. the fine-tuning attack's 50/50 forget/retain): every global step
+holds sequences of every pool in those shares (largest remainders carried from step to step, so the
+cumulative counts are exact), each pool cycling through its own shuffled epochs at its own pace.
 
 Pipeline stages. A micro-batch is a pure function of ``(step, micro)`` and the constructor
 arguments: every pipeline stage of a DP rank builds the same sampler and iterates it (or calls
@@ -33,11 +36,30 @@ import numpy as np
 import torch
 
 from megatron_sgtm.data.corpus import Corpus
+from megatron_sgtm.errors import UserError
 from megatron_sgtm.labels import TokenLabel
 
 MODES = ("packed", "batch_uniform")
 SCHEDULE_BLOCK = 1000
 _POOL_SEED, _SCHEDULE_SEED = 10, 11
+
+
+class MixtureError(UserError, ValueError):
+    """A `data.mixture` pool that selects no training documents."""
+
+
+def mixture_pools(corpus: Corpus, documents: np.ndarray, groups: Mapping[str, list[str] | tuple[str, ...]],
+                  shares: Mapping[str, float]) -> dict[str, tuple[np.ndarray, float]]:
+    """``{pool: (documents, token share)}`` of a ``data.mixture``: each key is a group of `groups` (its
+    ground-truth categories) or else one category name; the pool is that part of `documents`."""
+    pools = {}
+    for name, share in shares.items():
+        categories = list(groups.get(name, [name]))
+        docs = documents[corpus.category_mask(categories)[documents]]
+        if not len(docs) or not corpus.lengths[docs].sum():
+            raise MixtureError(f"data.mixture: pool {name!r} (categories {categories}) holds no training documents")
+        pools[name] = (docs, float(share))
+    return pools
 
 
 class PackedStream:
@@ -119,6 +141,29 @@ def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
 
 
+class _MixtureLayout:
+    """Which pool and which of its sequences fill each position of a global step, by random access: pool
+    ``i`` owns positions ``[floor(g*B*S_i), floor(g*B*S_{i+1}))`` of the first ``g*B`` sequences overall
+    (``S`` the cumulative shares, ``B`` the global batch size)."""
+
+    def __init__(self, shares: list[float], global_batch_size: int):
+        cumulative = np.concatenate([[0.0], np.cumsum(shares) / sum(shares)])
+        cumulative[-1] = 1.0
+        self.cumulative, self.global_batch_size = cumulative, global_batch_size
+
+    def _before(self, step: int) -> np.ndarray:
+        """Sequences of each pool in the steps before `step` (cumulative, exact up to rounding)."""
+        return np.floor(step * self.global_batch_size * self.cumulative + 1e-9).astype(np.int64)
+
+    def locate(self, step: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pool, the pool's sequence number) of each position of global step `step`."""
+        start, end = self._before(step), self._before(step + 1)
+        counts = np.diff(end) - np.diff(start)  # this step's sequences of each pool
+        first = np.concatenate([[0], np.cumsum(counts)])
+        pool = np.searchsorted(first, positions, side="right") - 1
+        return pool, np.diff(start)[pool] + positions - first[pool]
+
+
 class _StepSchedule:
     """Which pool each global step reads, and that pool's own step counter, by random access."""
 
@@ -155,7 +200,9 @@ class SGTMSampler:
 
     def __init__(self, corpus: Corpus, doc_labels: np.ndarray, *, seq_length: int, micro_batch_size: int,
                  global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, mode: str = "packed",
-                 documents: np.ndarray | None = None):
+                 documents: np.ndarray | None = None, mixture: Mapping[str, tuple[np.ndarray, float]] | None = None):
+        """`mixture` (from `mixture_pools`) replaces the mode's pools: named pools of documents with the
+        token share each gets in every global step."""
         if mode not in MODES:
             raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
         if not 0 <= dp_rank < dp_size:
@@ -170,7 +217,11 @@ class SGTMSampler:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.num_micro_batches = global_batch_size // (micro_batch_size * dp_size)
         documents = np.arange(corpus.num_docs) if documents is None else np.asarray(documents, np.int64)
-        if mode == "packed":
+        if mixture:
+            if any(share <= 0 for _, share in mixture.values()):
+                raise ValueError(f"mixture shares must be > 0, got { {k: v for k, (_, v) in mixture.items()} }")
+            pools = {name: np.asarray(docs, np.int64) for name, (docs, _) in mixture.items()}
+        elif mode == "packed":
             pools = {"all": documents}
         else:
             is_forget = self.doc_labels[documents] == TokenLabel.FORGET
@@ -181,7 +232,11 @@ class SGTMSampler:
         total = sum(s.num_tokens for s in self.streams)
         if total == 0:
             raise ValueError("the sampler's documents hold no tokens")
-        self.proportions = [s.num_tokens / total for s in self.streams]  # pools advance at the same pace
+        self.mixture = _MixtureLayout([share for _, share in mixture.values()], global_batch_size) if mixture else None
+        if self.mixture is not None:
+            self.proportions = [float(x) for x in np.diff(self.mixture.cumulative)]
+        else:
+            self.proportions = [s.num_tokens / total for s in self.streams]  # pools advance at the same pace
         self.schedule = _StepSchedule(self.proportions, seed)
         self.step, self.micro = 0, 0
 
@@ -195,12 +250,24 @@ class SGTMSampler:
 
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``micro`` of global step ``step`` for this rank (a pure function)."""
+        if self.mixture is not None:
+            return self._mixture_batch(step, micro)
         pool, pool_step = self.schedule.locate(step)
         epoch, step_in_epoch = divmod(pool_step, self.steps_per_epoch(self.pool_names[pool]))
         first = (step_in_epoch * self.global_batch_size
                  + self.dp_rank * (self.global_batch_size // self.dp_size) + micro * self.micro_batch_size)
         indices = np.arange(first, first + self.micro_batch_size)
         return _to_torch(self.streams[pool].sequences(epoch, indices, self.doc_labels))
+
+    def _mixture_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        first = self.dp_rank * (self.global_batch_size // self.dp_size) + micro * self.micro_batch_size
+        pools, numbers = self.mixture.locate(step, np.arange(first, first + self.micro_batch_size))
+        rows: list[dict[str, np.ndarray]] = []
+        for pool, number in zip(pools, numbers):  # a handful of rows: one gather each
+            stream = self.streams[pool]
+            epoch, index = divmod(int(number), stream.num_sequences)
+            rows.append(stream.sequences(epoch, np.array([index]), self.doc_labels))
+        return _to_torch({key: np.concatenate([row[key] for row in rows]) for key in rows[0]})
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -219,6 +286,8 @@ class SGTMSampler:
         documents = [hashlib.sha256(s.documents.tobytes()).hexdigest() for s in self.streams]
         key = [self.mode, self.seed, self.seq_length, self.global_batch_size, self.corpus.num_docs,
                int(self.corpus.offsets[-1]), labels, documents, self.proportions]
+        if self.mixture is not None:
+            key.append(self.pool_names)
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
     def state_dict(self) -> dict:

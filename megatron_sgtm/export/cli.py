@@ -100,20 +100,27 @@ def export_hf(args: argparse.Namespace) -> None:
         (partial / "manifest.json").write_text(manifest)
 
 
-def ablate(args: argparse.Namespace) -> None:
+def write_model_only_copy(ckpt, out: Path, ablate: bool) -> int:
+    """A read checkpoint (`native.load_native`) as a model-only checkpoint at `out`, with Θ_F zeroed when
+    `ablate`; returns the number of parameters zeroed."""
     from megatron_sgtm.regions import ablate as ablate_model
     from megatron_sgtm.training.checkpoint import write_model_only
 
+    zeroed = ablate_model(ckpt.module) if ablate else 0  # in place: the state's tensors are the module's
+    keep = ("config", "partition", "method", "step", "ablated")
+    meta = {**{k: ckpt.meta[k] for k in keep if k in ckpt.meta}, "source": ckpt.meta.get("source", str(ckpt.path))}
+    if ablate:
+        meta.update(ablated=True, ablated_params=zeroed)
+    files = [f for f in [ckpt.path / "tokenizer.json"] if f.is_file()]
+    write_model_only(out, ckpt.state, meta, files)
+    return zeroed
+
+
+def ablate(args: argparse.Namespace) -> None:
     ckpt = _load(args.checkpoint)
     if ckpt.partition is None or not ckpt.partition.active:
         raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to ablate")
-    zeroed = ablate_model(ckpt.module)  # in place: the state's tensors are the module's
-    state = ckpt.state
-    keep = ("config", "partition", "method", "step")
-    meta = {**{k: ckpt.meta[k] for k in keep if k in ckpt.meta}, "ablated": True,
-            "source": ckpt.meta.get("source", str(ckpt.path)), "ablated_params": zeroed}
-    files = [f for f in [ckpt.path / "tokenizer.json"] if f.is_file()]
-    write_model_only(Path(args.out), state, meta, files)
+    zeroed = write_model_only_copy(ckpt, Path(args.out), ablate=True)
     print(f"wrote {args.out} ({zeroed:,} forget parameters zeroed)", file=sys.stderr)
 
 

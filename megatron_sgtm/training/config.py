@@ -58,6 +58,10 @@ class DataConfig:
     # With document_attention: packed = megatron's PackedSeqParams (THD varlen attention, no [s, s] mask);
     # dense = a [b, 1, s, s] boolean mask (the reference the packed path is tested against; TE refuses it).
     attention: str = "packed"
+    # Token shares of named pools in every global step, e.g. {forget: 0.5, retain: 0.5} (the fine-tuning
+    # attack): a key is a category group (forget = forget_categories, retain, adjacent) or a category name;
+    # the pools are drawn from the training (non-held-out) documents by ground-truth category. None: mode's pools.
+    mixture: dict[str, float] | None = None
 
 
 @dataclass
@@ -81,6 +85,7 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 10
+    warmup_init_lr: float = 0.0  # the LR warmup starts from (megatron's OptimizerParamScheduler init_lr)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -235,6 +240,11 @@ def _convert(value: Any, tp: Any) -> Any:
                 pass
         raise _Mismatch
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise _Mismatch
+        key_type, value_type = typing.get_args(tp)
+        return {_convert(k, key_type): _convert(v, value_type) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
@@ -260,6 +270,9 @@ def _describe(tp: Any) -> str:
         return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
     if typing.get_origin(tp) in (list, tuple):
         return f"a list of {_TYPE_NAMES[typing.get_args(tp)[0]][1]}"
+    if typing.get_origin(tp) is dict:
+        key_type, value_type = typing.get_args(tp)
+        return f"a mapping of {_TYPE_NAMES[key_type][1]} to {_TYPE_NAMES[value_type][1]}"
     return _TYPE_NAMES[tp][0]
 
 
@@ -281,9 +294,11 @@ _RULES: dict[str, dict[str, _Rule]] = {
               "init_method_std": _POSITIVE, "rotary_base": _POSITIVE},
     "data": {"heldout_fraction": (lambda v: 0 < v < 1, "must lie in (0, 1)"), "mode": _one_of(MODES),
              "forget_keep_fraction": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
-             "attention": _one_of(("packed", "dense"))},
+             "attention": _one_of(("packed", "dense")),
+             "mixture": (lambda v: all(share > 0 for share in v.values()), "every share must be > 0")},
     "parallel": {"tensor_model_parallel_size": _AT_LEAST_ONE, "pipeline_model_parallel_size": _AT_LEAST_ONE},
-    "optim": {"lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+    "optim": {"lr": _POSITIVE, "min_lr": _NON_NEGATIVE, "warmup_init_lr": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
+              "weight_decay": _NON_NEGATIVE,
               "beta1": _BETA, "beta2": _BETA, "eps": _POSITIVE, "clip_grad": _NON_NEGATIVE,
               "global_batch_size": _AT_LEAST_ONE, "micro_batch_size": _AT_LEAST_ONE},
     # log_interval divides the step number: unlike the eval and save intervals, 0 cannot mean "never"
@@ -377,6 +392,12 @@ def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
     cfg.sgtm.strategy = strategy
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"{source}: optim.min_lr={cfg.optim.min_lr}: must be <= optim.lr={cfg.optim.lr}")
+    if cfg.optim.warmup_init_lr > cfg.optim.lr:
+        raise ConfigError(f"{source}: optim.warmup_init_lr={cfg.optim.warmup_init_lr}: must be <= "
+                          f"optim.lr={cfg.optim.lr}")
+    if cfg.data.mixture and cfg.data.mode != "packed":
+        raise ConfigError(f"{source}: data.mixture replaces data.mode's pools; it needs data.mode=packed, not "
+                          f"{cfg.data.mode!r}")
     if cfg.sgtm.mask_embeddings and cfg.model.tie_embeddings:
         raise ConfigError(f"{source}: {TIED_MASK_EMBEDDINGS}")
     return cfg
@@ -483,19 +504,34 @@ def _check_categories(cfg: TrainConfig) -> None:
             raise ConfigError(f"method={cfg.method} with data.score_source={labeling.score_source}, undiscovered_rate="
                               f"{labeling.undiscovered_rate}, false_positive_rate={labeling.false_positive_rate} needs "
                               f"ground-truth categories, but the documents at data.path={data.path} have none")
+        if data.mixture:
+            raise ConfigError(f"data.mixture draws its pools by ground-truth category, but the documents at "
+                              f"data.path={data.path} have none")
         return  # tagged scores alone: no category to check a name against
+    groups = mixture_groups(cfg)
+    mixture = [name for name in data.mixture or {} if name not in groups]
     for key, names in (("forget_categories", labeling.forget_categories), ("retain_categories", data.retain_categories),
-                       ("adjacent_categories", data.adjacent_categories)):
+                       ("adjacent_categories", data.adjacent_categories), ("mixture", mixture)):
         unknown = [name for name in names if name not in counts]
         if unknown:
             raise ConfigError(f"data.{key}={list(names)}: {unknown} not among the categories of data.path={data.path} "
                               f"(known: {sorted(counts)}; an empty list [] names none)")
+    for name in data.mixture or {}:
+        if not sum(counts[category] for category in groups.get(name, [name])):
+            raise ConfigError(f"data.mixture: pool {name!r} (categories {groups.get(name, [name])}) selects none of "
+                              f"the documents at data.path={data.path} (categories: {counts})")
     needs_forget = (cfg.data_filter != "none" or METHODS[cfg.method].strategy.active or labeling.undiscovered_rate > 0
                     or labeling.false_positive_rate > 0)
     if needs_forget and not any(counts[name] for name in labeling.forget_categories):
         raise ConfigError(f"method={cfg.method} needs forget documents, but data.forget_categories="
                           f"{list(labeling.forget_categories)} selects none of the documents at data.path={data.path} "
                           f"(categories: {counts})")
+
+
+def mixture_groups(cfg: TrainConfig) -> dict[str, list[str]]:
+    """The category groups a `data.mixture` key may name."""
+    return {"forget": list(cfg.data.labeling.forget_categories), "retain": list(cfg.data.retain_categories),
+            "adjacent": list(cfg.data.adjacent_categories)}
 
 
 def _check_pretrained(cfg: TrainConfig) -> None:

@@ -57,11 +57,11 @@ def model_inputs(mb: dict, document_attention: bool, packed: bool) -> tuple[dict
 
 
 def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
-    """Linear warmup from 0, cosine decay to `optim.min_lr` over the run; constant weight decay (each
-    param group's ``wd_mult`` scales it). Sets the groups' lr and weight decay for step 0."""
+    """Linear warmup from `optim.warmup_init_lr`, cosine decay to `optim.min_lr` over the run; constant weight
+    decay (each param group's ``wd_mult`` scales it). Sets the groups' lr and weight decay for step 0."""
     o, total = cfg.optim, cfg.train.train_steps
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        optimizer, init_lr=o.warmup_init_lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=max(total, o.warmup_steps + 1), lr_decay_style="cosine",
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=total, wd_incr_style="constant",
     )

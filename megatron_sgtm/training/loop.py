@@ -19,12 +19,12 @@ import torch.distributed as dist
 
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
 from megatron_sgtm.data.labeling import label_corpus
-from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
+from megatron_sgtm.data.sampler import SGTMSampler, eval_batches, mixture_pools
 from megatron_sgtm.errors import UserError
 from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import Settings, calibrated
-from megatron_sgtm.training.config import ConfigError, TrainConfig, validate
+from megatron_sgtm.training.config import ConfigError, TrainConfig, mixture_groups, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.logging import RunLogger
@@ -219,6 +219,8 @@ def _sampler(cfg: TrainConfig, data: RunData, dp_rank: int, dp_size: int) -> SGT
         data.corpus, data.doc_labels, seq_length=cfg.model.seq_length,
         micro_batch_size=cfg.optim.micro_batch_size, global_batch_size=cfg.optim.global_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=cfg.train.seed, mode=cfg.data.mode, documents=data.train_docs,
+        mixture=mixture_pools(data.corpus, data.train_docs, mixture_groups(cfg), cfg.data.mixture)
+        if cfg.data.mixture else None,
     )
 
 
