@@ -4,8 +4,9 @@ PATH: a training checkpoint (either engine, any layout), a model-only checkpoint
 HF directory `export-hf` wrote. The model runs in the megatron engine at the TP/PP the flags give, in one
 process or under torchrun/srun. Per category of the held-out split (recomputed as training did) or of every
 document of --eval-data: mean token loss and bits per byte of the live, ablated and calibrated model, per-token
-loss quantiles and histograms; with --grad-norms the relative gradient norms of Θ_F and Θ_R per document.
-DIR (eval.json, report.md, PNGs) appears only when complete.
+loss quantiles and histograms; with --grad-norms the relative gradient norms of Θ_F and Θ_R per document; with
+--lm-eval, lm-evaluation-harness tasks (generated from the same held-out documents, and the user's) on HF exports
+of the live and ablated model. DIR (eval.json, report.md, PNGs) appears only when complete.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_sgtm.errors import UserError
+from megatron_sgtm.evaluation import measure
 
 CALIBRATION_FLAGS = {"calibration_steps": int, "calibration_alpha": float, "calibration_beta": float,
                      "calibration_lr": float}
@@ -60,13 +62,32 @@ def _evaluated_data(cfg, args: argparse.Namespace, data):
                    np.arange(corpus.num_docs))
 
 
+def _downstream(args: argparse.Namespace, source, evaluated, tokenizer: Path, work: Path, cfg) -> dict | None:
+    """--lm-eval: the live (and, with an active partition, ablated) model as HF exports, through lm-eval."""
+    import tempfile
+
+    from megatron_sgtm.evaluation import downstream
+
+    if not args.lm_eval:
+        return downstream.run_from_args(args, {}, evaluated.corpus, {}, tokenizer, work)  # checks the flags
+    docs = downstream.heldout_by_category(evaluated.corpus, evaluated.heldout_docs)
+    with tempfile.TemporaryDirectory(dir=work) as exports:
+        if source.kind == "hf":
+            hf_dirs = {"ablated" if source.ablated else "live": source.path}
+        else:
+            measure.say("exporting to Hugging Face format for lm-eval")
+            hf_dirs = downstream.export_models(source.path, Path(exports) / "hf", tokenizer)
+        return downstream.run_from_args(args, hf_dirs, evaluated.corpus, docs, tokenizer, work / "downstream",
+                                        seed=cfg.train.seed, context_length=cfg.model.seq_length)
+
+
 def main(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_sgtm.atomic import building
     from megatron_sgtm.data.shards import Manifest
-    from megatron_sgtm.evaluation import measure, report
+    from megatron_sgtm.evaluation import report
     from megatron_sgtm.evaluation.source import check_tokenizer, open_source
     from megatron_sgtm.training.config import validate
     from megatron_sgtm.training.distributed import init_distributed
@@ -79,6 +100,9 @@ def main(args: argparse.Namespace) -> None:
     if out.exists():
         raise UserError(f"--out {out}: already exists (choose a new directory)")
     rank, world, on_gpu = init_distributed()
+    if args.lm_eval and world != 1:
+        raise UserError("--lm-eval: run eval as a single process (lm-eval's hf backend evaluates HF exports in one "
+                        "process); drop --lm-eval under torchrun/srun")
     source = open_source(Path(args.checkpoint), world)
     for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
         if path and not (Path(path) / "manifest.json").is_file():
@@ -144,15 +168,21 @@ def main(args: argparse.Namespace) -> None:
         result["wall_time_s"] = time.time() - start
         log.evaluation(source.step or 0, {f"{g}/{m}_{k}": r[m][k] for g, r in results.items()
                                           for m in measure.MODELS if m in r for k in ("loss", "bits_per_byte")})
-        if rank == 0:
-            report.write(work, result, values, absorption)
         log.close()
         engine.shutdown()
+        tokenizer = Path(args.eval_data or args.data) / Manifest.read(Path(args.eval_data or args.data)).tokenizer
+        lm_eval = _downstream(args, source, evaluated, tokenizer, work, cfg) if rank == 0 else None
+        if lm_eval is not None:
+            result["lm_eval"] = lm_eval
+        if rank == 0:
+            report.write(work, result, values, absorption)
         dist.barrier()
     measure.say(f"wrote {out} in {time.time() - start:.0f}s")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from megatron_sgtm.evaluation import downstream
+
     p = subparsers.add_parser("eval", help="per-category losses, calibration, loss distributions and absorption "
                               "of a checkpoint", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,4 +204,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-norms", action="store_true", help="absorption: relative gradient norms per document")
     p.add_argument("--grad-norm-docs", type=int, default=32, help="documents per absorption group")
     p.add_argument("--wandb-mode", choices=("disabled", "offline", "online"), default="disabled")
+    downstream.add_arguments(p)
     p.set_defaults(func=main, user_errors=(ValueError, KeyError))

@@ -20,7 +20,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ LM_EVAL_REQUIREMENT = "lm_eval[hf]==0.4.13"
 DEFAULT_ITEMS = 200
 CHOICES = 4  # the true continuation and three distractors
 WORDS_PER_SEGMENT = 12  # a document without two sentences is cut into spans of this many words
+MAX_SEGMENT_WORDS = 24  # longer sentences are cut to this many words, so a choice fits a small model's context
 RESULTS_JSON = "downstream.json"
 RESULTS_TABLE = "downstream.md"
 TASKS_INDEX = "tasks.json"
@@ -72,18 +73,26 @@ def _segments(text: str) -> list[tuple[int, int]]:
     spans = [(m.start(), m.end()) for m in _SENTENCE.finditer(text) if m.group().strip()]
     spans = [(s + len(text[s:e]) - len(text[s:e].lstrip()), e) for s, e in spans]  # no leading blanks
     if len(spans) >= 2:
-        return spans
+        return [_first_words(text, s, e) for s, e in spans]
     words = [m.span() for m in re.finditer(r"\S+", text)]
     return [(words[i][0], words[min(i + WORDS_PER_SEGMENT, len(words)) - 1][1])
             for i in range(0, len(words), WORDS_PER_SEGMENT)]
 
 
-def cloze_items(texts: Sequence[str], rng: random.Random, choices: int = CHOICES) -> list[dict]:
+def _first_words(text: str, start: int, end: int) -> tuple[int, int]:
+    """(start, end) cut to its first `MAX_SEGMENT_WORDS` words."""
+    words = list(re.finditer(r"\S+", text[start:end]))
+    return (start, start + words[MAX_SEGMENT_WORDS - 1].end()) if len(words) > MAX_SEGMENT_WORDS else (start, end)
+
+
+def cloze_items(texts: Sequence[str], rng: random.Random, choices: int = CHOICES,
+                shorten: Callable[[str], str] = str) -> list[dict]:
     """One item per document with at least two segments: the text before a random segment as context,
     that segment as the answer among ``choices - 1`` distinct segments of the other documents, at a random
-    position. Documents that cannot give one are left out."""
+    position. Documents that cannot give one are left out. ``shorten`` cuts every segment (so that a choice
+    fits the model's context)."""
     spans = [_segments(text) for text in texts]
-    segments = [[text[s:e] for s, e in doc] for text, doc in zip(texts, spans)]
+    segments = [[shorten(text[s:e]) for s, e in doc] for text, doc in zip(texts, spans)]
     items = []
     for i, (text, own) in enumerate(zip(texts, segments)):
         if len(own) < 2:
@@ -114,12 +123,21 @@ def _write_task(out: Path, name: str, rows: list[dict], spec: dict) -> None:
     (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
 
+def _token_cut(tok, max_tokens: int | None) -> Callable[[str], str]:
+    """A text cut to its first ``max_tokens`` tokens (unchanged without a limit)."""
+    def cut(text: str) -> str:
+        ids = tok.encode(text).ids
+        return text if max_tokens is None or len(ids) <= max_tokens else tok.decode(ids[:max_tokens]).strip()
+    return cut
+
+
 def write_tasks(out: Path, corpus: Corpus, docs: Mapping[str, np.ndarray], tokenizer: Path, *,
-                items: int = DEFAULT_ITEMS, seed: int = 0) -> list[str]:
+                items: int = DEFAULT_ITEMS, seed: int = 0, context_length: int | None = None) -> list[str]:
     """Write per group of ``docs`` (name -> corpus document indices, e.g. `heldout_by_category`) the tasks
     ``sgtm_cloze_<group>`` (multiple choice; acc, acc_norm) and ``sgtm_ppl_<group>`` (loglikelihood_rolling;
     word_perplexity, byte_perplexity, bits_per_byte) into ``out``, over up to ``items`` documents of the group
-    chosen by ``seed``. ``tokenizer``: the shards' tokenizer.json (or their directory). Returns the task names
+    chosen by ``seed``. ``tokenizer``: the shards' tokenizer.json (or their directory); ``context_length``: the
+    model's, so that a cloze choice takes at most half of it. Returns the task names
     (for `run_tasks` with ``include_paths=[out]``); ``out/tasks.json`` records each task's group and size."""
     from megatron_sgtm.data.tokenizer import load_tokenizer
 
@@ -144,7 +162,7 @@ def write_tasks(out: Path, corpus: Corpus, docs: Mapping[str, np.ndarray], token
                 ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
                 ("bits_per_byte", "bits_per_byte"))]})
         index[ppl] = {"group": group, "kind": "perplexity", "items": len(texts)}
-        cloze = cloze_items(texts, rng)
+        cloze = cloze_items(texts, rng, shorten=_token_cut(tok, context_length // 2 if context_length else None))
         if cloze:
             name = _task_name("cloze", group)
             rows = [{"id": ids[c.pop("doc")], **c} for c in cloze]
@@ -327,7 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace, hf_dirs: Mapping[str, Path], corpus: Corpus,
-                  docs: Mapping[str, np.ndarray], tokenizer: Path, out: Path, seed: int = 0) -> dict | None:
+                  docs: Mapping[str, np.ndarray], tokenizer: Path, out: Path, seed: int = 0,
+                  context_length: int | None = None) -> dict | None:
     """What ``--lm-eval`` asks for: tasks written to ``out/tasks`` from ``docs`` (group -> held-out document
     indices), the user's tasks added, every model of ``hf_dirs`` evaluated into ``out``. None without --lm-eval."""
     if not args.lm_eval:
@@ -341,7 +360,8 @@ def run_from_args(args: argparse.Namespace, hf_dirs: Mapping[str, Path], corpus:
     require_lm_eval()
     names, includes = user_tasks(args.lm_eval_tasks)
     task_dir = Path(out) / "tasks"
-    generated = write_tasks(task_dir, corpus, docs, tokenizer, items=args.lm_eval_items, seed=seed)
+    generated = write_tasks(task_dir, corpus, docs, tokenizer, items=args.lm_eval_items, seed=seed,
+                            context_length=context_length)
     return downstream(hf_dirs, [*generated, *names], [task_dir.resolve(), *includes], out,
                       limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size, device=args.lm_eval_device)
 

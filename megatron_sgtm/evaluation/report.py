@@ -90,6 +90,10 @@ def markdown(result: dict, images: list[str]) -> str:
                   "| documents | n | ‖∇Θ_F‖/‖Θ_F‖ | ‖∇Θ_R‖/‖Θ_R‖ |", "|---|---|---|---|"]
         for group, a in result["absorption"]["medians"].items():
             lines.append(f"| {group} | {a['documents']} | {a['forget']:.3e} | {a['retain']:.3e} |")
+    if "lm_eval" in result:
+        from megatron_sgtm.evaluation.downstream import markdown_table
+
+        lines += ["", "## Downstream tasks (lm-evaluation-harness, offline)", "", markdown_table(result["lm_eval"])]
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """`megatron-sgtm eval` gives the same per-category losses (live, ablated, calibrated) for a native checkpoint,
 its HF export and at TP=2 as at TP=1 (fp32): the checkpoint readers, the engine's layouts and the calibration
-are layout-independent. One process trains, exports and evaluates at TP=1; one torchrun launch evaluates at TP=2.
+are layout-independent; `--lm-eval` runs the generated tasks on the live and the ablated export. One process
+trains, exports and evaluates at TP=1; one torchrun launch evaluates at TP=2.
 """
 
 from __future__ import annotations
@@ -58,3 +59,14 @@ def test_reports_are_complete(evaluations):
         assert 0 < values["live"]["bits_per_byte"] and list(values["live"]["quantiles"]) == [
             "p05", "p25", "p50", "p75", "p95"]
     assert result["calibration"]["objective_end"] < result["calibration"]["objective_start"]
+
+
+def test_lm_eval_scores_the_live_and_the_ablated_export(evaluations):
+    result = evaluations["native"]
+    models = result["lm_eval"]["models"]
+    assert set(models) == {"live", "ablated"}
+    tasks = set(models["live"])
+    assert any(t.startswith("sgtm_ppl_") for t in tasks) and any(t.startswith("sgtm_cloze_") for t in tasks)
+    assert set(models["ablated"]) == tasks and all(models["live"][t]["n"] <= 4 for t in tasks)
+    ppl = [t for t in tasks if t.startswith("sgtm_ppl_")]
+    assert any(models["live"][t]["bits_per_byte"] != models["ablated"][t]["bits_per_byte"] for t in ppl)
