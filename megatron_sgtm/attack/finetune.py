@@ -13,7 +13,6 @@ held-out evaluations (uncalibrated): step 0 (an evaluation-only run of the relea
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -57,9 +56,9 @@ def attack_config(meta: dict, released: Path, out: Path, *, data: str | None, fo
                   overrides: list[str]):
     """The fine-tuning run's TrainConfig: the checkpoint's own config (model, data, labeling, batch, seed),
     method none at the default layout, the attack's optimizer and schedule, then the user's overrides."""
-    from megatron_sgtm.training.config import apply_overrides, from_dict
+    from megatron_sgtm.training.config import apply_overrides, from_dict, recorded_config
 
-    raw = copy.deepcopy(meta.get("config") or {})
+    raw = recorded_config(meta)
     raw.pop("sgtm", None)
     raw.update(method="none", parallel={}, checkpoint={"pretrained": str(released)})
     section = raw.setdefault("data", {})

@@ -4,7 +4,6 @@ reshards from at the evaluation's layout)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -16,6 +15,7 @@ import torch
 from megatron_sgtm.data.shards import TOKENIZER_FILE, Manifest, sha256_file
 from megatron_sgtm.errors import UserError
 from megatron_sgtm.training.checkpoint import META, load_model_only
+from megatron_sgtm.training.config import recorded_config
 
 HF_MANIFEST = "sgtm_manifest.json"  # what `export-hf` writes beside an HF directory's config.json
 
@@ -34,14 +34,6 @@ class Source:
     ablated: bool  # the weights are already ablated (`ablate`, `export-hf --ablate`)
     tokenizer: str | None  # the trained-with tokenizer's `_tokenizer_id`, when known
     weights: dict[str, torch.Tensor] | None  # global fp32 weights; None: the engine loads `path` (megatron)
-
-
-def _training_config(meta: dict) -> dict:
-    """The config a checkpoint recorded, without the keys a later release removed (their values do not
-    change what is evaluated)."""
-    config = copy.deepcopy(meta.get("config") or {})
-    config.get("train", {}).pop("calibration_iters", None)
-    return config
 
 
 def tokenizer_fingerprint(path: Path) -> str:
@@ -86,7 +78,7 @@ def open_source(path: Path, world: int) -> Source:
     source_meta = meta
     if "identity" not in meta and meta.get("source") and (Path(meta["source"]) / META).is_file():
         source_meta = json.loads((Path(meta["source"]) / META).read_text())  # model-only: its training run's
-    return Source(path, kind, _training_config(meta), meta.get("method", "none"), meta.get("step"),
+    return Source(path, kind, recorded_config(meta), meta.get("method", "none"), meta.get("step"),
                   bool(meta.get("ablated", False)), _tokenizer_id(path, source_meta), weights)
 
 
@@ -107,7 +99,7 @@ def _open_hf(path: Path) -> Source:
         raise SourceError(f"--checkpoint {path}: unsupported HF config ({err})") from err
     origin = Path(manifest.get("source") or "/nonexistent")
     meta = json.loads((origin / META).read_text()) if (origin / META).is_file() else {}
-    config = _training_config(meta)
+    config = recorded_config(meta)
     config["model"] = dataclasses.asdict(model)
     return Source(path, "hf", config, manifest.get("method") or "none", manifest.get("step"),
                   bool(manifest.get("ablated", False)), _tokenizer_id(path, meta), weights)

@@ -8,6 +8,7 @@ not fit the model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -314,6 +315,16 @@ _RULES: dict[str, dict[str, _Rule]] = {
 # Keys a release removed, by section: the key that replaces each (named in the error).
 _REPLACED = {"train": {"calibration_iters": "calibration_steps (the paper's AdamW fit; also calibration_alpha, "
                                             "calibration_beta, calibration_lr)"}}
+
+
+def recorded_config(meta: dict) -> dict:
+    """A copy of the config a checkpoint's meta.json recorded, without the keys a later release removed (they
+    configured how a run was evaluated, not the model), so that `eval`, `attack` and `unlearn` read old checkpoints."""
+    config = copy.deepcopy(meta.get("config") or {})
+    for section, keys in _REPLACED.items():
+        for key in keys:
+            config.get(section, {}).pop(key, None)
+    return config
 
 
 def _flat_fields(cls) -> list[dataclasses.Field]:

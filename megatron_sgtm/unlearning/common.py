@@ -99,12 +99,12 @@ class Source:
 def load_source(checkpoint: str, data_path: str | None) -> Source:
     """The checkpoint's model (any engine, layout, or model-only) and its forget/retain training documents."""
     from megatron_sgtm.export.native import load_native
-    from megatron_sgtm.training.config import from_dict
+    from megatron_sgtm.training.config import from_dict, recorded_config
     from megatron_sgtm.training.loop import load_data
 
     path = Path(checkpoint)
     ckpt = load_native(path)
-    raw = {**(ckpt.meta.get("config") or {}), "model": dataclasses.asdict(ckpt.model)}
+    raw = {**recorded_config(ckpt.meta), "model": dataclasses.asdict(ckpt.model)}
     if data_path:
         raw["data"] = {**raw.get("data", {}), "path": data_path}
     cfg = from_dict(raw, f"{path}/meta.json")

@@ -122,3 +122,16 @@ def test_bad_labeling_keys_are_refused_when_the_config_loads(shards, data, needl
     with pytest.raises(ConfigError) as err:
         from_dict(_raw(shards, data=data))
     assert needle in str(err.value)
+
+
+def test_old_checkpoints_config_reads_without_the_removed_keys():
+    """eval/attack/unlearn read a checkpoint whose meta.json recorded a key a later release removed."""
+    from megatron_sgtm.training.config import recorded_config
+
+    raw = tiny_config(Path("shards"), Path("run"), train={"train_steps": 5})
+    meta = {"config": {**raw, "train": {**raw["train"], "calibration_iters": 8}}}
+    with pytest.raises(ConfigError, match="calibration_iters was removed"):
+        from_dict(meta["config"], "meta.json")
+    config = recorded_config(meta)
+    assert "calibration_iters" not in config["train"] and meta["config"]["train"]["calibration_iters"] == 8
+    assert from_dict(config, "meta.json").train.train_steps == 5
