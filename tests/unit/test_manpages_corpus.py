@@ -1,0 +1,87 @@
+"""tools/manpages_corpus.py: roff to plain text, chunking and selection, on an embedded page (no downloads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from megatron_sgtm.errors import UserError
+from tests.support import ROOT
+
+spec = importlib.util.spec_from_file_location("manpages_corpus", ROOT / "tools" / "manpages_corpus.py")
+manpages = importlib.util.module_from_spec(spec)
+sys.modules["manpages_corpus"] = manpages
+spec.loader.exec_module(manpages)
+
+PAGE = r""".\" Copyright and licence: a comment that must not appear
+.TH LS 1 "Septiembre de 2022" "GNU coreutils 9.1" "Órdenes de usuario"
+.de XX
+.  ft B
+..
+.SH NOMBRE
+ls \- lista el contenido de un directorio
+.SH SINOPSIS
+\fBls\fP [\fI\,OPCIÓN\/\fP]... \" trailing comment
+.SH DESCRIPCIÓN
+.PP
+Por defecto, muestra los archivos\(emordenados \(lqalfabéticamente\(rq.
+.TP
+\fB\-a\fP, \fB\-\-all\fP
+no oculta las entradas que comienzan con \e.
+.BR chmod (1),
+.IP "\(bu" 4
+\s-1SIZE\s0 en \f(CWbytes\fR\&.
+.TS
+tab(;);
+l l.
+cell;cell
+.TE
+.in +4n
+.EX
+ls \-l | sort
+.EE
+"""
+
+
+def test_roff_to_text_keeps_the_text_and_drops_markup():
+    text = manpages.roff_to_text(PAGE)
+    assert text.split("\n\n") == [
+        "NOMBRE ls - lista el contenido de un directorio",
+        "SINOPSIS ls [OPCIÓN]...",
+        "DESCRIPCIÓN",
+        'Por defecto, muestra los archivos—ordenados "alfabéticamente". -a, --all no oculta las entradas que '
+        "comienzan con \\. chmod(1), • SIZE en bytes. ls -l | sort",
+    ]
+    for markup in ("\\f", "comment", "ft B", "cell", "tab(", "Copyright", "Septiembre"):
+        assert markup not in text
+
+
+def test_macro_args_group_quotes():
+    assert manpages.macro_args('"a b" c "say ""hi"""') == ["a b", "c", 'say "hi"']
+
+
+def test_chunks_split_at_paragraphs_within_the_bound():
+    text = "\n\n".join(["alpha " * 10, "beta " * 10, "gamma. " * 40])
+    pieces = manpages.chunks(text, 100)
+    assert all(len(p) <= 100 for p in pieces)
+    assert " ".join(" ".join(pieces).split()) == " ".join(text.split())
+    assert manpages.chunks("short", 100) == ["short"]
+
+
+def test_select_dedupes_caps_and_is_deterministic():
+    docs = [{"id": f"{c}/{i}", "text": f"{c} {i % 5}", "category": c} for c in ("english", "spanish")
+            for i in range(10)] + [{"id": "italian/0", "text": "it", "category": "italian"}]
+    picked = manpages.select(docs, max_docs=3, balance=False, seed=0)
+    assert len({d["text"] for d in picked}) == len(picked) == 7
+    assert picked == manpages.select(docs, max_docs=3, balance=False, seed=0)
+    assert [d["id"] for d in picked] != [d["id"] for d in manpages.select(docs, 3, False, seed=1)]
+    balanced = manpages.select(docs[:12], max_docs=None, balance=True, seed=0)  # 5 english texts, 2 spanish
+    assert sorted(d["category"] for d in balanced) == ["english"] * 2 + ["spanish"] * 2
+
+
+def test_missing_tool_is_a_one_line_user_error(monkeypatch):
+    monkeypatch.setattr(manpages.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="apt-get not found"):
+        manpages._run(["apt-get", "download", "manpages-es"])
