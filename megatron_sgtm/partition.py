@@ -80,8 +80,12 @@ class SGTMConfig:
         if self.mask_embeddings and not STRATEGIES[self.strategy].allows_mask_embeddings:
             allowed = ", ".join(repr(name) for name, s in STRATEGIES.items() if s.allows_mask_embeddings)
             raise PartitionError(f"sgtm.mask_embeddings applies to strategy {allowed} only")
-        if self.joint_down_projections and not STRATEGIES[self.strategy].active:
-            raise PartitionError(f"sgtm.joint_down_projections: strategy {self.strategy!r} has no forget heads/units")
+        strategy = STRATEGIES[self.strategy]
+        changes = strategy.active and (strategy.masks_gradients or bool({"proj", "fc2"} & strategy.ablated_kinds))
+        if self.joint_down_projections and not changes:
+            reason = "has no forget heads/units" if not strategy.active else "already keeps them joint (never ablated)"
+            raise PartitionError(f"sgtm.joint_down_projections: strategy {self.strategy!r} {reason}, so the variant "
+                                 "changes nothing")
         _check_model(dims)
         masked = _resolve_layers(self.masked_layers, dims.num_layers)
         fraction = self.forget_param_fraction

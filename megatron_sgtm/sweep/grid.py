@@ -13,8 +13,8 @@
     slurm: {time: "24:00:00", partition: gpu, max_concurrent: 8}
     variants:                              # named override sets: each is one more point of a curve
       full: {}                             # short form: section.key overrides, for the active methods
-      joint_down: {sgtm.joint_down_projections: true}
-      tau03: {overrides: {data.tau_forget: 0.3}, methods: [weak_filter]}   # long form: chosen methods
+      joint_down: {overrides: {sgtm.joint_down_projections: true}, methods: [sgtm]}   # long form
+      tau03: {overrides: {data.tau_forget: 0.3}, methods: [weak_filter]}
     forget_keep_fractions: [0.01, 0.1]     # extra `none` runs on that fraction of the forget documents
 
 Methods whose training ignores the labels (`none`, `oracle`) run once per size and seed, not once per

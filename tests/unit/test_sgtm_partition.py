@@ -74,6 +74,7 @@ def test_global_index_set_is_layout_independent_and_roundtrips():
         (SGTMConfig(forget_param_fraction=0.1, forget_heads=1), PAPER, "not both"),
         (SGTMConfig(strategy="gradient_routing", mask_embeddings=True), PAPER, "mask_embeddings"),
         (SGTMConfig(strategy="none", joint_down_projections=True), PAPER, "sgtm.joint_down_projections"),
+        (SGTMConfig(strategy="gradient_routing", joint_down_projections=True), PAPER, "already keeps them joint"),
     ],
 )
 def test_misconfiguration_names_the_setting(config, dims, needle):
