@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.evaluation import measure
 
 CALIBRATION_FLAGS = {"calibration_steps": int, "calibration_alpha": float, "calibration_beta": float,
                      "calibration_lr": float}
@@ -66,7 +65,7 @@ def _downstream(args: argparse.Namespace, source, evaluated, tokenizer: Path, wo
     """--lm-eval: the live (and, with an active partition, ablated) model as HF exports, through lm-eval."""
     import tempfile
 
-    from megatron_sgtm.evaluation import downstream
+    from megatron_sgtm.evaluation import downstream, measure
 
     if not args.lm_eval:
         return downstream.run_from_args(args, {}, evaluated.corpus, {}, tokenizer, work)  # checks the flags
@@ -87,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
 
     from megatron_sgtm.atomic import building
     from megatron_sgtm.data.shards import Manifest
-    from megatron_sgtm.evaluation import report
+    from megatron_sgtm.evaluation import measure, report
     from megatron_sgtm.evaluation.source import check_tokenizer, open_source
     from megatron_sgtm.training.config import validate
     from megatron_sgtm.training.distributed import init_distributed
