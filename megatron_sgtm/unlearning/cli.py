@@ -30,10 +30,12 @@ def _run(args: argparse.Namespace, method: str) -> None:
     else:
         from megatron_sgtm.unlearning.cir import CIRSettings, unlearn
 
-        settings = CIRSettings(start=args.start_layer, end=args.end_layer, act_directions=args.act_directions,
-                               grad_directions=args.grad_directions, unlearning_rate=args.unlearning_rate,
-                               retaining_rate=args.retaining_rate, loss_budget=args.loss_budget,
-                               max_epochs=args.max_epochs, batch_size=args.batch_size,
+        settings = CIRSettings(start=args.start_layer, end=args.end_layer, collapse=args.collapse,
+                               forget_loss=args.forget_loss, disruption_mask=args.disruption_mask,
+                               act_directions=args.act_directions, grad_directions=args.grad_directions,
+                               ridge=args.ridge, retain_momentum=args.retain_momentum,
+                               unlearning_rate=args.unlearning_rate, retaining_rate=args.retaining_rate,
+                               loss_budget=args.loss_budget, max_epochs=args.max_epochs, batch_size=args.batch_size,
                                forget_batches=args.forget_batches, seed=args.seed)
     resolved, params, originals = unlearn(source, settings)
     after = source.heldout_losses(count)
@@ -71,13 +73,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = methods.add_parser("cir", help="Collapse of Irrelevant Representations (Sondej & Yang 2025)")
     _common(p)
-    p.add_argument("--start-layer", type=int, help="first MLP broken (default: 6/16 of the depth)")
-    p.add_argument("--end-layer", type=int, help="one past the last MLP broken (default: 12/16 of the depth)")
+    p.add_argument("--start-layer", type=int, help="first MLP broken by --forget-loss mlp-breaking (default: "
+                   "6/16 of the depth)")
+    p.add_argument("--end-layer", type=int, help="one past the last MLP broken and updated (the MLPs of layers "
+                   "0..end-1 are; default: 12/16 of the depth)")
+    p.add_argument("--collapse", default="retain",
+                   help="retain: whiten each linear's inputs by the retain activations' second moment (default); "
+                   "forget: project out the forget activations' mean + top PCs (the paper)")
+    p.add_argument("--forget-loss", default="label-logit",
+                   help="label-logit: lower the forget tokens' next-token logits (default; the authors' later "
+                   "CIR); mlp-breaking: the paper's MLP breaking loss")
+    p.add_argument("--disruption-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep only forget tokens whose update lowers the retain loss to first order (default on)")
     p.add_argument("--act-directions", type=int, default=24,
-                   help="directions projected out of each linear's inputs: mean + PCs (default 24)")
-    p.add_argument("--grad-directions", type=int, default=36,
-                   help="directions projected out of each linear's output gradients (default 36)")
-    p.add_argument("--unlearning-rate", type=float, default=0.2, help="norm of each forget update (default 0.2)")
+                   help="--collapse forget: directions projected out of each linear's inputs, mean + PCs "
+                   "(default 24)")
+    p.add_argument("--grad-directions", type=int, default=0,
+                   help="directions projected out of each linear's output gradients, mean + PCs (default 0: "
+                   "none; the paper: 36)")
+    p.add_argument("--ridge", type=float, default=1e-3,
+                   help="--collapse retain: ridge added to the second moment, times its mean eigenvalue (1e-3)")
+    p.add_argument("--retain-momentum", type=float, default=0.9,
+                   help="momentum of the retain gradient the disruption mask judges against (default 0.9)")
+    p.add_argument("--unlearning-rate", type=float, default=0.05, help="norm of each forget update (default 0.05)")
     p.add_argument("--retaining-rate", type=float, default=3e-4, help="SGD lr of the retain step (default 3e-4)")
     p.add_argument("--loss-budget", type=float, default=1.001,
                    help="stop when the retain loss exceeds its start by this factor (default 1.001)")

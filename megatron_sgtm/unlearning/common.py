@@ -78,6 +78,16 @@ class Source:
             return None
         return out.reshape(mb["tokens"].shape) if labels else None
 
+    def logits(self, mb: dict) -> torch.Tensor:
+        """The model's output logits on one micro-batch, [b, s, vocab]."""
+        inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packed)
+        out = self.module(inputs["tokens"], inputs["position_ids"], labels=None, **attention)
+        return out.reshape(*mb["tokens"].shape, -1)
+
+    def mean_ce(self, mb: dict) -> torch.Tensor:
+        """Mean cross-entropy over the micro-batch's loss tokens, differentiable."""
+        return (self.forward(mb, labels=True) * mb["loss_mask"]).sum() / mb["loss_mask"].sum().clamp(min=1)
+
     def rows(self, mask: torch.Tensor) -> torch.Tensor:
         """A [b, s] token mask in the layout of the model's activations ([s, b], or [b*s, 1] when packed)."""
         return mask.reshape(-1, 1) if self.packed else mask.t()

@@ -38,20 +38,30 @@ def test_rmu_raises_forget_loss_and_keeps_retain_loss(results):
     assert abs(_change(rmu, "retain")) <= 0.1, rmu["meta"]["unlearning"]["losses"]
 
 
-def test_cir_stays_within_its_disruption_budget(results):
+def test_cir_raises_forget_loss_within_its_disruption_budget(results):
     cir = results["cir"]
+    assert _change(cir, "forget") >= 1.0, cir["meta"]["unlearning"]["losses"]
     assert abs(_change(cir, "retain")) <= 0.01, cir["meta"]["unlearning"]["losses"]
-    assert _change(cir, "forget") >= 0.0, cir["meta"]["unlearning"]["losses"]
+    record = cir["meta"]["unlearning"]["settings"]
+    assert record["epochs"] >= 2 and record["collapse"] == "retain" and record["disruption_mask"]
 
 
-@pytest.mark.parametrize("method,configured", [("rmu", RMU_TENSORS), ("cir", CIR_TENSORS)])
-def test_only_the_configured_tensors_change(results, method, configured):
-    result = results[method]
+def test_papers_cir_stays_within_its_disruption_budget(results):
+    """The paper's configuration runs and keeps the budget; it does not separate whole languages (README)."""
+    cir = results["cir_paper"]
+    assert abs(_change(cir, "retain")) <= 0.01, cir["meta"]["unlearning"]["losses"]
+    assert cir["meta"]["unlearning"]["settings"]["forget_loss"] == "mlp-breaking"
+
+
+@pytest.mark.parametrize("name,configured", [("rmu", RMU_TENSORS), ("cir", CIR_TENSORS),
+                                             ("cir_paper", CIR_TENSORS)])
+def test_only_the_configured_tensors_change(results, name, configured):
+    result = results[name]
     record = result["meta"]["unlearning"]
     assert result["names"]  # the same tensors as the source, every other one bit-identical
     assert record["trainable_params"] == configured
     assert set(result["differing"]) == set(record["changed_params"]) <= set(configured)
-    if method == "rmu":
+    if name != "cir_paper":
         assert result["differing"] == configured
 
 

@@ -24,11 +24,13 @@ from megatron_sgtm.training.config import from_dict
 from megatron_sgtm.training.loop import train
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
-# A 2-layer gpt2-style model trained long enough that English (retain) and Spanish (forget) are learned.
-TRAIN_STEPS = 200
-RMU = ["--steps", "150", "--lr", "1e-3", "--steering-coeff", "20", "--eval-batches", "6"]
-CIR = ["--max-epochs", "6", "--unlearning-rate", "0.002", "--act-directions", "1", "--grad-directions", "1",
-       "--eval-batches", "6"]
+# A 2-layer gpt2-style model (width 64) trained long enough that English (retain) and Spanish (forget) differ.
+TRAIN_STEPS = 300
+RMU = ["--steps", "150", "--lr", "3e-3", "--steering-coeff", "50", "--alpha", "10", "--eval-batches", "6"]
+CIR = ["--unlearning-rate", "0.3", "--max-epochs", "15", "--eval-batches", "6"]
+# The paper's first CIR (forget-PC collapse, MLP breaking, no mask): a few epochs, for its budget and subset.
+CIR_PAPER = ["--collapse", "forget", "--forget-loss", "mlp-breaking", "--grad-directions", "36",
+             "--no-disruption-mask", "--unlearning-rate", "0.002", "--max-epochs", "4", "--eval-batches", "6"]
 
 
 def _cli(*argv: str) -> tuple[int, str]:
@@ -53,7 +55,8 @@ def _unlearned(source: dict[str, torch.Tensor], path: Path) -> dict:
 
 def run(out: Path) -> dict:
     data = build_tiny_shards(out / "data", num_docs=400)
-    cfg = tiny_config(data, out / "run", method="none", model={"seq_length": 64},
+    cfg = tiny_config(data, out / "run", method="none", model={"seq_length": 64, "hidden_size": 64,
+                                                                "ffn_hidden_size": 256},
                       optim={"lr": 3e-3, "min_lr": 3e-4, "global_batch_size": 8, "micro_batch_size": 4},
                       train={"train_steps": TRAIN_STEPS, "log_interval": 50, "eval_batches": 4},
                       checkpoint={"dir": str(out / "ckpt")})
@@ -62,10 +65,10 @@ def run(out: Path) -> dict:
     source_path = next((out / "ckpt").glob("iter_*"))
     source = {n: t.clone() for n, t in load_native(source_path).state.items()}
     results: dict = {"source": str(source_path)}
-    for method, flags in (("rmu", RMU), ("cir", CIR)):
-        status, _ = _cli("unlearn", method, "--checkpoint", str(source_path), "--out", str(out / method), *flags)
-        assert status == 0, f"unlearn {method} exited {status}"
-        results[method] = _unlearned(source, out / method)
+    for name, method, flags in (("rmu", "rmu", RMU), ("cir", "cir", CIR), ("cir_paper", "cir", CIR_PAPER)):
+        status, _ = _cli("unlearn", method, "--checkpoint", str(source_path), "--out", str(out / name), *flags)
+        assert status == 0, f"unlearn {name} exited {status}"
+        results[name] = _unlearned(source, out / name)
     status, _ = _cli("unlearn", "rmu", "--checkpoint", str(source_path), "--out", str(out / "rmu_again"), *RMU)
     again = load_model_only(out / "rmu_again")[1]
     results["rmu_deterministic"] = status == 0 and all(torch.equal(again[n], t)
@@ -76,8 +79,8 @@ def run(out: Path) -> dict:
                           "--data", str(_english_only(out / "english"))),
         "bad_outputs": sorted(p.name for p in out.iterdir() if p.name.startswith("bad")),
     }
-    for method in ("rmu", "cir"):
-        del results[method]["state"]
+    for name in ("rmu", "cir", "cir_paper"):
+        del results[name]["state"]
     return results
 
 
