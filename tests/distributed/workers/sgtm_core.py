@@ -98,17 +98,23 @@ def main(out_dir: str, *names: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results: dict[str, torch.Tensor | float] = {}
-    for case in [c for c in CASES if c.name in names] if names else CASES:
-        setup(1, 1)
+    cases = [c for c in CASES if c.name in names] if names else CASES
+    setup(1, 1)
+    states = {}
+    for case in cases:
         gpt, _ = build(case.model, case.sgtm, 1, 1, False)
-        state = random_global_state(gather_global(gpt), seed=7)
-        batch = make_batch(case.model, SEQ, MBS, seed=11)
-        forget, retain = masks_for(case, state)
+        states[case.name] = state = random_global_state(gather_global(gpt), seed=7)
         if rank == 0:
             results.update({f"{case.name}/state/{k}": v for k, v in state.items()})
-        for tp, pp, sp in case.layouts:
+    # One parallel-state setup per (TP, PP) (creating megatron's process groups is the slow part), then every
+    # case and SP setting at that layout.
+    for tp, pp in dict.fromkeys((tp, pp) for case in cases for tp, pp, _ in case.layouts):
+        setup(tp, pp)
+        for case, sp in [(c, sp) for c in cases for t, p, sp in c.layouts if (t, p) == (tp, pp)]:
+            state = states[case.name]
+            batch = make_batch(case.model, SEQ, MBS, seed=11)
+            forget, retain = masks_for(case, state)
             key = f"{case.name}/tp{tp}pp{pp}{'sp' if sp else ''}"
-            setup(tp, pp)
             gpt, ddp = build(case.model, case.sgtm, tp, pp, sp)
             load_global(gpt, state)
             ones = [torch.ones_like(mb["labels"], dtype=torch.float32) for mb in batch]
