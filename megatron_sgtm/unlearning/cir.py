@@ -202,23 +202,27 @@ def unlearn(source: Source, settings: CIRSettings) -> tuple[dict, dict, dict]:
             loss = loss + ((o * o0).sum(-1) / o0.norm(dim=-1).mean() ** 2).clamp(min=0).mean()
         return loss / len(mlps)
 
-    def collapse_maps(acts: dict[str, list], grads: dict[str, list]) -> dict[str, tuple]:
-        """Per linear, (the map applied to a_t rows, the one applied to g_t rows or None), from last epoch."""
-        if settings.collapse == "retain":
-            acts = {n: [] for n in linears.modules}
-            with torch.no_grad():
-                for mb in retain:
-                    with linears.tapping(source.rows(token_mask(mb))):
-                        source.forward(mb)
-                    for n in linears.modules:
-                        acts[n].append(linears.acts[n])
+    def retain_activations() -> dict[str, list]:
+        acts = {n: [] for n in linears.modules}
+        with torch.no_grad():
+            for mb in retain:
+                with linears.tapping(source.rows(token_mask(mb))):
+                    source.forward(mb)
+                for n in linears.modules:
+                    acts[n].append(linears.acts[n])
+        return acts
+
+    def collapse_maps(forget_acts: dict[str, list], forget_grads: dict[str, list]) -> dict[str, tuple]:
+        """Per linear, (the map applied to a_t rows, the one applied to g_t rows or None), from this epoch's
+        statistics (the model as it is now)."""
+        acts = retain_activations() if settings.collapse == "retain" else forget_acts
         maps = {}
         for n in linears.modules:
             a = torch.cat(acts[n]).float()
             a_map = (_whitening(a, settings.ridge) if settings.collapse == "retain"
                      else _project_out(_basis(a, settings.act_directions, settings.pca_iters)))
-            g_map = (_project_out(_basis(torch.cat(grads[n]).float(), settings.grad_directions, settings.pca_iters))
-                     if settings.grad_directions else None)
+            g_map = (_project_out(_basis(torch.cat(forget_grads[n]).float(), settings.grad_directions,
+                                         settings.pca_iters)) if settings.grad_directions else None)
             maps[n] = (a_map, g_map)
         return maps
 
