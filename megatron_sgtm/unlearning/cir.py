@@ -191,7 +191,7 @@ def unlearn(source: Source, settings: CIRSettings) -> tuple[dict, dict, dict]:
     def forget_loss(mb: dict, originals_out: dict | None) -> torch.Tensor:
         mask = token_mask(mb)
         if settings.forget_loss == "label-logit":
-            logits = source.logits(mb)
+            logits = source.forward(mb)
             return logits.gather(-1, mb["targets"].unsqueeze(-1)).squeeze(-1)[mask].mean()
         rows = source.rows(mask)
         with tapped(mlps, stop=mlps[end - 1]) as out:

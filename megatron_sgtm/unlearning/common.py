@@ -68,21 +68,15 @@ class Source:
         return [b for _, b in zip(range(count), stream)]
 
     def forward(self, mb: dict, labels: bool = False) -> torch.Tensor | None:
-        """The model on one micro-batch, without SGTM labels: per-token losses [b, s] with `labels`, else None
-        (a tap's `_Stop` ends the forward where the caller's loss stops reading)."""
+        """The model on one micro-batch, without SGTM labels: per-token losses [b, s] with `labels`, else the
+        logits [b, s, vocab]; None when a tap's `_Stop` ended the forward where the caller's loss stops reading."""
         inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packed)
         try:
             out = self.module(inputs["tokens"], inputs["position_ids"],
                               labels=inputs["targets"] if labels else None, **attention)
         except _Stop:
             return None
-        return out.reshape(mb["tokens"].shape) if labels else None
-
-    def logits(self, mb: dict) -> torch.Tensor:
-        """The model's output logits on one micro-batch, [b, s, vocab]."""
-        inputs, attention = model_inputs(mb, self.cfg.data.document_attention, self.packed)
-        out = self.module(inputs["tokens"], inputs["position_ids"], labels=None, **attention)
-        return out.reshape(*mb["tokens"].shape, -1)
+        return out.reshape(mb["tokens"].shape) if labels else out.reshape(*mb["tokens"].shape, -1)
 
     def mean_ce(self, mb: dict) -> torch.Tensor:
         """Mean cross-entropy over the micro-batch's loss tokens, differentiable."""
@@ -94,11 +88,9 @@ class Source:
 
     @torch.no_grad()
     def mean_loss(self, batches: list[dict]) -> float:
-        total = count = 0.0
-        for mb in batches:
-            total += float((self.forward(mb, labels=True) * mb["loss_mask"]).sum())
-            count += float(mb["loss_mask"].sum())
-        return total / max(count, 1.0)
+        """Token-weighted mean cross-entropy over `batches`."""
+        counts = [float(mb["loss_mask"].sum()) for mb in batches]
+        return sum(float(self.mean_ce(mb)) * count for mb, count in zip(batches, counts)) / max(sum(counts), 1.0)
 
     def heldout_losses(self, count: int) -> dict[str, float]:
         groups = {"forget": self.cfg.data.labeling.forget_categories, "retain": self.cfg.data.retain_categories}

@@ -3,9 +3,11 @@ common directions, and whitening by the retain data's second moment."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from megatron_sgtm.unlearning.cir import _basis, _project_out, _whitening, default_range
+from megatron_sgtm.unlearning.cir import CIRSettings, _basis, _check, _project_out, _whitening, default_range
+from megatron_sgtm.unlearning.common import UnlearnError
 from megatron_sgtm.unlearning.rmu import default_layer
 
 
@@ -44,3 +46,18 @@ def test_retain_whitening_buys_forget_change_with_little_retain_change():
 
     plain, whitened = retain_change_per_forget_change(forget), retain_change_per_forget_change(forget @ whitening)
     assert whitened < 0.15 * plain, (whitened, plain)  # measured: 11x smaller
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"collapse": "bogus"}, "--collapse bogus: must be one of ['retain', 'forget']"),
+    ({"forget_loss": "bogus"}, "--forget-loss bogus: must be one of ['label-logit', 'mlp-breaking']"),
+    ({"grad_directions": -1}, "--grad-directions -1: must be 0 (off) or more"),
+    ({"ridge": 0.0}, "--ridge 0.0: must be positive"),
+    ({"retain_momentum": 1.0}, "--retain-momentum 1.0: must be in [0, 1)"),
+    ({"end": 1}, "--end-layer 1: must be above --start-layer 1"),
+])
+def test_bad_cir_settings_name_their_flag(change, message):
+    settings = CIRSettings(**{"start": 1, "end": 2, **change})
+    with pytest.raises(UnlearnError) as error:
+        _check(settings, settings.start, settings.end, num_layers=2)
+    assert str(error.value) == message

@@ -100,10 +100,11 @@ def main(out_dir: str, *names: str) -> None:
     results: dict[str, torch.Tensor | float] = {}
     cases = [c for c in CASES if c.name in names] if names else CASES
     setup(1, 1)
-    states = {}
+    inputs = {}  # per case: the global weights, the batch, the forget and retain masks
     for case in cases:
         gpt, _ = build(case.model, case.sgtm, 1, 1, False)
-        states[case.name] = state = random_global_state(gather_global(gpt), seed=7)
+        state = random_global_state(gather_global(gpt), seed=7)
+        inputs[case.name] = (state, make_batch(case.model, SEQ, MBS, seed=11), *masks_for(case, state))
         if rank == 0:
             results.update({f"{case.name}/state/{k}": v for k, v in state.items()})
     # One parallel-state setup per (TP, PP) (creating megatron's process groups is the slow part), then every
@@ -111,9 +112,7 @@ def main(out_dir: str, *names: str) -> None:
     for tp, pp in dict.fromkeys((tp, pp) for case in cases for tp, pp, _ in case.layouts):
         setup(tp, pp)
         for case, sp in [(c, sp) for c in cases for t, p, sp in c.layouts if (t, p) == (tp, pp)]:
-            state = states[case.name]
-            batch = make_batch(case.model, SEQ, MBS, seed=11)
-            forget, retain = masks_for(case, state)
+            state, batch, forget, retain = inputs[case.name]
             key = f"{case.name}/tp{tp}pp{pp}{'sp' if sp else ''}"
             gpt, ddp = build(case.model, case.sgtm, tp, pp, sp)
             load_global(gpt, state)
