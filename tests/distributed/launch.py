@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from tests.support import ROOT
+from tests.support import ROOT, child_env
 
 
 def torchrun(script: str, nproc: int, out_dir: Path, *args: str, timeout: int = 1200) -> dict:
     """Run tests/distributed/workers/<script> on `nproc` ranks; returns the results rank 0 saved."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         str(ROOT / "tests" / "distributed" / "workers" / script), str(out_dir), *args,

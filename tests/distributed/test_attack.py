@@ -9,7 +9,6 @@ reached). The step-0 evaluation is the source run's ablated evaluation: same rel
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from megatron_sgtm.training.checkpoint import complete_checkpoints
 from tests.distributed.launch import torchrun
-from tests.support import ROOT
+from tests.support import child_env
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 LAYOUTS = {"tp2": {"tensor_model_parallel_size": 2}, "zero3": {"engine": "deepspeed", "zero_stage": 3}}
@@ -28,7 +27,7 @@ ATTACK = ["--train.train_steps=4", "--train.eval_interval=2", "--optim.warmup_st
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return child_env()
 
 
 def _attack(checkpoint: Path, out: Path, *args: str, nproc: int = 1) -> dict:

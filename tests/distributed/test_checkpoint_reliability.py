@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import child_env
 from tests.support.cli_runs import kill_when, train_command
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 STEPS = {"train_steps": 8}
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+ENV = child_env()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ global batch size from meta.json alone, before anything is built.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from megatron_sgtm.training.checkpoint import CheckpointError
 from megatron_sgtm.training.config import from_dict
 from megatron_sgtm.training.loop import check_resumable, load_data
 from tests.distributed.launch import torchrun
-from tests.support import ROOT
+from tests.support import child_env
 from tests.support.cli_runs import kill_when, train_command, train_losses
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
@@ -82,7 +81,7 @@ def test_elastic_resume_continues_the_losses(elastic):
 
 # -- DeepSpeed: resume in a fresh process ---------------------------------------------------------
 def test_deepspeed_sigkill_and_resume_in_a_fresh_process_reproduce_the_run_exactly(data, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     sections = {"train": {"train_steps": 8}, "parallel": {"engine": "deepspeed", "zero_stage": 2}}
     full = tiny_config(data, tmp_path / "full", **sections)
     subprocess.run(train_command(tmp_path, full, "full"), env=env, check=True, capture_output=True,

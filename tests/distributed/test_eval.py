@@ -7,20 +7,18 @@ trains, exports and evaluates at TP=1; one torchrun launch evaluates at TP=2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, child_env
 
 WORKER = ROOT / "tests" / "distributed" / "workers" / "eval_parity.py"
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, child_env
 
 STEPS = 30  # ten cycles of (all-F, all-R, mixed) batches
 # Θ_F of one layer (hidden 32, 4 heads of 8 channels, 1 forget head, 8 of 64 forget MLP units):
@@ -19,7 +18,7 @@ FORGET_ELEMENTS = 2 * (3 * 8 * 32 + 24 + 32 * 8 + 8 * 32 + 8 + 32 * 8)
 
 @pytest.fixture(scope="module")
 def summary() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
            str(ROOT / "examples" / "own_training_script.py"), "--steps", str(STEPS)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

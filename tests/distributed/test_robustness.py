@@ -7,7 +7,6 @@ README's table; this one checks the pipeline and the ordering the paper reports,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import ROOT
+from tests.support import child_env
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 RELEASES = ("sgtm", "none", "rmu", "cir")
@@ -43,7 +42,7 @@ def _experiment(out: Path) -> Path:
 
 
 def _robustness(config: Path, out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "megatron_sgtm.cli", "attack", "robustness", "--config", str(config),
                            "--out", str(out), "--seeds", "0"], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -8,7 +8,6 @@ uninterrupted run exactly; a TP=2 checkpoint resumes at TP=1). Each world size l
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from megatron_sgtm.model import ModelConfig
 from tests.distributed.launch import torchrun
-from tests.support import ROOT, reference_gpt
+from tests.support import child_env, reference_gpt
 from tests.support.cli_runs import kill_when, train_command, train_losses
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
@@ -155,7 +154,7 @@ def test_tp2_checkpoint_resumes_at_tp1(world1, tp2_saved):
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     steps = {"train_steps": 8}
     full = tiny_config(data, tmp_path / "full", train=steps)
     subprocess.run(train_command(tmp_path, full, "full"), env=env, check=True, capture_output=True,

@@ -4,13 +4,12 @@ exactly the configured parameters changed, determinism, and one-line errors (one
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, child_env
 
 RMU_TENSORS = sorted(f"decoder.layers.{i}.mlp.linear_{fc}.{kind}" for i in (0, 1) for fc in ("fc1", "fc2")
                      for kind in ("weight", "bias"))  # layer 1 of 2 steered: the MLPs of layers 0..1
@@ -20,7 +19,7 @@ CIR_TENSORS = sorted(f"decoder.layers.{i}.mlp.linear_{fc}.weight" for i in (0, 1
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("unlearn")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/unlearn.py"), str(out)], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
