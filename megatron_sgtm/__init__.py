@@ -13,18 +13,18 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "SGTMConfig": "megatron_sgtm.partition",  # which heads / MLP units are Θ_F, and the strategy
-    "ModelDims": "megatron_sgtm.partition",  # the model shape an SGTMConfig resolves against
-    "get_sgtm_layer_spec": "megatron_sgtm.layers.spec",  # GPTModel's transformer_layer_spec
-    "TokenLabel": "megatron_sgtm.labels",
-    "token_labels": "megatron_sgtm.labels",  # `with token_labels(labels):` around each forward
-    "Region": "megatron_sgtm.strategy",
-    "param_regions": "megatron_sgtm.regions",  # Θ_F / Θ_R / Θ_J of every parameter
-    "ablate": "megatron_sgtm.regions",  # Θ_F := 0, in place
-    "ablated": "megatron_sgtm.regions",  # the same, undone on exit
-    "SGTMAdamW": "megatron_sgtm.training.gating",  # AdamW with step gating
-    "Gate": "megatron_sgtm.training.gating",
-    "region_codes": "megatron_sgtm.training.gating",  # a parameter's per-element Region codes for SGTMAdamW
+    "SGTMConfig": "megatron_sgtm.core.partition",  # which heads / MLP units are Θ_F, and the strategy
+    "ModelDims": "megatron_sgtm.core.partition",  # the model shape an SGTMConfig resolves against
+    "get_sgtm_layer_spec": "megatron_sgtm.core.layers.spec",  # GPTModel's transformer_layer_spec
+    "TokenLabel": "megatron_sgtm.core.labels",
+    "token_labels": "megatron_sgtm.core.labels",  # `with token_labels(labels):` around each forward
+    "Region": "megatron_sgtm.core.strategy",
+    "param_regions": "megatron_sgtm.core.regions",  # Θ_F / Θ_R / Θ_J of every parameter
+    "ablate": "megatron_sgtm.core.regions",  # Θ_F := 0, in place
+    "ablated": "megatron_sgtm.core.regions",  # the same, undone on exit
+    "SGTMAdamW": "megatron_sgtm.core.gating",  # AdamW with step gating
+    "Gate": "megatron_sgtm.core.gating",
+    "region_codes": "megatron_sgtm.core.gating",  # a parameter's per-element Region codes for SGTMAdamW
     "enable_cpu_execution": "megatron_sgtm.compat.cpu",  # megatron-core on CPU (gloo); a no-op with CUDA
 }
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_sgtm.strategy import METHODS, SGTM
+from megatron_sgtm.core.strategy import METHODS, SGTM
 
 RUNS = {  # name -> (method, processes)
     SGTM.name: (SGTM.name, 2),

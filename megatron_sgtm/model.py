@@ -16,10 +16,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sgtm.labels import active_masks
-from megatron_sgtm.layers.autograd import scale_grad
-from megatron_sgtm.layers.spec import get_sgtm_block_spec
-from megatron_sgtm.partition import ModelDims, Partition, SGTMConfig
+from megatron_sgtm.core.labels import active_masks
+from megatron_sgtm.core.layers.autograd import scale_grad
+from megatron_sgtm.core.layers.spec import get_sgtm_block_spec
+from megatron_sgtm.core.partition import ModelDims, Partition, SGTMConfig
 
 # The embedding hook drops the lookup gradient at F positions; a tied word embedding is also the output layer, which
 # every token updates (Θ_J), so that rule would hold only half-way.

@@ -33,9 +33,9 @@ def make_checkpoint(args: argparse.Namespace, out: Path) -> int:
     """(child) A megatron checkpoint of random weights; returns the parameter count."""
     from megatron.core import dist_checkpointing
 
+    from megatron_sgtm.core.partition import SGTMConfig
     from megatron_sgtm.export.native import reference_model
     from megatron_sgtm.model import ModelConfig
-    from megatron_sgtm.partition import SGTMConfig
 
     model = ModelConfig(**_model(args))
     sgtm = {"forget_heads": args.heads // args.groups, "forget_mlp_units": args.ffn // 32}

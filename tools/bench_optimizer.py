@@ -40,11 +40,11 @@ enable_cpu_execution()
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
+from megatron_sgtm.core.gating import Gate, SGTMAdamW, region_codes  # noqa: E402
+from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
+from megatron_sgtm.core.regions import param_regions  # noqa: E402
+from megatron_sgtm.core.strategy import Region  # noqa: E402
 from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition  # noqa: E402
-from megatron_sgtm.partition import SGTMConfig  # noqa: E402
-from megatron_sgtm.regions import param_regions  # noqa: E402
-from megatron_sgtm.strategy import Region  # noqa: E402
-from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes  # noqa: E402
 
 HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 

@@ -60,9 +60,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_sgtm.labels import TokenLabel, token_labels  # noqa: E402
+from megatron_sgtm.core.labels import TokenLabel, token_labels  # noqa: E402
+from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition  # noqa: E402
-from megatron_sgtm.partition import SGTMConfig  # noqa: E402
 
 UNLABELED, RETAIN, FORGET = TokenLabel
 

@@ -44,7 +44,7 @@ class Experiment:
 
     @classmethod
     def read(cls, path: Path) -> Experiment:
-        from megatron_sgtm.strategy import METHODS
+        from megatron_sgtm.core.strategy import METHODS
 
         raw = load_yaml(path, RobustnessError) if path.is_file() else None
         if not isinstance(raw, dict):

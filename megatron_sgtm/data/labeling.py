@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.corpus import Corpus
 from megatron_sgtm.data.synthetic import FORGET_CATEGORY
-from megatron_sgtm.labels import TokenLabel
 
 _RETAIN_DRAW, _UNDISCOVERED_DRAW, _FALSE_POSITIVE_DRAW = 0, 1, 2
 

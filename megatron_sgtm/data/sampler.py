@@ -35,9 +35,9 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.corpus import Corpus
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.labels import TokenLabel
 
 MODES = ("packed", "batch_uniform")
 SCHEDULE_BLOCK = 1000
@@ -191,7 +191,7 @@ class SGTMSampler:
     """Iterator of micro-batches (dicts of torch tensors) for one data-parallel rank.
 
     Keys: ``tokens``/``targets`` [b, s] int64 (inputs and next-token targets); ``token_labels``
-    [b, s] uint8, the SGTM label (`megatron_sgtm.labels`) of the document each position belongs to;
+    [b, s] uint8, the SGTM label (`megatron_sgtm.core.labels`) of the document each position belongs to;
     ``loss_mask`` [b, s] float32; ``position_ids`` [b, s], restarting at document starts (feed them
     to `document_attention_mask`); ``doc_ids``/``doc_offsets`` [b, s], the corpus index and offset
     of each input token (-1 for padding). Positions with ``loss_mask`` 0 carry no gradient, so

@@ -27,7 +27,7 @@ CALIBRATION_FLAGS = {"calibration_steps": int, "calibration_alpha": float, "cali
 
 def eval_config(source, args: argparse.Namespace, world: int, run_dir: Path):
     """The checkpoint's training config with this evaluation's data, layout and settings (train_steps 0)."""
-    from megatron_sgtm.strategy import METHODS
+    from megatron_sgtm.core.strategy import METHODS
     from megatron_sgtm.training.config import from_dict
 
     raw = copy.deepcopy(source.config)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.sampler import eval_batches
-from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training.calibration import Settings, calibrated
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.loop import RunData, _batches, calibration_batches

@@ -48,9 +48,9 @@ def _tokenizer(args: argparse.Namespace, path: Path, meta: dict) -> Path:
 def _write_export(args: argparse.Namespace, out: Path, ablate: bool, prune: bool, tokenizer: Path,
                   manifest: str | None = None) -> None:
     """One HF directory from a fresh read of the checkpoint, converted in place: about one model of memory."""
+    from megatron_sgtm.core.regions import ablate as ablate_model
     from megatron_sgtm.export.hf import DTYPES, to_hf, write_hf_dir
     from megatron_sgtm.export.prune import prune as prune_hf
-    from megatron_sgtm.regions import ablate as ablate_model
 
     ckpt = _load(args.checkpoint)
     if (ablate or prune) and (ckpt.partition is None or not ckpt.partition.active):
@@ -103,7 +103,7 @@ def export_hf(args: argparse.Namespace) -> None:
 def write_model_only_copy(ckpt, out: Path, ablate: bool) -> int:
     """A read checkpoint (`native.load_native`) as a model-only checkpoint at `out`, with Θ_F zeroed when
     `ablate`; returns the number of parameters zeroed."""
-    from megatron_sgtm.regions import ablate as ablate_model
+    from megatron_sgtm.core.regions import ablate as ablate_model
     from megatron_sgtm.training.checkpoint import write_model_only
 
     zeroed = ablate_model(ckpt.module) if ablate else 0  # in place: the state's tensors are the module's

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from megatron_sgtm.compat.deepspeed import weights_only_torch_load
+from megatron_sgtm.core.partition import Partition, PartitionError, SGTMConfig
 from megatron_sgtm.export.hf import check_state
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import Partition, PartitionError, SGTMConfig
 from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
 
 ENGINES = ("megatron", "deepspeed", "model-only")

@@ -19,12 +19,12 @@ from collections.abc import Iterator, Mapping
 import torch
 from transformers import PretrainedConfig
 
+from megatron_sgtm.core.partition import ModelDims, Partition
+from megatron_sgtm.core.regions import ParamRegion, linear_regions, masked_embeddings
+from megatron_sgtm.core.strategy import LINEARS, LinearKind, Region
 from megatron_sgtm.export.hf import HF_CLASSES, State, hf_config, hf_family, hf_shapes
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import ModelDims, Partition
-from megatron_sgtm.regions import ParamRegion, linear_regions, masked_embeddings
-from megatron_sgtm.strategy import LINEARS, LinearKind, Region
 
 
 def _check_partition(dims: ModelDims, partition: Partition, what: str) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sgtm.strategy import METHODS
+from megatron_sgtm.core.strategy import METHODS
 from megatron_sgtm.sweep.analysis import mean_std
 from megatron_sgtm.sweep.grid import Grid, Run
 

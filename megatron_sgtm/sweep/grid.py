@@ -33,8 +33,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_sgtm.core.strategy import METHODS
 from megatron_sgtm.errors import UserError, load_yaml
-from megatron_sgtm.strategy import METHODS
 from megatron_sgtm.sweep.sizes import (
     SIZES,
     Budget,

@@ -18,15 +18,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+from megatron_sgtm.core.gating import Gate
+from megatron_sgtm.core.labels import label_flags, token_labels
+from megatron_sgtm.core.partition import Partition
+from megatron_sgtm.core.regions import ablated
+from megatron_sgtm.core.strategy import strategy_of
 from megatron_sgtm.data.sampler import document_attention_mask, document_cu_seqlens
-from megatron_sgtm.labels import label_flags, token_labels
 from megatron_sgtm.model import build_gpt_model
-from megatron_sgtm.partition import Partition
-from megatron_sgtm.regions import ablated
-from megatron_sgtm.strategy import strategy_of
 from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
-from megatron_sgtm.training.gating import Gate, step_metrics
 
 if TYPE_CHECKING:
     from megatron_sgtm.training.calibration import OutputBias
@@ -54,6 +54,19 @@ def model_inputs(mb: dict, document_attention: bool, packed: bool) -> tuple[dict
         return inputs, {"attention_mask": None, "packed_seq_params": packed_document_params(mb["position_ids"])}
     mask = document_attention_mask(mb["position_ids"]) if document_attention else None
     return {k: mb[k] for k in _MODEL_INPUTS}, {"attention_mask": mask}
+
+
+def step_metrics(loss_sum: float, tokens: float, grad_norm, lr: float, counts: torch.Tensor, gate: Gate) -> dict:
+    """What every engine's `train_step` reports to the loop."""
+    return {
+        "loss": float(loss_sum) / max(tokens, 1.0),
+        "tokens": tokens,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": lr,
+        "label_counts": counts.tolist(),
+        "gated_retain": gate.retain,
+        "gated_forget": gate.forget,
+    }
 
 
 def lr_scheduler(optimizer, cfg: TrainConfig) -> OptimizerParamScheduler:
@@ -154,7 +167,7 @@ class Engine(abc.ABC):
         return out.reshape(mb["tokens"].shape) if ps.is_pipeline_last_stage() else out
 
     def train_step(self, batches: list[dict]) -> dict:
-        """One optimizer step on the global batch; the metrics of `gating.step_metrics`."""
+        """One optimizer step on the global batch; the metrics of `step_metrics`."""
         counts, loss_weight = self._global_counts(batches)
         batches = self._to_device(batches)
         gate = self.step_gate(counts)

@@ -30,12 +30,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_sgtm.compat.deepspeed import relink_optimizer_states, skip_cpu_shm_comm_build, weights_only_loads
-from megatron_sgtm.partition import Partition
-from megatron_sgtm.regions import ablate, param_regions, sgtm_linears
-from megatron_sgtm.strategy import Region
+from megatron_sgtm.core.gating import Gate, SGTMAdamW, region_codes
+from megatron_sgtm.core.partition import Partition
+from megatron_sgtm.core.regions import ablate, param_regions, sgtm_linears
+from megatron_sgtm.core.strategy import Region
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.engine import Engine
-from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes
 
 CHECKPOINT_TAG = "deepspeed"
 

@@ -23,11 +23,11 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_sgtm.compat.megatron_optimizer import Shard, load_fully_reshardable, replace_inner_optimizers
-from megatron_sgtm.partition import Partition
-from megatron_sgtm.regions import param_regions
+from megatron_sgtm.core.gating import Gate, SGTMAdamW, region_codes_for_shard
+from megatron_sgtm.core.partition import Partition
+from megatron_sgtm.core.regions import param_regions
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.engine import Engine
-from megatron_sgtm.training.gating import Gate, SGTMAdamW, region_codes_for_shard
 
 
 def ddp_config(cfg: TrainConfig) -> DistributedDataParallelConfig:

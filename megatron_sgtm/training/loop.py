@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
 from megatron_sgtm.data.labeling import label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches, mixture_pools
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import Settings, calibrated
 from megatron_sgtm.training.config import ConfigError, TrainConfig, mixture_groups, validate

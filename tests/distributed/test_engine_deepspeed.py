@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from megatron_sgtm.training.gating import Gate
+from megatron_sgtm.core.gating import Gate
 from tests.distributed.launch import torchrun
 from tests.distributed.workers.deepspeed_gating import LAYOUTS, MIX_LAYOUTS, MODEL, SCHEDULE
 
@@ -221,8 +221,8 @@ def test_zero_sgtm_adamw_counts_each_step_once():
     """DeepSpeed's ZeRO-3 steps each fp32 sub-group separately (several per param group), with the other
     groups' params emptied; counters (so bias corrections) must advance once per engine step, and the
     result must equal one plain SGTMAdamW step over everything."""
+    from megatron_sgtm.core.gating import SGTMAdamW
     from megatron_sgtm.training.engine_deepspeed import ZeroSGTMAdamW
-    from megatron_sgtm.training.gating import SGTMAdamW
 
     torch.manual_seed(0)
     init = [torch.randn(6), torch.randn(5), torch.randn(4)]

@@ -23,9 +23,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.export.prune import ablation_masks  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
-from megatron_sgtm.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.training.checkpoint import complete_checkpoints  # noqa: E402
 from tests.distributed.launch import torchrun
 from tests.support import ROOT  # noqa: E402

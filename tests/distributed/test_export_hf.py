@@ -21,12 +21,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config  # noqa: E402
 
+from megatron_sgtm.core.partition import Partition, SGTMConfig  # noqa: E402
+from megatron_sgtm.core.strategy import Region  # noqa: E402
 from megatron_sgtm.data.tokenizer import EOD_TOKEN, train_bpe  # noqa: E402
 from megatron_sgtm.export.hf import from_hf, hf_config, native_shapes, read_hf_dir, to_hf, write_hf_dir  # noqa: E402
 from megatron_sgtm.export.prune import ablate_state, ablation_masks, global_regions, prune, summarize  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
-from megatron_sgtm.partition import Partition, SGTMConfig  # noqa: E402
-from megatron_sgtm.strategy import Region  # noqa: E402
 from tests.distributed.workers.export_native import CASES, TOKENIZER_VOCAB, tokens_for  # noqa: E402
 from tests.support import ROOT  # noqa: E402
 

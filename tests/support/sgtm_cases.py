@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_sgtm.core.partition import SGTMConfig
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import SGTMConfig
 from tests.support import reference_gpt
 
 SEQ, MBS = 16, 2

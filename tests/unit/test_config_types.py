@@ -195,7 +195,7 @@ BUILD_TIED_MASKED = """
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition
-from megatron_sgtm.partition import SGTMConfig
+from megatron_sgtm.core.partition import SGTMConfig
 from megatron_sgtm.training.distributed import init_distributed
 
 init_distributed()

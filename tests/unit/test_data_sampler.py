@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_corpus, label_documents
 from megatron_sgtm.data.sampler import SGTMSampler, document_attention_mask, eval_batches
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
-from megatron_sgtm.labels import TokenLabel
 
 UNLABELED, RETAIN, FORGET = TokenLabel
 

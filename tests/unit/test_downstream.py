@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_sgtm.core.partition import SGTMConfig
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
 from megatron_sgtm.data.tokenizer import load_tokenizer
 from megatron_sgtm.errors import UserError
@@ -19,7 +20,6 @@ from megatron_sgtm.export.hf import to_hf, write_hf_dir
 from megatron_sgtm.export.prune import ablate_state
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import SGTMConfig
 from tests.support.train_fixtures import build_tiny_shards
 
 pytest.importorskip("lm_eval")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sgtm.strategy import Region
-from megatron_sgtm.training.gating import Gate, SGTMAdamW
+from megatron_sgtm.core.gating import Gate, SGTMAdamW
+from megatron_sgtm.core.strategy import Region
 
 HYPER = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 ROWS, COLS, FORGET_ROWS = 6, 5, slice(4, 6)  # the last two rows of the split weight are Θ_F

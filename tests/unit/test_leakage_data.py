@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
-from megatron_sgtm.labels import TokenLabel
 from megatron_sgtm.training.config import from_dict
 from megatron_sgtm.training.loop import TokenCounts, _sampler, load_data
 from tests.support.train_fixtures import tiny_config

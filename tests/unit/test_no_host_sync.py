@@ -57,9 +57,9 @@ def probe() -> dict[str, list[str]]:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_sgtm.labels import TokenLabel, label_flags, token_labels
+    from megatron_sgtm.core.labels import TokenLabel, label_flags, token_labels
+    from megatron_sgtm.core.partition import SGTMConfig
     from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition
-    from megatron_sgtm.partition import SGTMConfig
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from megatron_sgtm.labels import TokenLabel, masks_from_labels
-from megatron_sgtm.layers.autograd import MaskedWgradLinear, masked_bias_add, masked_bias_grad, masked_wgrad
+from megatron_sgtm.core.labels import TokenLabel, masks_from_labels
+from megatron_sgtm.core.layers.autograd import MaskedWgradLinear, masked_bias_add, masked_bias_grad, masked_wgrad
 
 UNLABELED, RETAIN, FORGET = TokenLabel
 

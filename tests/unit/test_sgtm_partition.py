@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
+from megatron_sgtm.core.partition import ModelDims, Partition, PartitionError, SGTMConfig
 from megatron_sgtm.model import ModelConfig, resolve_partition
-from megatron_sgtm.partition import ModelDims, Partition, PartitionError, SGTMConfig
 
 PAPER = ModelDims(num_layers=4, num_attention_heads=32, num_query_groups=32, ffn_hidden_size=2048,
                   kv_channels=64, gated_mlp=False)
@@ -98,8 +98,8 @@ def test_resolve_partition_checks_tp_before_building_anything():
 def test_joint_down_projections_are_joint_and_never_ablated():
     """The variant: linear_proj / linear_fc2 weights and biases Θ_J, not ablated; qkv / fc1 keep their Θ_F rows.
     An older partition (no such key) reads back as the paper's default split."""
+    from megatron_sgtm.core.strategy import Region
     from megatron_sgtm.export.prune import ablation_masks, global_regions
-    from megatron_sgtm.strategy import Region
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=8, arch="gpt2")
     split, joint = (SGTMConfig(forget_heads=1, forget_mlp_units=4, joint_down_projections=j).resolve(cfg.dims())

@@ -26,11 +26,11 @@ if __name__ == "__main__":  # the tests import this module's constants without s
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
-from megatron_sgtm.labels import TokenLabel  # noqa: E402
+from megatron_sgtm.core.labels import TokenLabel  # noqa: E402
+from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
+from megatron_sgtm.core.regions import param_regions  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
-from megatron_sgtm.partition import SGTMConfig  # noqa: E402
-from megatron_sgtm.regions import param_regions  # noqa: E402
 from megatron_sgtm.training.config import (  # noqa: E402
     DataConfig,
     OptimConfig,

@@ -42,8 +42,8 @@ def tokens_for(vocab_size: int) -> torch.Tensor:
 
 
 def native_side(name: str, path: Path, out: Path) -> dict:
+    from megatron_sgtm.core.regions import ablated
     from megatron_sgtm.export.native import load_native
-    from megatron_sgtm.regions import ablated
 
     ckpt = load_native(path)
     tokens = tokens_for(ckpt.model.vocab_size)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_sgtm.core.partition import SGTMConfig
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.partition import SGTMConfig
 
 SEQ, BATCH, TOKENIZER_VOCAB = 24, 2, 280
 
@@ -93,9 +93,9 @@ def random_state(shapes: dict[str, torch.Size], seed: int) -> dict[str, torch.Te
 def main(out_dir: Path) -> None:
     from megatron.core import parallel_state
 
+    from megatron_sgtm.core.regions import ablate, ablated, param_regions
     from megatron_sgtm.layout import gather_global, load_global
     from megatron_sgtm.model import build_gpt_model
-    from megatron_sgtm.regions import ablate, ablated, param_regions
     from megatron_sgtm.training.distributed import init_distributed
 
     init_distributed()

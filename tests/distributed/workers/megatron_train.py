@@ -21,10 +21,10 @@ from megatron_sgtm.training.distributed import init_distributed
 if __name__ == "__main__":  # megatron's checkpoint writer spawns a process that re-imports this file
     init_distributed()  # CPU shims before megatron modules are imported and built
 
+from megatron_sgtm.core.labels import TokenLabel  # noqa: E402
+from megatron_sgtm.core.strategy import Region  # noqa: E402
 from megatron_sgtm.data.sampler import SGTMSampler  # noqa: E402
-from megatron_sgtm.labels import TokenLabel  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
-from megatron_sgtm.strategy import Region  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
 from megatron_sgtm.training.loop import evaluation_metrics, train  # noqa: E402

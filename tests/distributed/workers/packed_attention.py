@@ -30,7 +30,7 @@ if __name__ == "__main__":  # the test module imports this file for its layouts
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_sgtm.labels import TokenLabel, token_labels  # noqa: E402
+from megatron_sgtm.core.labels import TokenLabel, token_labels  # noqa: E402
 from megatron_sgtm.layout import gather_global, load_global  # noqa: E402
 from megatron_sgtm.model import build_gpt_model  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402

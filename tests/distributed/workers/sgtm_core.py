@@ -24,13 +24,13 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads 
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_sgtm.labels import token_labels  # noqa: E402
+from megatron_sgtm.core.gating import region_codes  # noqa: E402
+from megatron_sgtm.core.labels import token_labels  # noqa: E402
+from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
+from megatron_sgtm.core.regions import ablate, param_regions  # noqa: E402
+from megatron_sgtm.core.strategy import Region  # noqa: E402
 from megatron_sgtm.layout import gather_global, load_global  # noqa: E402
 from megatron_sgtm.model import ModelConfig, build_gpt_model, resolve_partition  # noqa: E402
-from megatron_sgtm.partition import SGTMConfig  # noqa: E402
-from megatron_sgtm.regions import ablate, param_regions  # noqa: E402
-from megatron_sgtm.strategy import Region  # noqa: E402
-from megatron_sgtm.training.gating import region_codes  # noqa: E402
 from tests.support.sgtm_cases import CASES, MBS, SEQ, make_batch, masks_for, perturb, random_global_state  # noqa: E402
 
 

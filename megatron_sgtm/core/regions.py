@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_sgtm.layers.linear import SGTMLinearMixin
-from megatron_sgtm.partition import Partition
-from megatron_sgtm.strategy import LINEARS, LinearKind, Region
+from megatron_sgtm.core.layers.linear import SGTMLinearMixin
+from megatron_sgtm.core.partition import Partition
+from megatron_sgtm.core.strategy import LINEARS, LinearKind, Region
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_sgtm.layers.attention import SDPACoreAttention
-from megatron_sgtm.layers.linear import SGTMColumnParallelLinear, SGTMLinearMixin, SGTMRowParallelLinear
-from megatron_sgtm.layers.norm import SequenceParallelTorchNorm
-from megatron_sgtm.partition import Partition
-from megatron_sgtm.strategy import LINEARS
+from megatron_sgtm.core.layers.attention import SDPACoreAttention
+from megatron_sgtm.core.layers.linear import SGTMColumnParallelLinear, SGTMLinearMixin, SGTMRowParallelLinear
+from megatron_sgtm.core.layers.norm import SequenceParallelTorchNorm
+from megatron_sgtm.core.partition import Partition
+from megatron_sgtm.core.strategy import LINEARS
 
 BACKENDS = ("local", "gpu")
 

@@ -20,8 +20,8 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
-from megatron_sgtm.labels import LabelMasks, active_masks
-from megatron_sgtm.layers.autograd import (
+from megatron_sgtm.core.labels import LabelMasks, active_masks
+from megatron_sgtm.core.layers.autograd import (
     MaskedWgradLinear,
     keep_mask,
     masked_bias_add,
@@ -29,8 +29,8 @@ from megatron_sgtm.layers.autograd import (
     scale_columns_,
     scale_grad,
 )
-from megatron_sgtm.partition import Partition
-from megatron_sgtm.strategy import LINEARS, RetainAtForget
+from megatron_sgtm.core.partition import Partition
+from megatron_sgtm.core.strategy import LINEARS, RetainAtForget
 
 
 class SGTMLinearMixin:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch.optim.adamw import adamw
 
-from megatron_sgtm.labels import TokenLabel
-from megatron_sgtm.regions import ParamRegion
-from megatron_sgtm.strategy import Region
+from megatron_sgtm.core.labels import TokenLabel
+from megatron_sgtm.core.regions import ParamRegion
+from megatron_sgtm.core.strategy import Region
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,6 @@ class Gate:
         """`counts[label]` = number of loss-bearing tokens of that label in the *global* batch."""
         u, r, f = (int(counts[i]) for i in (TokenLabel.UNLABELED, TokenLabel.RETAIN, TokenLabel.FORGET))
         return cls(retain=r + u == 0, forget=f + u == 0)
-
-
-def step_metrics(loss_sum: float, tokens: float, grad_norm, lr: float, counts: torch.Tensor, gate: Gate) -> dict:
-    """What every engine's `train_step` reports to the loop."""
-    return {
-        "loss": float(loss_sum) / max(tokens, 1.0),
-        "tokens": tokens,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "lr": lr,
-        "label_counts": counts.tolist(),
-        "gated_retain": gate.retain,
-        "gated_forget": gate.forget,
-    }
 
 
 def region_codes(region: ParamRegion, param: torch.Tensor) -> torch.Tensor | None:

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from megatron_sgtm.core.strategy import SGTM, STRATEGIES, LinearKind, Strategy, strategy_of
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.strategy import SGTM, STRATEGIES, LinearKind, Strategy, strategy_of
 
 # Paper defaults: 1 of 32 heads and 64 of 2048 MLP units per layer.
 DEFAULT_HEAD_FRACTION = 1 / 32

@@ -19,7 +19,7 @@ import torch
 from megatron.core.tensor_parallel import layers as mlayers
 from megatron.core.utils import prepare_input_tensors_for_wgrad_compute
 
-from megatron_sgtm.labels import LabelMasks
+from megatron_sgtm.core.labels import LabelMasks
 
 
 def keep_mask(masks: LabelMasks, forget_index: torch.Tensor | None) -> torch.Tensor:
