@@ -52,7 +52,7 @@ def _evaluated_data(cfg, args: argparse.Namespace, data):
     """The documents measured: the held-out split of the training data, or every document of --eval-data."""
     from megatron_sgtm.data.corpus import load_corpus
     from megatron_sgtm.data.labeling import label_corpus
-    from megatron_sgtm.training.loop import RunData
+    from megatron_sgtm.training.run_data import RunData
 
     if not args.eval_data:
         return data
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> None:
     from megatron_sgtm.training.distributed import init_distributed
     from megatron_sgtm.training.engine_megatron import MegatronEngine
     from megatron_sgtm.training.logging import RunLogger
-    from megatron_sgtm.training.loop import load_data
+    from megatron_sgtm.training.run_data import load_data
 
     start = time.time()
     out = Path(args.out)

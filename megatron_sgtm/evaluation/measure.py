@@ -18,7 +18,7 @@ from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.sampler import eval_batches
 from megatron_sgtm.training.calibration import Settings, calibrated
 from megatron_sgtm.training.config import TrainConfig
-from megatron_sgtm.training.loop import RunData, _batches, calibration_batches
+from megatron_sgtm.training.run_data import RunData, calibration_batches, evaluation_batches, evaluation_groups
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MODELS = ("live", "ablated", "calibrated")
@@ -145,15 +145,14 @@ def heldout_groups(cfg: TrainConfig, engine, data: RunData, categories: list[str
     """forget, retain, adjacent and each other category of the data (or those of `categories`), over the
     evaluated documents (`data.heldout_docs`); empty groups are left out."""
     corpus, docs = data.corpus, data.heldout_docs
-    sets = {"forget": tuple(cfg.data.labeling.forget_categories), "retain": tuple(cfg.data.retain_categories),
-            "adjacent": tuple(cfg.data.adjacent_categories)}
+    sets = evaluation_groups(cfg)
     grouped = {c for cats in sets.values() for c in cats}
     extra = categories if categories is not None else [c for c in corpus.category_names if c not in grouped]
     sets.update({f"category:{c}": (c,) for c in extra})
     groups = []
     for name, cats in sets.items():
         chosen = docs[corpus.category_mask(list(cats))[docs]]
-        batches = _batches(cfg, engine, data, chosen)
+        batches = evaluation_batches(cfg, engine, data, chosen)
         if batches:
             groups.append(Group(name, len(chosen), batches))
     return groups

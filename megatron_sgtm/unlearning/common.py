@@ -39,7 +39,7 @@ class Source:
     path: Path
     ckpt: object  # export.native.NativeCheckpoint
     cfg: object  # training.config.TrainConfig: the run's data, labeling and attention settings
-    data: object  # training.loop.RunData
+    data: object  # training.run_data.RunData
     forget_docs: np.ndarray
     retain_docs: np.ndarray
 
@@ -102,7 +102,7 @@ def load_source(checkpoint: str, data_path: str | None) -> Source:
     """The checkpoint's model (any engine, layout, or model-only) and its forget/retain training documents."""
     from megatron_sgtm.export.native import load_native
     from megatron_sgtm.training.config import from_dict, recorded_config
-    from megatron_sgtm.training.loop import load_data
+    from megatron_sgtm.training.run_data import load_data
 
     path = Path(checkpoint)
     ckpt = load_native(path)

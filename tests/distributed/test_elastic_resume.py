@@ -19,7 +19,8 @@ import torch
 
 from megatron_sgtm.training.checkpoint import CheckpointError
 from megatron_sgtm.training.config import from_dict
-from megatron_sgtm.training.loop import check_resumable, load_data
+from megatron_sgtm.training.loop import check_resumable
+from megatron_sgtm.training.run_data import load_data
 from tests.distributed.launch import torchrun
 from tests.support import child_env
 from tests.support.cli_runs import kill_when, train_command, train_losses

@@ -12,7 +12,7 @@ from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
 from megatron_sgtm.training.config import from_dict
-from megatron_sgtm.training.loop import TokenCounts, _sampler, load_data
+from megatron_sgtm.training.run_data import TokenCounts, load_data, training_sampler
 from tests.support.train_fixtures import tiny_config
 
 
@@ -43,7 +43,7 @@ def test_train_tokens_of_one_epoch_are_every_training_documents_loss_positions(s
     cfg = _cfg(shards, 1.0, undiscovered_rate=0.5)
     data = load_data(cfg)
     counts = TokenCounts(cfg, data)
-    sampler = _sampler(cfg, data, 0, 1)
+    sampler = training_sampler(cfg, data, 0, 1)
     for _ in range(sampler.steps_per_epoch()):
         counts.add([next(sampler) for _ in range(sampler.num_micro_batches)])
     docs = data.train_docs
