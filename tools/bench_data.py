@@ -46,7 +46,8 @@ def loader_rows(corpus, args) -> list[tuple[str, float]]:
     # Imported here, not at module scope: spawned tagging workers re-import this script, and the
     # sampler pulls in torch, which would add seconds of start-up to every worker.
     from megatron_sgtm.data.labeling import LabelingConfig, label_corpus
-    from megatron_sgtm.data.sampler import SGTMSampler, document_attention_mask
+    from megatron_sgtm.data.sampler import SGTMSampler
+    from megatron_sgtm.training.batch_geometry import document_attention_mask
 
     labels = label_corpus(corpus, LabelingConfig(score_source="truth", retain_rate=0.25))
 

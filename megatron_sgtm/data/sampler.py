@@ -115,28 +115,6 @@ def _position_ids(doc_ids: np.ndarray, doc_offsets: np.ndarray) -> np.ndarray:
     return index - np.maximum.accumulate(np.where(start, index, 0), axis=1)
 
 
-def document_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that keeps attention inside each document: bool [b, 1, s, s], True = masked out
-    (Megatron's convention). Built on demand because it is O(s^2) per sequence."""
-    segment = torch.cumsum((position_ids == 0).long(), dim=1)
-    s = position_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
-    same = segment[:, :, None] == segment[:, None, :]
-    return ~(same & causal)[:, None]
-
-
-def document_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The same documents as `document_attention_mask`, for the [b, s] rows read as one row of b*s
-    tokens (documents never cross rows): int32 cumulative lengths [num_docs + 1] and the longest
-    document, i.e. megatron's THD ``cu_seqlens`` / ``max_seqlen``. O(b*s)."""
-    start = position_ids == 0
-    start[:, 0] = True
-    flat = start.reshape(-1)
-    end = torch.tensor([flat.numel()], device=flat.device)
-    cu_seqlens = torch.cat([flat.nonzero().squeeze(1), end]).to(torch.int32)
-    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-
-
 def _to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
 
@@ -193,7 +171,7 @@ class SGTMSampler:
     Keys: ``tokens``/``targets`` [b, s] int64 (inputs and next-token targets); ``token_labels``
     [b, s] uint8, the SGTM label (`megatron_sgtm.core.labels`) of the document each position belongs to;
     ``loss_mask`` [b, s] float32; ``position_ids`` [b, s], restarting at document starts (feed them
-    to `document_attention_mask`); ``doc_ids``/``doc_offsets`` [b, s], the corpus index and offset
+    to `batch_geometry.document_attention_mask`); ``doc_ids``/``doc_offsets`` [b, s], the corpus index and offset
     of each input token (-1 for padding). Positions with ``loss_mask`` 0 carry no gradient, so
     trainers must count labels (for step gating) only where ``loss_mask > 0``.
     """

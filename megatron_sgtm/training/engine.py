@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_sgtm.core.gating import Gate
@@ -23,37 +22,13 @@ from megatron_sgtm.core.labels import label_flags, token_labels
 from megatron_sgtm.core.partition import Partition
 from megatron_sgtm.core.regions import ablated
 from megatron_sgtm.core.strategy import strategy_of
-from megatron_sgtm.data.sampler import document_attention_mask, document_cu_seqlens
 from megatron_sgtm.model import build_gpt_model
+from megatron_sgtm.training.batch_geometry import model_inputs
 from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from megatron_sgtm.training.calibration import OutputBias
-
-
-# The micro-batch keys the model reads, [b, s] each; flattened to [1, b*s] for packed attention.
-_MODEL_INPUTS = ("tokens", "position_ids", "targets", "token_labels", "loss_mask")
-
-
-def packed_document_params(position_ids: torch.Tensor) -> PackedSeqParams:
-    """megatron's THD `PackedSeqParams` for the [b, s] micro-batch read as one row of b*s tokens, one
-    sequence per document (positions restart at document starts): TE's varlen attention on GPU,
-    `SDPACoreAttention` on CPU, and RoPE restarting per document."""
-    cu_seqlens, longest = document_cu_seqlens(position_ids)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
-
-
-def model_inputs(mb: dict, document_attention: bool, packed: bool) -> tuple[dict, dict]:
-    """(the micro-batch's model inputs, the model's attention arguments). Packed: the b rows as one THD row
-    of b*s tokens (documents never cross rows) with `PackedSeqParams`; dense: the [b, 1, s, s] document
-    mask; neither: plain causal attention."""
-    if document_attention and packed:
-        inputs = {k: mb[k].reshape(1, -1) for k in _MODEL_INPUTS}
-        return inputs, {"attention_mask": None, "packed_seq_params": packed_document_params(mb["position_ids"])}
-    mask = document_attention_mask(mb["position_ids"]) if document_attention else None
-    return {k: mb[k] for k in _MODEL_INPUTS}, {"attention_mask": mask}
 
 
 def step_metrics(loss_sum: float, tokens: float, grad_norm, lr: float, counts: torch.Tensor, gate: Gate) -> dict:

@@ -21,7 +21,7 @@ import torch
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
 from megatron_sgtm.data.shards import TOKENIZER_FILE
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.training.engine import model_inputs
+from megatron_sgtm.training.batch_geometry import model_inputs
 
 
 class UnlearnError(UserError, ValueError):

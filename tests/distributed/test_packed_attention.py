@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sgtm.data.sampler import document_attention_mask, document_cu_seqlens
+from megatron_sgtm.training.batch_geometry import document_attention_mask, document_cu_seqlens
 from tests.distributed.launch import torchrun
 from tests.distributed.workers.packed_attention import ARCHS, LAYOUTS
 

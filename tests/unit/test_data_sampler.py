@@ -8,9 +8,10 @@ from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_corpus, label_documents
-from megatron_sgtm.data.sampler import SGTMSampler, document_attention_mask, eval_batches
+from megatron_sgtm.data.sampler import SGTMSampler, eval_batches
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
+from megatron_sgtm.training.batch_geometry import document_attention_mask
 
 UNLABELED, RETAIN, FORGET = TokenLabel
 

@@ -33,8 +33,8 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron_sgtm.core.labels import TokenLabel, token_labels  # noqa: E402
 from megatron_sgtm.layout import gather_global, load_global  # noqa: E402
 from megatron_sgtm.model import build_gpt_model  # noqa: E402
+from megatron_sgtm.training.batch_geometry import model_inputs  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402
-from megatron_sgtm.training.engine import model_inputs  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
 from tests.support.sgtm_cases import random_global_state  # noqa: E402
 
