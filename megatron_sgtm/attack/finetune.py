@@ -165,7 +165,8 @@ def _write_release(checkpoint: Path, released: Path, world: int) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     from megatron_sgtm.attack.release import is_released
-    from megatron_sgtm.export.native import read_meta
+    from megatron_sgtm.export.native import read_model_meta
+    from megatron_sgtm.training.checkpoint import resolve_checkpoint
     from megatron_sgtm.training.config import validate
     from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
     from megatron_sgtm.training.loop import train
@@ -175,13 +176,14 @@ def finetune(args: argparse.Namespace) -> int:
                           "fine-tuning tokens)")
     if args.target_loss is not None and not (math.isfinite(args.target_loss) and args.target_loss > 0):
         raise AttackError(f"--target-loss {args.target_loss}: must be a positive number")
-    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    out = Path(args.out)
     if out.exists():
         raise AttackError(f"--out {out}: already exists (choose a new directory)")
+    checkpoint = resolve_checkpoint(Path(args.checkpoint))
     target, target_source = args.target_loss, "--target-loss"
     if args.target_run:
         target, target_source = target_from_run(Path(args.target_run))
-    meta, _model, partition = read_meta(checkpoint)
+    meta, _model, partition = read_model_meta(checkpoint)
     released = checkpoint if is_released(meta, partition) else out / "released"
     cfg = attack_config(meta, released, out, data=args.data, forget_fraction=args.forget_fraction,
                         overrides=args.overrides)

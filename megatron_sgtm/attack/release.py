@@ -33,8 +33,8 @@ def is_released(meta: dict, partition) -> bool:
 def write_release(checkpoint: Path, out: Path) -> bool:
     """`checkpoint` (any engine and layout) as a model-only checkpoint at `out`, ablated when it carries an
     active partition; True when ablated. Runs in this process, which must be a world of one."""
-    from megatron_sgtm.export.cli import write_model_only_copy
     from megatron_sgtm.export.native import load_native
+    from megatron_sgtm.export.writers import write_model_only_copy
 
     ckpt = load_native(checkpoint)
     ablate = not is_released({**ckpt.meta, "engine": "model-only"}, ckpt.partition)

@@ -45,7 +45,7 @@ def eval_config(source, args: argparse.Namespace, world: int, run_dir: Path):
     train.update({k: getattr(args, k) for k in CALIBRATION_FLAGS if getattr(args, k) is not None})
     raw["checkpoint"] = {}
     raw["logging"] = {**raw.get("logging", {}), "run_dir": str(run_dir), "wandb_mode": args.wandb_mode}
-    return from_dict(raw, source=f"--checkpoint {args.checkpoint}")
+    return from_dict(raw, source=f"--checkpoint {source.path}")
 
 
 def _evaluated_data(cfg, args: argparse.Namespace, data):
@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
     from megatron_sgtm.atomic import building
     from megatron_sgtm.data.shards import Manifest
     from megatron_sgtm.evaluation import measure, report
-    from megatron_sgtm.evaluation.source import check_tokenizer, open_source
+    from megatron_sgtm.export.source import check_tokenizer, open_source
     from megatron_sgtm.training.config import validate
     from megatron_sgtm.training.distributed import init_distributed
     from megatron_sgtm.training.engine_megatron import MegatronEngine
@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> None:
         partition = cfg.sgtm.resolve(cfg.model.dims())
         active = partition is not None and partition.active
         if args.ablate and not active:
-            raise UserError(f"--ablate: {args.checkpoint} has no active SGTM partition (method {cfg.method}), so "
+            raise UserError(f"--ablate: {source.path} has no active SGTM partition (method {cfg.method}), so "
                             "there is nothing to ablate")
         data = load_data(cfg)
         evaluated = _evaluated_data(cfg, args, data)
@@ -123,21 +123,22 @@ def main(args: argparse.Namespace) -> None:
         if missing:
             raise UserError(f"--categories: {missing} not among the categories of the evaluated data "
                             f"({evaluated.corpus.category_names})")
+        weights = source.global_weights()
         if ps.model_parallel_is_initialized():  # a DeepSpeed checkpoint was read at TP=1, PP=1
             ps.destroy_model_parallel()
-        engine = MegatronEngine(cfg, partition, on_gpu, weights=source.weights)
-        if source.weights is None:
+        engine = MegatronEngine(cfg, partition, on_gpu, weights=weights)
+        if weights is None:
             engine.load_weights(str(source.path))
         log = RunLogger(cfg, rank, world)
         par = cfg.parallel
-        measure.say(f"{source.kind} checkpoint {args.checkpoint} (method {cfg.method}) at TP="
+        measure.say(f"{source.kind} checkpoint {source.path} (method {cfg.method}) at TP="
                     f"{par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} DP={engine.dp_size}")
         groups = measure.heldout_groups(cfg, engine, evaluated, categories)
         per_token_bytes = measure.token_bytes(Path(args.data) / Manifest.read(Path(args.data)).tokenizer)
         results, values, history = measure.losses(engine, cfg, data, groups, per_token_bytes, ablate=active,
                                                   calibrate=not args.no_calibration)
         result = {
-            "checkpoint": str(args.checkpoint), "kind": source.kind, "method": cfg.method, "step": source.step,
+            "checkpoint": str(source.path), "kind": source.kind, "method": cfg.method, "step": source.step,
             "already_ablated": source.ablated, "data": str(args.data), "eval_data": args.eval_data,
             "documents": "every document of --eval-data" if args.eval_data else
             f"held-out split ({cfg.data.heldout_fraction} of the data, seed {cfg.train.seed})",

@@ -370,13 +370,12 @@ def export_models(checkpoint: Path, out: Path, tokenizer: Path | None = None) ->
     """HF exports of a native checkpoint for lm-eval: {"live": out/capable, "ablated": out/safe} when it has an
     active SGTM partition (``export-hf --release``), else {"live": out} (or {"ablated": out} for an ablated
     checkpoint)."""
-    from megatron_sgtm.export.cli import export_hf
-    from megatron_sgtm.export.native import read_meta
+    from megatron_sgtm.export.native import read_model_meta
+    from megatron_sgtm.export.writers import export_hf
 
-    meta, _, partition = read_meta(Path(checkpoint))
+    meta, _, partition = read_model_meta(Path(checkpoint))
     release = partition is not None and partition.active and not meta.get("ablated", False)
-    export_hf(argparse.Namespace(checkpoint=str(checkpoint), out=str(out), ablate=False, prune=False, dtype="fp32",
-                                 release=release, tokenizer=str(tokenizer) if tokenizer else None))
+    export_hf(Path(checkpoint), Path(out), release=release, tokenizer=tokenizer)
     if release:
         return {"live": Path(out) / "capable", "ablated": Path(out) / "safe"}
     return {"ablated" if meta.get("ablated", False) else "live": Path(out)}

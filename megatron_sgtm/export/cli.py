@@ -18,118 +18,40 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_sgtm.atomic import building
-
 # What the checkpoint and HF readers raise for a bad input directory (besides CheckpointError and OSError).
 READER_ERRORS = (ValueError, KeyError)
 
 
-def _load(path: str):
-    from megatron_sgtm.export.native import load_native
+def _checkpoint(args: argparse.Namespace) -> Path:
+    from megatron_sgtm.training.checkpoint import resolve_checkpoint
 
-    return load_native(Path(path))
-
-
-def _tokenizer(args: argparse.Namespace, path: Path, meta: dict) -> Path:
-    """--tokenizer, else the checkpoint's copy, else the training data's tokenizer."""
-    from megatron_sgtm.data.shards import TOKENIZER_FILE
-
-    candidates = [Path(args.tokenizer)] if args.tokenizer else [
-        path / TOKENIZER_FILE,
-        Path(meta.get("config", {}).get("data", {}).get("path") or "/nonexistent") / TOKENIZER_FILE,
-    ]
-    for path in candidates:
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"no tokenizer found (looked at {', '.join(map(str, candidates))}); pass --tokenizer "
-                            "PATH (a tokenizer.json or a directory holding one)")
-
-
-def _write_export(args: argparse.Namespace, out: Path, ablate: bool, prune: bool, tokenizer: Path,
-                  manifest: str | None = None) -> None:
-    """One HF directory from a fresh read of the checkpoint, converted in place: about one model of memory."""
-    from megatron_sgtm.core.regions import ablate as ablate_model
-    from megatron_sgtm.export.hf import DTYPES, to_hf, write_hf_dir
-    from megatron_sgtm.export.prune import prune as prune_hf
-
-    ckpt = _load(args.checkpoint)
-    if (ablate or prune) and (ckpt.partition is None or not ckpt.partition.active):
-        raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to "
-                         f"{'prune' if prune else 'ablate'}")
-    if ablate:
-        ablate_model(ckpt.module)  # in place: the state's tensors are the module's
-    state, model, partition = ckpt.state, ckpt.model, ckpt.partition
-    ckpt.module = ckpt.state = None  # `state` is now the only reference, and to_hf empties it
-    config, hf_state = to_hf(state, model, consume=True)
-    if prune:
-        config, hf_state = prune_hf(config, hf_state, partition, consume=True)
-    hf_state = {k: hf_state.pop(k).to(DTYPES[args.dtype]) for k in list(hf_state)}  # cast one tensor at a time
-    extra = {"sgtm_manifest.json": manifest} if manifest else None
-    write_hf_dir(out, config, hf_state, args.dtype, tokenizer, extra_files=extra)
-    print(f"wrote {out}", file=sys.stderr)
-
-
-def _manifest(meta: dict, model, partition, args: argparse.Namespace, **entries) -> str:
-    from megatron_sgtm.export.prune import summarize
-
-    return json.dumps({"source": args.checkpoint, "step": meta.get("step"), "method": meta.get("method"),
-                       "source_ablated": bool(meta.get("ablated", False)), "dtype": args.dtype, **entries,
-                       **summarize(model, partition, pruned=args.prune)}, indent=2) + "\n"
+    return resolve_checkpoint(Path(args.checkpoint))
 
 
 def export_hf(args: argparse.Namespace) -> None:
-    from megatron_sgtm.export.native import read_meta
+    from megatron_sgtm.export import writers
 
-    out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"--out {out}: already exists (choose a new directory)")
-    meta, model, partition = read_meta(Path(args.checkpoint))
-    tokenizer = _tokenizer(args, Path(args.checkpoint), meta)
-    if not args.release:
-        safe = args.ablate or args.prune or bool(meta.get("ablated", False))
-        manifest = _manifest(meta, model, partition, args, ablated=safe, pruned=args.prune)
-        _write_export(args, out, args.ablate, args.prune, tokenizer, manifest)
-        return
-    if meta.get("ablated", False):
-        raise ValueError(f"{args.checkpoint}: already ablated, so --release has no capable model to write; export "
-                         "the training checkpoint it came from")
-    with building(out) as partial:  # the release appears only when both models are written
-        _write_export(args, partial / "capable", False, False, tokenizer)
-        _write_export(args, partial / "safe", True, args.prune, tokenizer)
-        manifest = _manifest(meta, model, partition, args, capable="capable", safe="safe", pruned=args.prune)
-        (partial / "manifest.json").write_text(manifest)
-
-
-def write_model_only_copy(ckpt, out: Path, ablate: bool) -> int:
-    """A read checkpoint (`native.load_native`) as a model-only checkpoint at `out`, with Θ_F zeroed when
-    `ablate`; returns the number of parameters zeroed."""
-    from megatron_sgtm.core.regions import ablate as ablate_model
-    from megatron_sgtm.training.checkpoint import write_model_only
-
-    zeroed = ablate_model(ckpt.module) if ablate else 0  # in place: the state's tensors are the module's
-    keep = ("config", "partition", "method", "step", "ablated")
-    meta = {**{k: ckpt.meta[k] for k in keep if k in ckpt.meta}, "source": ckpt.meta.get("source", str(ckpt.path))}
-    if ablate:
-        meta.update(ablated=True, ablated_params=zeroed)
-    files = [f for f in [ckpt.path / "tokenizer.json"] if f.is_file()]
-    write_model_only(out, ckpt.state, meta, files)
-    return zeroed
+    writers.export_hf(_checkpoint(args), Path(args.out), ablate=args.ablate, prune=args.prune, dtype=args.dtype,
+                      release=args.release, tokenizer=Path(args.tokenizer) if args.tokenizer else None)
 
 
 def ablate(args: argparse.Namespace) -> None:
-    ckpt = _load(args.checkpoint)
+    from megatron_sgtm.export.native import load_native
+    from megatron_sgtm.export.writers import ExportError, write_model_only_copy
+
+    ckpt = load_native(_checkpoint(args))
     if ckpt.partition is None or not ckpt.partition.active:
-        raise ValueError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to ablate")
+        raise ExportError(f"{ckpt.path}: no active SGTM partition in its meta.json, so there is nothing to ablate")
     zeroed = write_model_only_copy(ckpt, Path(args.out), ablate=True)
     print(f"wrote {args.out} ({zeroed:,} forget parameters zeroed)", file=sys.stderr)
 
 
 def inspect(args: argparse.Namespace) -> None:
-    from megatron_sgtm.export.native import read_meta
+    from megatron_sgtm.export.native import read_model_meta
     from megatron_sgtm.export.prune import summarize
 
-    path = Path(args.checkpoint)
-    meta, model, partition = read_meta(path)
+    path = _checkpoint(args)
+    meta, model, partition = read_model_meta(path)
     summary = summarize(model, partition)
     par = meta.get("config", {}).get("parallel", {})
     tp, pp = par.get("tensor_model_parallel_size", 1), par.get("pipeline_model_parallel_size", 1)

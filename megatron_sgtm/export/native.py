@@ -8,7 +8,6 @@ shards). *Model-only* checkpoints (``ablate``, ``import-hf``) hold ``model.safet
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import tempfile
@@ -18,11 +17,12 @@ from pathlib import Path
 import torch
 
 from megatron_sgtm.compat.deepspeed import weights_only_torch_load
-from megatron_sgtm.core.partition import Partition, PartitionError, SGTMConfig
+from megatron_sgtm.core.partition import Partition, PartitionError
 from megatron_sgtm.export.hf import check_state
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.model import ModelConfig
-from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only
+from megatron_sgtm.training.checkpoint import META, CheckpointError, load_model_only, read_meta
+from megatron_sgtm.training.config import recorded_config, recorded_sgtm
 
 ENGINES = ("megatron", "deepspeed", "model-only")
 
@@ -40,18 +40,10 @@ class NativeCheckpoint:
     state: dict[str, torch.Tensor]
 
 
-def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
+def read_model_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
     """meta.json of a complete checkpoint, its model config and partition, checked against each other."""
     meta_file = path / META
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META}; a .partial directory is "
-                              "a save that did not finish)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_file}: not valid JSON ({err})") from err
+    meta = read_meta(path)
     engine = meta.get("engine")
     if engine not in ENGINES:
         raise CheckpointError(f"{meta_file}: engine={engine!r}: unknown layout (expected one of {ENGINES})")
@@ -63,8 +55,8 @@ def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
     if meta.get("partition") is not None:
         try:
             partition = Partition.from_dict(meta["partition"])
-            sgtm = meta.get("config", {}).get("sgtm")
-            expected = SGTMConfig(**sgtm).resolve(model.dims()) if sgtm is not None else None
+            sgtm = recorded_sgtm(recorded_config(meta))
+            expected = sgtm.resolve(model.dims()) if sgtm is not None else None
         except (KeyError, TypeError, ValueError, PartitionError) as err:
             raise CheckpointError(f"{meta_file}: partition is invalid ({err})") from err
         if expected is not None and expected.to_dict() != partition.to_dict():
@@ -81,7 +73,7 @@ def read_meta(path: Path) -> tuple[dict, ModelConfig, Partition | None]:
 def load_native(path: Path | str) -> NativeCheckpoint:
     """The global fp32 weights of a training or model-only checkpoint (any engine, any layout)."""
     path = Path(path)
-    meta, model, partition = read_meta(path)
+    meta, model, partition = read_model_meta(path)
     engine = meta["engine"]
     module = reference_model(model, partition)
     if engine == "megatron":

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,10 +27,11 @@ from safetensors.torch import load_file, save_file
 
 from megatron_sgtm.atomic import building, partial_dir, publish
 from megatron_sgtm.data.shards import Manifest, sha256_file
-from megatron_sgtm.errors import UserError
+from megatron_sgtm.errors import UserError, is_first_rank
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
+LATEST = "latest.json"  # in a checkpoint root: the step and directory of the newest checkpoint saved
 CHECKSUMS = "sha256"  # meta.json's key: {relative path: SHA-256} of every other file of the checkpoint
 MODEL_FILE = "model.safetensors"  # model-only checkpoints: the global (TP=1, PP=1) weights
 
@@ -56,6 +58,25 @@ def incomplete_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_") and not (p / META).is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: Path, flag: str = "--checkpoint") -> Path:
+    """The checkpoint a command reads for `path`: `path` itself when it is one (an iteration or a model-only
+    checkpoint); for a checkpoint root (a run's ``checkpoint.dir``, what Megatron-LM's ``--load`` takes) the
+    newest complete iteration, as ``checkpoint.resume=auto`` picks it, said on stderr. Anything else is
+    returned as given, for the reader to refuse."""
+    if (path / META).is_file() or not path.is_dir():
+        return path
+    if not (path / LATEST).is_file() and not any(p.name.startswith("iter_") for p in path.iterdir()):
+        return path
+    newest = resolve_resume("auto", path)
+    if newest is None:
+        unfinished = ", ".join(p.name for p in incomplete_checkpoints(path)) or "none"
+        raise CheckpointError(f"{flag} {path}: a checkpoint directory without a complete checkpoint (incomplete "
+                              f"ones: {unfinished})")
+    if is_first_rank():
+        print(f"{flag} {path}: using {newest.name}, its newest complete checkpoint", file=sys.stderr, flush=True)
+    return newest
 
 
 def resolve_resume(resume: str | None, root: Path | None) -> Path | None:
@@ -143,7 +164,7 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
         _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
                                             CHECKSUMS: checksums})
         publish(partial, final)
-        _write_json_atomic(root / "latest.json", {"step": step, "path": final.name})
+        _write_json_atomic(root / LATEST, {"step": step, "path": final.name})
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -151,13 +172,17 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
 
 
 def read_meta(path: Path) -> dict:
+    """meta.json of a complete checkpoint (training or model-only)."""
     meta_file = path / META
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     if not meta_file.is_file():
-        raise CheckpointError(f"checkpoint {path}: incomplete (no {META})")
+        raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META}; a .partial directory is "
+                              "a save that did not finish)")
     try:
         return json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {META} is not valid JSON ({err})") from err
+        raise CheckpointError(f"{meta_file}: not valid JSON ({err})") from err
 
 
 def run_identity(cfg, partition) -> dict:
@@ -233,8 +258,6 @@ def restore_rng(path: Path) -> None:
 
 def model_only_meta(path: Path) -> dict:
     """meta.json of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`); refuses anything else."""
-    if not (path / META).is_file():
-        raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META})")
     meta = read_meta(path)
     if meta.get("engine") != "model-only":
         raise CheckpointError(f"{path}: a {meta.get('engine')} training checkpoint, not a model-only one (resume "

@@ -160,6 +160,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """The config in its YAML form: `from_dict(cfg.to_dict())` gives `cfg` back."""
         out = dataclasses.asdict(self)
+        del out["sgtm"]["strategy"]  # set from `method`, never given
         for name, cls in SECTIONS.items():
             for f in _flat_fields(cls):
                 nested = out[name].pop(f.name)
@@ -324,7 +325,16 @@ def recorded_config(meta: dict) -> dict:
     for section, keys in _REPLACED.items():
         for key in keys:
             config.get(section, {}).pop(key, None)
+    config.get("sgtm", {}).pop("strategy", None)  # recorded before `method` became the one key
     return config
+
+
+def recorded_sgtm(config: dict) -> SGTMConfig | None:
+    """The `sgtm` section of a recorded config (`recorded_config`) with the strategy its `method` gives (None
+    without a section)."""
+    if config.get("sgtm") is None:
+        return None
+    return SGTMConfig(**config["sgtm"], strategy=METHODS[config.get("method", SGTM.name)].strategy.name)
 
 
 def _flat_fields(cls) -> list[dataclasses.Field]:
@@ -391,16 +401,12 @@ def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
     method = raw.pop("method", SGTM.name)
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"{source}: method={method!r}: expected one of {sorted(METHODS)}")
+    if isinstance(raw.get("sgtm"), dict) and "strategy" in raw["sgtm"]:
+        raise ConfigError(f"{source}: sgtm.strategy was removed; the top-level `method` decides it (one of "
+                          f"{sorted(METHODS)})")
     sections = {name: _section(cls, raw.get(name), source, name) for name, cls in SECTIONS.items()}
-    strategy = METHODS[method].strategy.name
-    asked = sections["sgtm"].strategy if "strategy" in (raw.get("sgtm") or {}) else strategy
-    if asked != strategy:
-        methods = [name for name, m in METHODS.items() if m.strategy.name == asked]
-        fix = f" or set method={'|'.join(methods)}" if methods else ""
-        raise ConfigError(f"{source}: sgtm.strategy={asked!r} conflicts with method={method!r} (method decides the "
-                          f"strategy; remove sgtm.strategy{fix})")
     cfg = TrainConfig(method=method, **sections)
-    cfg.sgtm.strategy = strategy
+    cfg.sgtm.strategy = METHODS[method].strategy.name
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"{source}: optim.min_lr={cfg.optim.min_lr}: must be <= optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_init_lr > cfg.optim.lr:

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_sgtm.unlearning.common import (
-    Source,
     UnlearnError,
+    Unlearning,
     check_layer,
     first_tensor,
     mlp_output,
@@ -150,7 +150,7 @@ def _whitening(acts: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.inv(moment + ridge * torch.trace(moment) / d * torch.eye(d))
 
 
-def unlearn(source: Source, settings: CIRSettings) -> tuple[dict, dict, dict]:
+def unlearn(source: Unlearning, settings: CIRSettings) -> tuple[dict, dict, dict]:
     """Run CIR on `source.module` in place; returns (resolved settings, the trainable parameters, their
     starting values)."""
     start, end = default_range(source.num_layers)

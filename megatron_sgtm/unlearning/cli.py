@@ -15,10 +15,10 @@ READER_ERRORS = (ValueError, KeyError)
 
 
 def _run(args: argparse.Namespace, method: str) -> None:
-    from megatron_sgtm.unlearning.common import check_out, load_source, progress, write_result
+    from megatron_sgtm.unlearning.common import check_out, load_unlearning, progress, write_result
 
     check_out(args.out)
-    source = load_source(args.checkpoint, args.data)
+    source = load_unlearning(args.checkpoint, args.data)
     progress(f"{method}: {len(source.forget_docs)} forget and {len(source.retain_docs)} retain training documents")
     count = args.eval_batches if args.eval_batches is not None else source.cfg.train.eval_batches or 8
     before = source.heldout_losses(count)

@@ -33,7 +33,7 @@ class _Stop(Exception):
 
 
 @dataclass
-class Source:
+class Unlearning:
     """The model being unlearned (updated in place) and the documents it is unlearned on."""
 
     path: Path
@@ -98,15 +98,15 @@ class Source:
                 if (batches := self.heldout(list(cats), count))}
 
 
-def load_source(checkpoint: str, data_path: str | None) -> Source:
+def load_unlearning(checkpoint: str, data_path: str | None) -> Unlearning:
     """The checkpoint's model (any engine, layout, or model-only) and its forget/retain training documents."""
-    from megatron_sgtm.export.native import load_native
-    from megatron_sgtm.training.config import from_dict, recorded_config
+    from megatron_sgtm.export.source import open_source
+    from megatron_sgtm.training.config import from_dict
     from megatron_sgtm.training.run_data import load_data
 
-    path = Path(checkpoint)
-    ckpt = load_native(path)
-    raw = {**recorded_config(ckpt.meta), "model": dataclasses.asdict(ckpt.model)}
+    source = open_source(Path(checkpoint), world=1)
+    path, ckpt = source.path, source.native()
+    raw = {**source.config, "model": dataclasses.asdict(ckpt.model)}
     if data_path:
         raw["data"] = {**raw.get("data", {}), "path": data_path}
     cfg = from_dict(raw, f"{path}/meta.json")
@@ -121,7 +121,7 @@ def load_source(checkpoint: str, data_path: str | None) -> Source:
             raise UnlearnError(f"--data {cfg.data.path}: no non-held-out documents of the {name} categories "
                                f"{list(categories)} (categories there: {data.corpus.category_names})")
     ckpt.module.train()  # dropout is 0 in our models; train mode only keeps autograd's usual path
-    return Source(path, ckpt, cfg, data, sets["forget"], sets["retain"])
+    return Unlearning(path, ckpt, cfg, data, sets["forget"], sets["retain"])
 
 
 def mlp_params(module: torch.nn.Module, layers: list[int], biases: bool) -> dict[str, torch.nn.Parameter]:
@@ -202,7 +202,7 @@ def check_out(out: str) -> None:
         raise UnlearnError(f"--out {out}: already exists (choose a new output directory)")
 
 
-def write_result(source: Source, out: str, method: str, settings: dict, params: dict[str, torch.nn.Parameter],
+def write_result(source: Unlearning, out: str, method: str, settings: dict, params: dict[str, torch.nn.Parameter],
                  originals: dict[str, torch.Tensor], losses: dict) -> list[str]:
     """A model-only checkpoint of the unlearned model. It keeps the source's SGTM partition (an unlearned SGTM
     model can still be ablated) but not an `ablated` mark: the update may have written into Θ_F."""

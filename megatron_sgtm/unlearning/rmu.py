@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_sgtm.unlearning.common import (
-    Source,
     UnlearnError,
+    Unlearning,
     check_layer,
     first_tensor,
     mlp_params,
@@ -50,7 +50,7 @@ def _check(settings: RMUSettings) -> None:
         raise UnlearnError(f"--lr {settings.lr}: must be positive")
 
 
-def unlearn(source: Source, settings: RMUSettings) -> tuple[dict, dict, dict]:
+def unlearn(source: Unlearning, settings: RMUSettings) -> tuple[dict, dict, dict]:
     """Run RMU on `source.module` in place; returns (resolved settings, the trainable parameters, their
     starting values)."""
     _check(settings)

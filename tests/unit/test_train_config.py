@@ -38,7 +38,8 @@ def _raw(shards: Path, **sections) -> dict:
         ({"method": "magic"}, 1, "method='magic'"),
         ({"optim": {"global_batch_size": 6, "micro_batch_size": 4}}, 1, "global_batch_size=6"),
         ({"train": {"eval_batches": 3}}, 2, "train.eval_batches=3"),
-        ({"checkpoint": {"pretrained": "/nonexistent"}}, 1, "checkpoint.pretrained: /nonexistent: incomplete or not"),
+        ({"checkpoint": {"pretrained": "/nonexistent"}}, 1,
+         "checkpoint.pretrained: /nonexistent: no such checkpoint directory"),
         ({"train": {"calibrate_ablated": True, "calibration_steps": 0}}, 1, "train.calibration_steps=0"),
         ({"train": {"calibration_iters": 8}}, 1, "train.calibration_iters was removed; use train.calibration_steps"),
     ],
@@ -79,25 +80,20 @@ def test_example_configs_load_and_their_partition_fits(path):
     cfg.sgtm.resolve(cfg.model.dims()).check_tp(cfg.parallel.tensor_model_parallel_size)
 
 
-@pytest.mark.parametrize(
-    "method,strategy,needle",
-    [
-        ("sgtm", "gradient_routing", "sgtm.strategy='gradient_routing' conflicts with method='sgtm' (method decides "
-         "the strategy; remove sgtm.strategy or set method=gradient_routing)"),
-        ("gradient_routing", "sgtm", "sgtm.strategy='sgtm' conflicts with method='gradient_routing'"),
-        ("weak_filter", "sgtm", "conflicts with method='weak_filter'"),
-    ],
-)
-def test_a_strategy_that_conflicts_with_the_method_is_refused(shards, method, strategy, needle):
+@pytest.mark.parametrize("method,strategy", [("sgtm", "gradient_routing"), ("sgtm", "sgtm"), ("oracle", "none")])
+def test_sgtm_strategy_is_refused_naming_method(shards, method, strategy):
+    """`method` is the one key for the training method: sgtm.strategy, even agreeing with it, is refused."""
     with pytest.raises(ConfigError) as err:
         from_dict(_raw(shards, method=method, sgtm={"strategy": strategy}))
-    assert needle in str(err.value)
+    assert "sgtm.strategy was removed; the top-level `method` decides it" in str(err.value)
 
 
 @pytest.mark.parametrize("method,strategy", [("sgtm", "sgtm"), ("gradient_routing", "gradient_routing"),
                                              ("oracle", "none")])
-def test_a_strategy_that_agrees_with_the_method_is_accepted(shards, method, strategy):
-    assert from_dict(_raw(shards, method=method, sgtm={"strategy": strategy})).sgtm.strategy == strategy
+def test_the_method_sets_the_strategy_and_to_dict_does_not_record_it(shards, method, strategy):
+    cfg = from_dict(_raw(shards, method=method))
+    assert cfg.sgtm.strategy == strategy and "strategy" not in cfg.to_dict()["sgtm"]
+    assert from_dict(cfg.to_dict()) == cfg
 
 
 def test_flat_labeling_keys_fill_the_data_sections_labeling_config_seeded_by_train_seed(shards):
@@ -135,3 +131,18 @@ def test_old_checkpoints_config_reads_without_the_removed_keys():
     config = recorded_config(meta)
     assert "calibration_iters" not in config["train"] and meta["config"]["train"]["calibration_iters"] == 8
     assert from_dict(config, "meta.json").train.train_steps == 5
+
+
+@pytest.mark.parametrize("method,strategy", [("gradient_routing", "gradient_routing"), ("none", "none")])
+def test_old_checkpoints_recorded_sgtm_strategy_still_reads(method, strategy):
+    """A meta.json written when the config still carried sgtm.strategy: its config reads, and the partition check
+    (`recorded_sgtm`) takes the strategy from the recorded method."""
+    from megatron_sgtm.training.config import recorded_config, recorded_sgtm
+
+    raw = tiny_config(Path("shards"), Path("run"), method=method)
+    meta = {"config": {**raw, "sgtm": {**raw["sgtm"], "strategy": strategy}}}
+    with pytest.raises(ConfigError, match="sgtm.strategy was removed"):
+        from_dict(meta["config"], "meta.json")
+    config = recorded_config(meta)
+    assert from_dict(config, "meta.json").sgtm.strategy == strategy
+    assert recorded_sgtm(config).strategy == strategy

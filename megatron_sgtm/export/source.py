@@ -1,6 +1,7 @@
-"""What `megatron-sgtm eval` evaluates: a native training checkpoint, a model-only checkpoint or an HF export,
-read into its training config and global weights (or, for a megatron checkpoint, the directory the engine
-reshards from at the evaluation's layout)."""
+"""The model a command reads (`eval`, `unlearn`): a native training checkpoint (or a checkpoint root: its newest
+complete iteration), a model-only checkpoint or an HF export `export-hf` wrote, read into its training config,
+method, step and tokenizer; its weights as the global tensors the engine starts from (a megatron checkpoint:
+None, the engine reshards the directory at its own layout) or as a model built in this process."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import torch
 
 from megatron_sgtm.data.shards import TOKENIZER_FILE, Manifest, sha256_file
 from megatron_sgtm.errors import UserError
-from megatron_sgtm.training.checkpoint import META, load_model_only
+from megatron_sgtm.export.native import NativeCheckpoint, load_native, read_model_meta
+from megatron_sgtm.training.checkpoint import META, load_model_only, resolve_checkpoint
 from megatron_sgtm.training.config import recorded_config
 
 HF_MANIFEST = "sgtm_manifest.json"  # what `export-hf` writes beside an HF directory's config.json
 
 
 class SourceError(UserError):
-    """A checkpoint or HF directory `eval` cannot read; names the path."""
+    """A checkpoint or HF directory that cannot be read; names the path."""
 
 
 @dataclass
@@ -33,7 +35,23 @@ class Source:
     step: int | None
     ablated: bool  # the weights are already ablated (`ablate`, `export-hf --ablate`)
     tokenizer: str | None  # the trained-with tokenizer's `_tokenizer_id`, when known
-    weights: dict[str, torch.Tensor] | None  # global fp32 weights; None: the engine loads `path` (megatron)
+    converted: dict[str, torch.Tensor] | None = None  # an HF export's weights, converted when it was read
+
+    def global_weights(self) -> dict[str, torch.Tensor] | None:
+        """The global fp32 weights an engine starts from; None for a megatron checkpoint (the engine reshards
+        `path` at its own layout)."""
+        if self.kind == "hf":
+            return self.converted
+        if self.kind == "model-only":
+            return load_model_only(self.path)[1]
+        return self.native().state if self.kind == "deepspeed" else None
+
+    def native(self) -> NativeCheckpoint:
+        """The model built in this process (TP=1, PP=1) with the checkpoint's weights."""
+        if self.kind == "hf":
+            raise SourceError(f"--checkpoint {self.path}: an HF export; import it with `megatron-sgtm import-hf` "
+                              "first")
+        return load_native(self.path)
 
 
 def tokenizer_fingerprint(path: Path) -> str:
@@ -58,28 +76,22 @@ def _tokenizer_id(directory: Path, meta: dict) -> str | None:
 
 
 def open_source(path: Path, world: int) -> Source:
-    """Read `path` (every rank reads it; only a megatron checkpoint's weights are left to the engine)."""
+    """Read `path`'s description (every rank reads it; no weights yet)."""
     if not path.is_dir():
         raise SourceError(f"--checkpoint {path}: no such directory")
     if not (path / META).is_file() and (path / "config.json").is_file():
         return _open_hf(path)
-    from megatron_sgtm.export.native import load_native, read_meta
-
-    meta = read_meta(path)[0]
+    path = resolve_checkpoint(path)
+    meta = read_model_meta(path)[0]
     kind = meta["engine"]
-    weights = None
-    if kind == "model-only":
-        weights = load_model_only(path)[1]
-    elif kind == "deepspeed":
-        if world != 1:
-            raise SourceError(f"--checkpoint {path}: a DeepSpeed checkpoint is read in one process; run eval "
-                              "without torchrun/srun")
-        weights = load_native(path).state
+    if kind == "deepspeed" and world != 1:
+        raise SourceError(f"--checkpoint {path}: a DeepSpeed checkpoint is read in one process; run without "
+                          "torchrun/srun")
     source_meta = meta
     if "identity" not in meta and meta.get("source") and (Path(meta["source"]) / META).is_file():
         source_meta = json.loads((Path(meta["source"]) / META).read_text())  # model-only: its training run's
     return Source(path, kind, recorded_config(meta), meta.get("method", "none"), meta.get("step"),
-                  bool(meta.get("ablated", False)), _tokenizer_id(path, source_meta), weights)
+                  bool(meta.get("ablated", False)), _tokenizer_id(path, source_meta))
 
 
 def _open_hf(path: Path) -> Source:
