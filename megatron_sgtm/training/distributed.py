@@ -20,11 +20,11 @@ def _from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host())
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def _first_slurm_host() -> str:
+def first_slurm_host() -> str:
     """Rank 0's host: the first node of the step (srun places task 0 there); `scontrol` expands
     node lists such as ``gpu[03-04,07]``."""
     if int(os.environ.get("SLURM_STEP_NUM_NODES", os.environ.get("SLURM_NNODES", "1"))) <= 1:

@@ -75,7 +75,7 @@ def default_range(num_layers: int) -> tuple[int, int]:
     return start, max(start + 1, round(num_layers * 12 / 16))
 
 
-def _check(settings: CIRSettings, start: int, end: int, num_layers: int) -> None:
+def check_layers(settings: CIRSettings, start: int, end: int, num_layers: int) -> None:
     check_layer("--start-layer", start, num_layers)
     check_layer("--end-layer (exclusive) - 1", end - 1, num_layers)
     if end <= start:
@@ -124,7 +124,7 @@ class _Linears:
                 handle.remove()
 
 
-def _basis(vectors: torch.Tensor, directions: int, iters: int) -> torch.Tensor:
+def mean_and_top_components(vectors: torch.Tensor, directions: int, iters: int) -> torch.Tensor:
     """Orthonormal columns spanning the mean and the top principal components of `vectors` [n, d]: at most
     half of d, so a small model keeps a subspace to update."""
     n, d = vectors.shape
@@ -138,12 +138,12 @@ def _basis(vectors: torch.Tensor, directions: int, iters: int) -> torch.Tensor:
     return q
 
 
-def _project_out(basis: torch.Tensor) -> torch.Tensor:
+def project_out(basis: torch.Tensor) -> torch.Tensor:
     """The [d, d] map x ↦ x - B Bᵀ x (rows multiply from the left: x @ map)."""
     return torch.eye(basis.shape[0]) - basis @ basis.T
 
 
-def _whitening(acts: torch.Tensor, ridge: float) -> torch.Tensor:
+def whitening(acts: torch.Tensor, ridge: float) -> torch.Tensor:
     """(M + λI)⁻¹ for the second moment M of `acts` [n, d], λ = ridge · trace(M) / d."""
     moment = acts.T @ acts / acts.shape[0]
     d = moment.shape[0]
@@ -156,7 +156,7 @@ def unlearn(source: Unlearning, settings: CIRSettings) -> tuple[dict, dict, dict
     start, end = default_range(source.num_layers)
     start = start if settings.start is None else settings.start
     end = end if settings.end is None else settings.end
-    _check(settings, start, end, source.num_layers)
+    check_layers(settings, start, end, source.num_layers)
     layers = source.module.decoder.layers
     params = mlp_params(source.module, list(range(end)), biases=False)
     originals = {n: p.detach().clone() for n, p in params.items()}
@@ -219,9 +219,9 @@ def unlearn(source: Unlearning, settings: CIRSettings) -> tuple[dict, dict, dict
         maps = {}
         for n in linears.modules:
             a = torch.cat(acts[n]).float()
-            a_map = (_whitening(a, settings.ridge) if settings.collapse == "retain"
-                     else _project_out(_basis(a, settings.act_directions, settings.pca_iters)))
-            g_map = (_project_out(_basis(torch.cat(forget_grads[n]).float(), settings.grad_directions,
+            a_map = (whitening(a, settings.ridge) if settings.collapse == "retain"
+                     else project_out(mean_and_top_components(a, settings.act_directions, settings.pca_iters)))
+            g_map = (project_out(mean_and_top_components(torch.cat(forget_grads[n]).float(), settings.grad_directions,
                                          settings.pca_iters)) if settings.grad_directions else None)
             maps[n] = (a_map, g_map)
         return maps

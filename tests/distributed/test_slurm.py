@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from megatron_sgtm.cli import main
-from megatron_sgtm.training.distributed import _first_slurm_host
+from megatron_sgtm.training.distributed import first_slurm_host
 from tests.support import ROOT
 from tests.support.slurm_cluster import SlurmCluster
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
@@ -190,6 +190,6 @@ def test_rank0_host_is_the_first_node_of_a_multi_node_step(slurm_cluster, monkey
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
     monkeypatch.setenv("SLURM_STEP_NUM_NODES", "3")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08],cpu01")
-    assert _first_slurm_host() == "gpu07"
+    assert first_slurm_host() == "gpu07"
     monkeypatch.setenv("SLURM_STEP_NUM_NODES", "1")
-    assert _first_slurm_host() == "127.0.0.1"
+    assert first_slurm_host() == "127.0.0.1"

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sgtm.unlearning.cir import CIRSettings, _basis, _check, _project_out, _whitening, default_range
+from megatron_sgtm.unlearning.cir import (
+    CIRSettings,
+    check_layers,
+    default_range,
+    mean_and_top_components,
+    project_out,
+    whitening,
+)
 from megatron_sgtm.unlearning.common import UnlearnError
 from megatron_sgtm.unlearning.rmu import default_layer
 
@@ -21,14 +28,14 @@ def test_collapse_removes_the_mean_and_top_components_only():
     torch.manual_seed(0)
     common = torch.randn(2, 16)
     vectors = torch.randn(500, 2) @ common * 10 + torch.randn(500, 16) * 0.1 + torch.randn(16)
-    basis = _basis(vectors, directions=3, iters=8)  # the mean + 2 principal components
+    basis = mean_and_top_components(vectors, directions=3, iters=8)  # the mean + 2 principal components
     assert basis.shape == (16, 3)
     assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-5)
-    collapse = _project_out(basis)
+    collapse = project_out(basis)
     collapsed = vectors @ collapse
     assert collapsed.norm(dim=1).mean() < 0.05 * vectors.norm(dim=1).mean()  # little is specific to a row
     assert torch.allclose(collapsed @ collapse, collapsed, atol=1e-4)  # idempotent
-    assert _basis(vectors, directions=36, iters=8).shape == (16, 8)  # at most half the width
+    assert mean_and_top_components(vectors, directions=36, iters=8).shape == (16, 8)  # at most half the width
 
 
 def test_retain_whitening_buys_forget_change_with_little_retain_change():
@@ -39,12 +46,12 @@ def test_retain_whitening_buys_forget_change_with_little_retain_change():
     shared, own = torch.randn(4, 32), torch.randn(32)
     retain = torch.randn(2000, 4) @ shared + 0.05 * torch.randn(2000, 32)
     forget = torch.randn(4) @ shared + 0.3 * own  # mostly along the retain directions
-    whitening = _whitening(retain, ridge=1e-3)
+    inverse = whitening(retain, ridge=1e-3)
 
     def retain_change_per_forget_change(u: torch.Tensor) -> float:
         return float((retain @ u).norm() / len(retain) ** 0.5 / (u @ forget).abs())
 
-    plain, whitened = retain_change_per_forget_change(forget), retain_change_per_forget_change(forget @ whitening)
+    plain, whitened = retain_change_per_forget_change(forget), retain_change_per_forget_change(forget @ inverse)
     assert whitened < 0.15 * plain, (whitened, plain)  # measured: 11x smaller
 
 
@@ -59,5 +66,5 @@ def test_retain_whitening_buys_forget_change_with_little_retain_change():
 def test_bad_cir_settings_name_their_flag(change, message):
     settings = CIRSettings(**{"start": 1, "end": 2, **change})
     with pytest.raises(UnlearnError) as error:
-        _check(settings, settings.start, settings.end, num_layers=2)
+        check_layers(settings, settings.start, settings.end, num_layers=2)
     assert str(error.value) == message
