@@ -166,7 +166,7 @@ def _write_release(checkpoint: Path, released: Path, world: int) -> None:
 def finetune(args: argparse.Namespace) -> int:
     from megatron_sgtm.attack.release import is_released
     from megatron_sgtm.export.native import read_model_meta
-    from megatron_sgtm.training.checkpoint import resolve_checkpoint
+    from megatron_sgtm.training.checkpoint import read_meta, resolve_checkpoint
     from megatron_sgtm.training.config import validate
     from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
     from megatron_sgtm.training.loop import train
@@ -203,7 +203,7 @@ def finetune(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     result = summarize(cfg, out / "before", out / "finetune", target)
-    ablated = bool(json.loads((released / "meta.json").read_text()).get("ablated", False))
+    ablated = bool(read_meta(released).get("ablated", False))
     report = {
         "checkpoint": str(checkpoint), "released": str(released), "ablated": ablated, "method": meta.get("method"),
         "target_loss": target, "target_source": target_source if target is not None else None,

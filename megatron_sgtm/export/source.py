@@ -16,7 +16,7 @@ import torch
 from megatron_sgtm.data.shards import TOKENIZER_FILE, Manifest, sha256_file
 from megatron_sgtm.errors import UserError
 from megatron_sgtm.export.native import NativeCheckpoint, load_native, read_model_meta
-from megatron_sgtm.training.checkpoint import META, load_model_only, resolve_checkpoint
+from megatron_sgtm.training.checkpoint import META, load_model_only, read_meta, resolve_checkpoint
 from megatron_sgtm.training.config import recorded_config
 
 HF_MANIFEST = "sgtm_manifest.json"  # what `export-hf` writes beside an HF directory's config.json
@@ -89,7 +89,7 @@ def open_source(path: Path, world: int) -> Source:
                           "torchrun/srun")
     source_meta = meta
     if "identity" not in meta and meta.get("source") and (Path(meta["source"]) / META).is_file():
-        source_meta = json.loads((Path(meta["source"]) / META).read_text())  # model-only: its training run's
+        source_meta = read_meta(Path(meta["source"]))  # model-only: its training run's
     return Source(path, kind, recorded_config(meta), meta.get("method", "none"), meta.get("step"),
                   bool(meta.get("ablated", False)), _tokenizer_id(path, source_meta))
 
@@ -110,7 +110,7 @@ def _open_hf(path: Path) -> Source:
     except (ValueError, KeyError) as err:
         raise SourceError(f"--checkpoint {path}: unsupported HF config ({err})") from err
     origin = Path(manifest.get("source") or "/nonexistent")
-    meta = json.loads((origin / META).read_text()) if (origin / META).is_file() else {}
+    meta = read_meta(origin) if (origin / META).is_file() else {}
     config = recorded_config(meta)
     config["model"] = dataclasses.asdict(model)
     return Source(path, "hf", config, manifest.get("method") or "none", manifest.get("step"),

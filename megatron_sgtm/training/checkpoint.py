@@ -80,7 +80,8 @@ def resolve_checkpoint(path: Path, flag: str = "--checkpoint") -> Path:
 
 
 def resolve_resume(resume: str | None, root: Path | None) -> Path | None:
-    """The checkpoint to resume from: None, the newest complete one ('auto'), or an explicit path."""
+    """The checkpoint to resume from: None, the newest complete one ('auto'), or an explicit path (a checkpoint
+    root: its newest complete one)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -88,7 +89,7 @@ def resolve_resume(resume: str | None, root: Path | None) -> Path | None:
             raise CheckpointError("checkpoint.resume=auto needs checkpoint.dir")
         found = complete_checkpoints(root)
         return found[-1] if found else None
-    path = Path(resume)
+    path = resolve_checkpoint(Path(resume), "checkpoint.resume")
     if not (path / META).is_file():
         raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {META} there)")
     return path

@@ -104,7 +104,7 @@ def check_resumable(cfg: TrainConfig, data: RunData, path: Path, world: int) -> 
     """Refuse, before anything expensive is built, a checkpoint this run cannot continue: another global
     stream (global batch size, data, labels, seed) or, with DeepSpeed, another data-parallel layout.
     The megatron engine resumes at any TP x PP x DP (its distributed checkpoint reshards)."""
-    meta = json.loads((path / checkpoint.META).read_text())
+    meta = checkpoint.read_meta(path)
     par = cfg.parallel
     dp_size = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
     try:

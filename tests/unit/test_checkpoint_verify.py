@@ -110,3 +110,17 @@ def test_rewind_at_the_last_step_drops_the_final_evaluation_the_run_repeats(cfg)
     log.close()
     lines = (Path(cfg.logging.run_dir) / "metrics.jsonl").read_text().splitlines()
     assert [(r["kind"], r["step"]) for r in map(json.loads, lines)] == [("train", last)]
+
+
+def test_checkpoint_resume_given_a_root_continues_its_newest_complete_checkpoint(tmp_path, capsys):
+    """checkpoint.resume=<checkpoint.dir> (Megatron-LM's --load) is the newest complete iteration, as 'auto' finds
+    it, not an older one nor a crashed save; an iteration given itself is kept."""
+    root = tmp_path / "ckpt"
+    for name in ("iter_0000002", "iter_0000004"):
+        (root / name).mkdir(parents=True)
+        (root / name / checkpoint.META).write_text("{}")
+    (root / "iter_0000006.partial").mkdir()
+    (root / checkpoint.LATEST).write_text('{"step": 4, "path": "iter_0000004"}')
+    assert checkpoint.resolve_resume(str(root), None) == root / "iter_0000004"
+    assert "checkpoint.resume " + str(root) + ": using iter_0000004" in capsys.readouterr().err
+    assert checkpoint.resolve_resume(str(root / "iter_0000002"), None) == root / "iter_0000002"
