@@ -16,10 +16,14 @@ import contextlib
 import copy
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from megatron_sgtm.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron_sgtm.evaluation.downstream import LmEvalSettings
 
 CALIBRATION_FLAGS = {"calibration_steps": int, "calibration_alpha": float, "calibration_beta": float,
                      "calibration_lr": float}
@@ -61,14 +65,44 @@ def _evaluated_data(cfg, args: argparse.Namespace, data):
                    np.arange(corpus.num_docs))
 
 
-def _downstream(args: argparse.Namespace, source, evaluated, tokenizer: Path, work: Path, cfg) -> dict | None:
+def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--lm-eval*`` flags."""
+    from megatron_sgtm.evaluation.downstream import DEFAULT_ITEMS
+
+    group = parser.add_argument_group("downstream tasks (lm-evaluation-harness, offline)")
+    group.add_argument("--lm-eval", action="store_true",
+                       help="also run lm-eval's hf backend on HF exports: cloze and perplexity tasks generated "
+                            "from held-out documents of each category, plus any --lm-eval-tasks")
+    group.add_argument("--lm-eval-tasks", nargs="+", type=Path, default=[], metavar="PATH",
+                       help="local lm-eval task YAMLs or directories of them (their data files local too)")
+    group.add_argument("--lm-eval-limit", type=int, default=None, metavar="N",
+                       help="evaluate at most N items of each task (default: all)")
+    group.add_argument("--lm-eval-items", type=int, default=DEFAULT_ITEMS, metavar="N",
+                       help=f"documents per category in the generated tasks (default {DEFAULT_ITEMS})")
+    group.add_argument("--lm-eval-batch-size", type=int, default=8, metavar="N", help="lm-eval batch size")
+    group.add_argument("--lm-eval-device", default="cpu", help="torch device for lm-eval (default cpu)")
+
+
+def lm_eval_settings(args: argparse.Namespace) -> LmEvalSettings | None:
+    """The `downstream.LmEvalSettings` the --lm-eval* flags ask for; None without --lm-eval."""
+    from megatron_sgtm.errors import check_positive
+    from megatron_sgtm.evaluation.downstream import LmEvalSettings
+
+    if not args.lm_eval:
+        if args.lm_eval_tasks:
+            raise UserError("--lm-eval-tasks needs --lm-eval")
+        return None
+    check_positive(args, ("lm_eval_limit", "lm_eval_items", "lm_eval_batch_size"))
+    return LmEvalSettings(tasks=tuple(args.lm_eval_tasks), limit=args.lm_eval_limit, items=args.lm_eval_items,
+                          batch_size=args.lm_eval_batch_size, device=args.lm_eval_device)
+
+
+def _downstream(settings: LmEvalSettings, source, evaluated, tokenizer: Path, work: Path, cfg) -> dict:
     """--lm-eval: the live (and, with an active partition, ablated) model as HF exports, through lm-eval."""
     import tempfile
 
     from megatron_sgtm.evaluation import downstream, measure
 
-    if not args.lm_eval:
-        return downstream.run_from_args(args, {}, evaluated.corpus, {}, tokenizer, work)  # checks the flags
     docs = downstream.heldout_by_category(evaluated.corpus, evaluated.heldout_docs)
     with tempfile.TemporaryDirectory(dir=work) as exports:
         if source.kind == "hf":
@@ -76,8 +110,8 @@ def _downstream(args: argparse.Namespace, source, evaluated, tokenizer: Path, wo
         else:
             measure.say("exporting to Hugging Face format for lm-eval")
             hf_dirs = downstream.export_models(source.path, Path(exports) / "hf", tokenizer)
-        return downstream.run_from_args(args, hf_dirs, evaluated.corpus, docs, tokenizer, work / "downstream",
-                                        seed=cfg.train.seed, context_length=cfg.model.seq_length)
+        return downstream.evaluate_exports(hf_dirs, evaluated.corpus, docs, tokenizer, work / "downstream", settings,
+                                           seed=cfg.train.seed, context_length=cfg.model.seq_length)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -98,6 +132,7 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
         raise UserError(f"--out {out}: already exists (choose a new directory)")
+    lm_eval = lm_eval_settings(args)
     rank, world, on_gpu = init_distributed()
     if args.lm_eval and world != 1:
         raise UserError("--lm-eval: run eval as a single process (lm-eval's hf backend evaluates HF exports in one "
@@ -171,9 +206,8 @@ def main(args: argparse.Namespace) -> None:
         log.close()
         engine.shutdown()
         tokenizer = Path(args.eval_data or args.data) / Manifest.read(Path(args.eval_data or args.data)).tokenizer
-        lm_eval = _downstream(args, source, evaluated, tokenizer, work, cfg) if rank == 0 else None
-        if lm_eval is not None:
-            result["lm_eval"] = lm_eval
+        if lm_eval is not None and rank == 0:
+            result["lm_eval"] = _downstream(lm_eval, source, evaluated, tokenizer, work, cfg)
         if rank == 0:
             report.write(work, result, values, absorption)
         dist.barrier()
@@ -181,8 +215,6 @@ def main(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from megatron_sgtm.evaluation import downstream
-
     p = subparsers.add_parser("eval", help="per-category losses, calibration, loss distributions and absorption "
                               "of a checkpoint", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,5 +236,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-norms", action="store_true", help="absorption: relative gradient norms per document")
     p.add_argument("--grad-norm-docs", type=int, default=32, help="documents per absorption group")
     p.add_argument("--wandb-mode", choices=("disabled", "offline", "online"), default="disabled")
-    downstream.add_arguments(p)
+    add_lm_eval_arguments(p)
     p.set_defaults(func=main, user_errors=(ValueError, KeyError))

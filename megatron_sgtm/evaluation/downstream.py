@@ -4,14 +4,14 @@
 per document group a multiple-choice cloze task (a document's context, its true next sentence against
 sentences of other documents of the same group) and a ``loglikelihood_rolling`` perplexity task over whole
 documents. `run_tasks` evaluates one HF export (`export/hf.py`) on those and on user-supplied task YAMLs;
-`downstream` does it for several exports (live and ablated) and writes downstream.json and a Markdown table.
+`downstream` does it for several exports (live and ablated) and writes downstream.json and a Markdown table;
+`evaluate_exports` is what `eval --lm-eval` runs (its flags are evaluation/cli.py's).
 The texts are the documents' tokens decoded with the shards' tokenizer, which the export carries too, so
 lm-eval scores exactly the tokens the model was trained and evaluated on.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -21,6 +21,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -327,43 +328,30 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--lm-eval*`` flags, for a command that evaluates models (`megatron-sgtm eval`)."""
-    group = parser.add_argument_group("downstream tasks (lm-evaluation-harness, offline)")
-    group.add_argument("--lm-eval", action="store_true",
-                       help="also run lm-eval's hf backend on HF exports: cloze and perplexity tasks generated "
-                            "from held-out documents of each category, plus any --lm-eval-tasks")
-    group.add_argument("--lm-eval-tasks", nargs="+", type=Path, default=[], metavar="PATH",
-                       help="local lm-eval task YAMLs or directories of them (their data files local too)")
-    group.add_argument("--lm-eval-limit", type=int, default=None, metavar="N",
-                       help="evaluate at most N items of each task (default: all)")
-    group.add_argument("--lm-eval-items", type=int, default=DEFAULT_ITEMS, metavar="N",
-                       help=f"documents per category in the generated tasks (default {DEFAULT_ITEMS})")
-    group.add_argument("--lm-eval-batch-size", type=int, default=8, metavar="N", help="lm-eval batch size")
-    group.add_argument("--lm-eval-device", default="cpu", help="torch device for lm-eval (default cpu)")
+# ------------------------------------------------------------------------------------------ eval --lm-eval
+@dataclass(frozen=True)
+class LmEvalSettings:
+    """What `eval --lm-eval` runs: the user's task YAMLs (or directories of them) besides the generated tasks,
+    at most `limit` items per task, `items` documents per category in the generated tasks."""
+
+    tasks: tuple[Path, ...] = ()
+    limit: int | None = None
+    items: int = DEFAULT_ITEMS
+    batch_size: int = 8
+    device: str = "cpu"
 
 
-def run_from_args(args: argparse.Namespace, hf_dirs: Mapping[str, Path], corpus: Corpus,
-                  docs: Mapping[str, np.ndarray], tokenizer: Path, out: Path, seed: int = 0,
-                  context_length: int | None = None) -> dict | None:
-    """What ``--lm-eval`` asks for: tasks written to ``out/tasks`` from ``docs`` (group -> held-out document
-    indices), the user's tasks added, every model of ``hf_dirs`` evaluated into ``out``. None without --lm-eval."""
-    if not args.lm_eval:
-        if args.lm_eval_tasks:
-            raise UserError("--lm-eval-tasks needs --lm-eval")
-        return None
-    for flag in ("lm_eval_limit", "lm_eval_items", "lm_eval_batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+def evaluate_exports(hf_dirs: Mapping[str, Path], corpus: Corpus, docs: Mapping[str, np.ndarray], tokenizer: Path,
+                     out: Path, settings: LmEvalSettings, seed: int = 0, context_length: int | None = None) -> dict:
+    """Tasks written to ``out/tasks`` from ``docs`` (group -> held-out document indices), the user's tasks added,
+    every model of ``hf_dirs`` evaluated into ``out``."""
     require_lm_eval()
-    names, includes = user_tasks(args.lm_eval_tasks)
+    names, includes = user_tasks(settings.tasks)
     task_dir = Path(out) / "tasks"
-    generated = write_tasks(task_dir, corpus, docs, tokenizer, items=args.lm_eval_items, seed=seed,
+    generated = write_tasks(task_dir, corpus, docs, tokenizer, items=settings.items, seed=seed,
                             context_length=context_length)
-    return downstream(hf_dirs, [*generated, *names], [task_dir.resolve(), *includes], out,
-                      limit=args.lm_eval_limit, batch_size=args.lm_eval_batch_size, device=args.lm_eval_device)
+    return downstream(hf_dirs, [*generated, *names], [task_dir.resolve(), *includes], out, limit=settings.limit,
+                      batch_size=settings.batch_size, device=settings.device)
 
 
 def export_models(checkpoint: Path, out: Path, tokenizer: Path | None = None) -> dict[str, Path]:

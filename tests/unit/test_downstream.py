@@ -15,6 +15,7 @@ from megatron_sgtm.core.partition import SGTMConfig
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
 from megatron_sgtm.data.tokenizer import load_tokenizer
 from megatron_sgtm.errors import UserError
+from megatron_sgtm.evaluation import cli as eval_cli
 from megatron_sgtm.evaluation import downstream as ds
 from megatron_sgtm.export.hf import to_hf, write_hf_dir
 from megatron_sgtm.export.prune import ablate_state
@@ -176,19 +177,17 @@ def test_lm_eval_offline_on_exports(setup, monkeypatch):
 
 def test_flags_and_errors(setup, monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
-    ds.add_arguments(parser)
+    eval_cli.add_lm_eval_arguments(parser)
     args = parser.parse_args(["--lm-eval", "--lm-eval-tasks", "a.yaml", "b", "--lm-eval-limit", "5",
                               "--lm-eval-items", "7"])
     assert (args.lm_eval, args.lm_eval_tasks, args.lm_eval_limit, args.lm_eval_items) == (
         True, [Path("a.yaml"), Path("b")], 5, 7)
-    off = parser.parse_args([])
-    assert ds.run_from_args(off, {}, setup["corpus"], {}, setup["data"], tmp_path) is None
+    assert eval_cli.lm_eval_settings(args) == ds.LmEvalSettings(tasks=(Path("a.yaml"), Path("b")), limit=5, items=7)
+    assert eval_cli.lm_eval_settings(parser.parse_args([])) is None
     with pytest.raises(UserError, match="--lm-eval-tasks needs --lm-eval"):
-        ds.run_from_args(parser.parse_args(["--lm-eval-tasks", "x"]), {}, setup["corpus"], {}, setup["data"],
-                         tmp_path)
+        eval_cli.lm_eval_settings(parser.parse_args(["--lm-eval-tasks", "x"]))
     with pytest.raises(UserError, match="--lm-eval-limit must be a positive integer"):
-        ds.run_from_args(parser.parse_args(["--lm-eval", "--lm-eval-limit", "0"]), {}, setup["corpus"], {},
-                         setup["data"], tmp_path)
+        eval_cli.lm_eval_settings(parser.parse_args(["--lm-eval", "--lm-eval-limit", "0"]))
     with pytest.raises(UserError, match="no such file"):
         ds.user_tasks([tmp_path / "missing.yaml"])
     (tmp_path / "bad.yaml").write_text("task: [unclosed\n")
