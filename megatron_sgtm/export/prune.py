@@ -106,7 +106,7 @@ def _check_prunable(config: PretrainedConfig, partition: Partition) -> None:
     if config.model_type not in HF_CLASSES:
         raise ValueError(f"cannot prune model_type={config.model_type!r}: expected one of {sorted(HF_CLASSES)}")
     if not partition.active:
-        raise ValueError("cannot prune: sgtm.strategy='none' has no forget heads or units")
+        raise ValueError(f"cannot prune: the method's strategy={partition.strategy!r} has no forget heads or units")
     dims = _hf_dims(config)
     missing = sorted(set(range(dims.num_layers)) - set(partition.masked_layers))
     if missing:
