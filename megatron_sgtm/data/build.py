@@ -1,8 +1,17 @@
-"""Raw documents -> tokenized WebDataset shards + tokenizer copy + manifest (`megatron-sgtm data build`)."""
+"""Raw documents -> tokenized WebDataset shards + tokenizer copy + manifest (`megatron-sgtm data build`).
+
+Tokenization runs on ``workers`` processes, each single-threaded, fed batches in order and at most two
+batches ahead per worker: the shards are the same bytes for any number of workers, and memory stays flat
+however large a streamed corpus is (documents are read, tokenized and written a batch at a time).
+"""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -25,39 +34,80 @@ from megatron_sgtm.data.tokenizer import eod_id
 
 ENCODE_BATCH = 1000
 
+_worker_tokenizer: Tokenizer | None = None
 
-def tokenized(docs: Iterable[Document], tokenizer: Tokenizer) -> Iterator[ShardDoc]:
-    """Shard records with the end-of-document token appended; duplicate ids are an error because
-    scores files and the exactly-once accounting key on them."""
+
+def _encode(tokenizer: Tokenizer, batch: list[Document]) -> list[tuple[bytes, bytes]]:
+    """(meta JSON, token ids as .npy) of each document, end-of-document token appended."""
     eod = eod_id(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    out = []
+    for doc, encoding in zip(batch, tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False),
+                             strict=True):
+        tokens = np.asarray([*encoding.ids, eod], dtype=dtype)
+        meta = {"id": doc.id, "text": doc.text, "num_tokens": len(tokens)}
+        if doc.category is not None:
+            meta["category"] = doc.category
+        out.append((json.dumps(meta, ensure_ascii=False).encode(), encode_tokens(tokens)))
+    return out
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _encode_in_worker(batch: list[Document]) -> list[tuple[bytes, bytes]]:
+    return _encode(_worker_tokenizer, batch)
+
+
+def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer, workers: int
+                     ) -> Iterator[tuple[list[Document], list[tuple[bytes, bytes]]]]:
+    """Each batch with its encodings, in input order; at most ``2 * workers`` batches in flight."""
+    if workers == 1:
+        yield from ((batch, _encode(tokenizer, batch)) for batch in batches)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_start_worker, initargs=(tokenizer.to_str(),)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(_encode_in_worker, (batch,))))
+            if len(pending) >= 2 * workers:
+                batch, result = pending.popleft()
+                yield batch, result.get()
+        while pending:
+            batch, result = pending.popleft()
+            yield batch, result.get()
+
+
+def tokenized(docs: Iterable[Document], tokenizer: Tokenizer, workers: int = 1) -> Iterator[ShardDoc]:
+    """Shard records with the end-of-document token appended; duplicate ids are an error because
+    scores files and the exactly-once accounting key on them."""
     seen: set[str] = set()
     index = 0
     docs = iter(docs)
-    while batch := list(islice(docs, ENCODE_BATCH)):
-        encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
-        for doc, encoding in zip(batch, encodings, strict=True):
+    batches = iter(lambda: list(islice(docs, ENCODE_BATCH)), [])
+    for batch, encoded in _encoded_batches(batches, tokenizer, workers):
+        for doc, (meta_json, tokens_npy) in zip(batch, encoded, strict=True):
             if doc.id in seen:
                 raise ValueError(f"document id {doc.id!r} occurs twice; ids must be unique")
             seen.add(doc.id)
-            tokens = np.asarray([*encoding.ids, eod], dtype=dtype)
-            meta = {"id": doc.id, "text": doc.text, "num_tokens": len(tokens)}
-            if doc.category is not None:
-                meta["category"] = doc.category
-            yield ShardDoc.from_meta(f"{index:09d}", meta, encode_tokens(tokens))
+            yield ShardDoc(f"{index:09d}", meta_json, tokens_npy)
             index += 1
 
 
-def build_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: Path, docs_per_shard: int = 10_000
-                 ) -> Manifest:
+def build_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: Path, docs_per_shard: int = 10_000,
+                 workers: int = 1) -> Manifest:
     """Write everything into ``OUT.partial`` and rename it to ``out_dir`` once the manifest is in, so a
     failed build (bad input half-way, full disk) leaves nothing that looks like a shard directory."""
     check_new_output(out_dir)
+    # One core per worker: the Rust tokenizer's own thread pool would make "N workers" mean more cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if partial_dir(out_dir).exists():
         print(f"[build] removing {partial_dir(out_dir)}, left by an interrupted build", file=sys.stderr)
     with building(out_dir) as work:  # builds do not resume: a failed one keeps nothing
         tokenizer.save(str(work / TOKENIZER_FILE))
-        shards = write_shards(tokenized(docs, tokenizer), work, docs_per_shard, Progress(None, "build"))
+        shards = write_shards(tokenized(docs, tokenizer, workers), work, docs_per_shard, Progress(None, "build"))
         manifest = Manifest(shards=shards, eod_id=eod_id(tokenizer), vocab_size=tokenizer.get_vocab_size())
         if manifest.num_docs == 0:
             raise ValueError("the inputs hold no documents")

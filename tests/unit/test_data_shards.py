@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +87,28 @@ def test_corrupt_header_fails_naming_it(built, tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="shard-000001.tar.*checksum"):
         list(read_shard(victim))
+
+
+def test_a_damaged_header_after_the_first_member_fails_naming_it(built, tmp_path):
+    # tarfile takes a bad header after the first member for the end of the archive and stops silently
+    shards = _copy(built, tmp_path)
+    victim = shards / "shard-000001.tar"
+    with tarfile.open(victim) as tar:
+        offset = tar.getmembers()[5].offset
+    data = bytearray(victim.read_bytes())
+    data[offset + 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"shard-000001.tar: corrupt tar header at byte {offset}"):
+        list(read_shard(victim))
+
+
+def test_shards_of_the_hand_written_ustar_format_still_read():
+    """tests/data/shards_ustar_v1: written before shards came from webdataset's TarWriter (6 synthetic
+    documents, seed 3)."""
+    corpus = load_corpus(Path(__file__).parents[1] / "data" / "shards_ustar_v1")
+    docs = list(generate(6, seed=3))
+    assert corpus.ids == [d.id for d in docs] and corpus.num_docs == 6
+    assert [corpus.category_names[c] for c in corpus.categories] == [d.category for d in docs]
 
 
 def test_skip_bad_shards_reports_how_many(built, tmp_path, capsys):
