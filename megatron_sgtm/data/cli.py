@@ -160,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-split", default="train", help="--hf-dataset: split (default train)")
     p.add_argument("--streaming", action="store_true",
                    help="--hf-dataset: stream records (corpora larger than memory or disk)")
-    p.add_argument("--category", help="--hf-dataset: category of every document without a --category-field value")
+    p.add_argument("--category", help="--hf-dataset: category of every document (instead of --category-field)")
     p.add_argument("--limit", type=int, help="--hf-dataset: keep the first N documents")
     p.add_argument("--workers", type=int, default=1,
                    help="tokenizer processes (one core each); the shards are the same for any number")

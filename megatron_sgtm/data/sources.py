@@ -177,8 +177,8 @@ def read_documents(paths: list[Path], fields: Fields = Fields()) -> Iterator[Doc
 class HubSource:
     """A `datasets.load_dataset` source: a hub name (on a connected machine) or a builder over local files
     (``json``, ``parquet``, ``text``, ``csv`` with ``data_files`` globs). ``streaming`` reads records as
-    they come, for corpora larger than memory or disk. ``category`` labels every document without a
-    category field (e.g. the language of a monolingual set); ``limit`` keeps the first N documents."""
+    they come, for corpora larger than memory or disk. ``category`` labels every document of the source
+    (e.g. the language of a monolingual set) instead of ``category_field``; ``limit`` keeps the first N."""
 
     dataset: str
     config: str | None = None
@@ -208,7 +208,7 @@ def read_hub(source: HubSource) -> Iterator[Document]:
     fields_ = Fields(id=source.id_field, text=source.text_field, category=source.category_field)
     stem = f"{source.dataset.replace('/', '_')}-{source.split}"
     for doc in _from_rows(source.label, islice(data, source.limit), fields_, stem):
-        yield doc if doc.category is not None or source.category is None else replace(doc, category=source.category)
+        yield doc if source.category is None else replace(doc, category=source.category)
 
 
 def load_recipe(path: Path) -> list[HubSource]:
