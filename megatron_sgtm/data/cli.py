@@ -114,7 +114,9 @@ def _classifier_spec(args: argparse.Namespace):
     path = {"linear": args.model, "hf": args.model, "keywords": args.rules, "scores": args.scores}[args.classifier]
     if path is None:
         raise ValueError(f"{args.classifier} classifier: give --{'model' if args.classifier == 'hf' else 'scores'}")
-    return ClassifierSpec(args.classifier, str(path), args.forget_label)
+    if args.label_categories and args.classifier != "hf":
+        raise ValueError(f"--label-categories needs --classifier hf (a topic classifier), not {args.classifier}")
+    return ClassifierSpec(args.classifier, str(path), args.forget_label, args.label_categories)
 
 
 def tag(args: argparse.Namespace) -> int:
@@ -187,6 +189,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
     p.add_argument("--scores", type=Path, help='scores: JSONL lines {"id": ..., "score": P(forget)}')
     p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
+    p.add_argument("--label-categories", action="store_true",
+                   help="hf: each document's category becomes the model's top label (a topic classifier)")
     p.add_argument("--forget-categories", nargs="+", default=[FORGET_CATEGORY],
                    help="ground-truth categories that count as forget (training targets and metrics)")
     p.add_argument("--tau-forget", type=float, default=0.5, help="threshold for the reported label counts")

@@ -197,7 +197,7 @@ class HubSource:
 
 
 def read_hub(source: HubSource) -> Iterator[Document]:
-    """Documents of a `load_dataset` source; default ids are ``<dataset>-<split>-<row>``."""
+    """Documents of a `load_dataset` source; default ids are ``<dataset>[-<config>]-<split>-<row>``."""
     from datasets import load_dataset
 
     try:
@@ -206,7 +206,7 @@ def read_hub(source: HubSource) -> Iterator[Document]:
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise ValueError(f"load_dataset({source.dataset!r}, split={source.split!r}): {e}") from e
     fields_ = Fields(id=source.id_field, text=source.text_field, category=source.category_field)
-    stem = f"{source.dataset.replace('/', '_')}-{source.split}"
+    stem = "-".join([source.dataset.replace("/", "_"), *([source.config] if source.config else []), source.split])
     for doc in _from_rows(source.label, islice(data, source.limit), fields_, stem):
         yield doc if source.category is None else replace(doc, category=source.category)
 
