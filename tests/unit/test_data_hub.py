@@ -11,8 +11,10 @@ import pytest
 from megatron_sgtm.cli import main
 from megatron_sgtm.data import build
 from megatron_sgtm.data.shards import Manifest, read_shard
+from megatron_sgtm.data.sources import load_recipe
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import load_tokenizer, train_bpe
+from tests.support import ROOT
 
 DOCS = list(generate(90, seed=11))
 
@@ -99,3 +101,9 @@ def test_a_recipe_with_an_unknown_key_is_refused_naming_it(corpus, tmp_path, cap
     assert main(["data", "build", "--recipe", str(recipe), "--tokenizer", str(corpus / "tokenizer.json"),
                  "--out", str(tmp_path / "out")]) == 2
     assert "recipe.yaml: sources[0]: unknown key(s) ['data_file']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["data_tinystories_bilingual", "data_wikipedia"])
+def test_example_recipes_name_streamed_hub_sources(name):
+    sources = load_recipe(ROOT / "examples" / f"{name}.yaml")
+    assert sources and all("/" in s.dataset and s.streaming for s in sources)
