@@ -7,6 +7,7 @@ however large a streamed corpus is (documents are read, tokenized and written a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -21,12 +22,14 @@ from tokenizers import Tokenizer
 
 from megatron_sgtm.atomic import building, partial_dir
 from megatron_sgtm.data.shards import (
+    SHARD_PATTERN,
     TOKENIZER_FILE,
     Manifest,
     Progress,
     ShardDoc,
     check_new_output,
     encode_tokens,
+    read_shard,
     write_shards,
 )
 from megatron_sgtm.data.sources import Document
@@ -80,18 +83,36 @@ def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer, wo
             yield batch, result.get()
 
 
-def tokenized(docs: Iterable[Document], tokenizer: Tokenizer, workers: int = 1) -> Iterator[ShardDoc]:
-    """Shard records with the end-of-document token appended; duplicate ids are an error because
-    scores files and the exactly-once accounting key on them."""
-    seen: set[str] = set()
+class IdDigests:
+    """64-bit digests of the document ids, 8 bytes per document where a set of the ids would grow a streamed
+    build by ~100 bytes per document. Duplicates are found once every id is in (the build then fails and
+    publishes nothing)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def add(self, ids: list[str]) -> None:
+        self.chunks.append(np.fromiter(
+            (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids),
+            dtype=np.uint64, count=len(ids)))
+
+    def first_duplicate(self) -> tuple[int, int] | None:
+        """Indices (first, second) of two documents whose ids hash alike, or None."""
+        digests = np.concatenate([np.zeros(0, np.uint64), *self.chunks])
+        order = np.argsort(digests, kind="stable")
+        same = np.flatnonzero(digests[order][1:] == digests[order][:-1])
+        return (int(order[same[0]]), int(order[same[0] + 1])) if len(same) else None
+
+
+def tokenized(docs: Iterable[Document], tokenizer: Tokenizer, ids: IdDigests, workers: int = 1
+              ) -> Iterator[ShardDoc]:
+    """Shard records with the end-of-document token appended; their ids go to ``ids``."""
     index = 0
     docs = iter(docs)
     batches = iter(lambda: list(islice(docs, ENCODE_BATCH)), [])
     for batch, encoded in _encoded_batches(batches, tokenizer, workers):
-        for doc, (meta_json, tokens_npy) in zip(batch, encoded, strict=True):
-            if doc.id in seen:
-                raise ValueError(f"document id {doc.id!r} occurs twice; ids must be unique")
-            seen.add(doc.id)
+        ids.add([doc.id for doc in batch])
+        for meta_json, tokens_npy in encoded:
             yield ShardDoc(f"{index:09d}", meta_json, tokens_npy)
             index += 1
 
@@ -107,7 +128,13 @@ def build_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: Path, 
         print(f"[build] removing {partial_dir(out_dir)}, left by an interrupted build", file=sys.stderr)
     with building(out_dir) as work:  # builds do not resume: a failed one keeps nothing
         tokenizer.save(str(work / TOKENIZER_FILE))
-        shards = write_shards(tokenized(docs, tokenizer, workers), work, docs_per_shard, Progress(None, "build"))
+        ids = IdDigests()
+        shards = write_shards(tokenized(docs, tokenizer, ids, workers), work, docs_per_shard, Progress(None, "build"))
+        if (duplicate := ids.first_duplicate()) is not None:  # scores files and exactly-once accounting key on ids
+            first, second = duplicate
+            shard = list(read_shard(work / (SHARD_PATTERN % (second // docs_per_shard))))
+            raise ValueError(f"document id {shard[second % docs_per_shard].id!r} occurs twice (documents {first} "
+                             f"and {second} of the input); ids must be unique")
         manifest = Manifest(shards=shards, eod_id=eod_id(tokenizer), vocab_size=tokenizer.get_vocab_size())
         if manifest.num_docs == 0:
             raise ValueError("the inputs hold no documents")

@@ -158,7 +158,14 @@ def test_duplicate_ids_and_empty_input_are_errors(tmp_path, capsys):
     tok = ["--train-tokenizer", "300"]
     assert main(["data", "build", "--input", str(tmp_path / "in.jsonl"), *tok, "--out", str(tmp_path / "o1")]) == 2
     assert "megatron-sgtm data build: document id 'a' occurs twice" in capsys.readouterr().err
+    # Far apart, in different shards: found once all ids are in, named with both positions.
+    (tmp_path / "far.jsonl").write_text("".join(
+        json.dumps({"id": "d3" if i == 25 else f"d{i}", "text": f"text {i}"}) + "\n" for i in range(30)))
+    assert main(["data", "build", "--input", str(tmp_path / "far.jsonl"), *tok, "--out", str(tmp_path / "o3"),
+                 "--docs-per-shard", "10"]) == 2
+    assert "document id 'd3' occurs twice (documents 3 and 25 of the input)" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text("")
     assert main(["data", "build", "--input", str(tmp_path / "empty.jsonl"), *tok, "--out", str(tmp_path / "o2")]) == 2
     assert "no documents" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "in.jsonl"]  # no output, not even partial
+    # no output, not even partial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "far.jsonl", "in.jsonl"]
