@@ -45,6 +45,10 @@ def test_build_writes_shards_manifest_and_tokens(built, capsys):
 def test_shards_are_plain_webdataset(built, tmp_path):
     samples = list(wds.WebDataset(str(built / "shard-000000.tar"), shardshuffle=False))
     assert len(samples) == 40 and json.loads(samples[0]["json"])["id"] == "synth-5-000000000"
+    decoded = list(wds.WebDataset(str(built / "shard-{000000..000003}.tar"), shardshuffle=False).decode())
+    stored = [d for i in range(4) for d in read_shard(built / f"shard-{i:06d}.tar")]
+    assert [s["json"]["id"] for s in decoded] == [d.id for d in stored]
+    assert all(np.array_equal(s["tokens.npy"], d.tokens()) for s, d in zip(decoded, stored, strict=True))
     # Shards we write ourselves (tagging) read back through webdataset too.
     docs = list(read_shard(built / "shard-000001.tar"))
     write_shard(tmp_path / "copy.tar", docs)
