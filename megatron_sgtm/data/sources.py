@@ -106,11 +106,9 @@ def read_parquet(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
 
 
 def read_hf_disk(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
-    """A dataset saved with ``datasets.save_to_disk`` (the optional `datasets` package)."""
-    try:
-        from datasets import DatasetDict, load_from_disk
-    except ImportError as e:
-        raise ImportError(f"{path} is a `datasets` directory; install the optional `datasets` package") from e
+    """A dataset saved with ``datasets.save_to_disk``."""
+    from datasets import DatasetDict, load_from_disk
+
     data = load_from_disk(str(path))
     splits = [data[name] for name in sorted(data)] if isinstance(data, DatasetDict) else [data]
     yield from _from_rows(path, (record for split in splits for record in split), fields, path.name)
