@@ -196,8 +196,13 @@ class HubSource:
 
 def read_hub(source: HubSource) -> Iterator[Document]:
     """Documents of a `load_dataset` source; default ids are ``<dataset>[-<config>]-<split>-<row>``."""
+    import glob
+
     from datasets import load_dataset
 
+    for pattern in source.data_files:  # datasets 5.2 fails with a bare StopIteration when a glob matches nothing
+        if "://" not in pattern and not glob.glob(pattern, recursive=True):
+            raise FileNotFoundError(f"{source.label}: data_files {pattern!r} matches no file")
     try:
         data = load_dataset(source.dataset, source.config, data_files=source.data_files or None,
                             split=source.split, streaming=source.streaming)

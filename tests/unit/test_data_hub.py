@@ -95,6 +95,12 @@ def test_a_recipe_labels_each_source_with_its_category(corpus, tmp_path):
     assert [d.meta["category"] for d in stored] == ["first"] * 30 + ["second"] * 10
 
 
+def test_a_glob_matching_no_file_is_one_line_naming_it(corpus, tmp_path, capsys):
+    assert main(["data", "build", "--hf-dataset", "json", "--hf-data-files", str(tmp_path / "none-*.jsonl"),
+                 "--tokenizer", str(corpus / "tokenizer.json"), "--out", str(tmp_path / "out")]) == 2
+    assert f"json[train]: data_files '{tmp_path / 'none-*.jsonl'}' matches no file" in capsys.readouterr().err
+
+
 def test_a_recipe_with_an_unknown_key_is_refused_naming_it(corpus, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("sources:\n  - dataset: json\n    data_file: x.jsonl\n")
