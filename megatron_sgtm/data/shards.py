@@ -99,7 +99,7 @@ def _members(path: Path, data: bytes) -> list[tuple[str, bytes]]:
 
     try:
         members = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data), skip_meta=None)]
-    except (tarfile.TarError, EOFError) as e:
+    except tarfile.TarError as e:
         # webdataset appends " @ <stream>" to the message
         raise ShardError(f"shard {path}: truncated or corrupt tar ({str(e).split(' @ ')[0]})") from e
     end = sum(BLOCK + len(payload) + -len(payload) % BLOCK for _, payload in members)
