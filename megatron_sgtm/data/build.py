@@ -35,7 +35,7 @@ from megatron_sgtm.data.shards import (
 from megatron_sgtm.data.sources import Document
 from megatron_sgtm.data.tokenizer import eod_id
 
-ENCODE_BATCH = 1000
+ENCODE_BATCH = 256
 
 _worker_tokenizer: Tokenizer | None = None
 
