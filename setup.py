@@ -19,14 +19,16 @@ setup(
         "safetensors",
         "einops",
         "webdataset",
+        "wandb",
+        "datasets",
         "tokenizers",
         "pyarrow",
         "transformers",
         "matplotlib",
     ],
-    # datasets: the optional `datasets.load_from_disk` source, tested in CI. eval: lm-evaluation-harness for
-    # `megatron-sgtm eval --lm-eval` (its hf backend needs the [hf] extra), tested in CI too.
-    extras_require={"test": ["pytest", "ruff", "psutil", "datasets", "lm_eval[hf]==0.4.13"],
+    # eval: lm-evaluation-harness for `megatron-sgtm eval --lm-eval` (its hf backend needs the [hf] extra),
+    # tested in CI too. datasets is required: `data build --hf-dataset` reads through `load_dataset`.
+    extras_require={"test": ["pytest", "ruff", "psutil", "lm_eval[hf]==0.4.13"],
                     "eval": ["lm_eval[hf]==0.4.13"]},
     entry_points={"console_scripts": ["megatron-sgtm=megatron_sgtm.cli:main"]},
 )

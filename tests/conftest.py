@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# No network in tests: `datasets.load_dataset` uses its local builders only (read when datasets is imported).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # What `init_distributed` sets in this process when a unit test runs a command in-process (eval, attack): the
 # store it opens stays listening, so a later test's child process must not inherit that rendezvous port.
 _RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

@@ -210,16 +210,22 @@ class HFClassifier:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def score(self, ids: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        return self.score_and_label(texts)[0]
+
+    def score_and_label(self, texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """P(forget label) and the most probable label's name (``id2label``) of each text, from one forward:
+        a topic classifier's labels become the documents' categories (``data tag --label-categories``)."""
         import torch
 
-        out = []
+        scores, labels = [], []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
                                      padding=True, truncation=True, max_length=self.max_length)
-                probs = self.model(**enc).logits.float().softmax(-1)[:, self.forget_label]
-                out.append(probs.numpy().astype(np.float64))
-        return np.concatenate(out) if out else np.zeros(0)
+                probs = self.model(**enc).logits.float().softmax(-1)
+                scores.append(probs[:, self.forget_label].numpy().astype(np.float64))
+                labels += [str(self.model.config.id2label[int(i)]) for i in probs.argmax(-1)]
+        return (np.concatenate(scores) if scores else np.zeros(0)), labels
 
     def describe(self) -> dict:
         return {"kind": "hf", "path": str(self.path), "forget_label": self.forget_label}

@@ -15,7 +15,8 @@ from megatron_sgtm.errors import check_positive
 
 SYNTH_CHUNK = 50_000
 # Options holding a count of something; zero or negative is a user error, not "use the default".
-COUNT_OPTIONS = ("num_docs", "docs_per_shard", "train_tokenizer", "tokenizer_docs", "train_from_truth", "workers")
+COUNT_OPTIONS = ("num_docs", "docs_per_shard", "train_tokenizer", "tokenizer_docs", "train_from_truth", "workers",
+                 "limit")
 
 
 def _mix(text: str) -> dict[str, float]:
@@ -48,20 +49,35 @@ def synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _documents(args: argparse.Namespace):
+    """The documents `data build` reads: local --input paths, one --hf-dataset, or a --recipe's sources."""
+    from itertools import chain
+
+    from megatron_sgtm.data.sources import Fields, HubSource, load_recipe, read_documents, read_hub
+
+    if args.input is not None:
+        fields = Fields(id=args.id_field, text=args.text_field, category=args.category_field)
+        return lambda: read_documents(args.input, fields)
+    if args.hf_dataset is not None:
+        sources = [HubSource(args.hf_dataset, args.hf_config, args.hf_data_files or [], args.hf_split, args.streaming,
+                             args.id_field, args.text_field, args.category_field, args.category, args.limit)]
+    else:
+        sources = load_recipe(args.recipe)
+    return lambda: chain.from_iterable(read_hub(source) for source in sources)
+
+
 def build(args: argparse.Namespace) -> int:
     from megatron_sgtm.data.build import build_shards
-    from megatron_sgtm.data.sources import Fields, read_documents
     from megatron_sgtm.data.tokenizer import load_tokenizer, train_bpe
 
     check_positive(args, COUNT_OPTIONS)
-    fields = Fields(id=args.id_field, text=args.text_field, category=args.category_field)
+    documents = _documents(args)
     if args.tokenizer is not None:
         tokenizer = load_tokenizer(args.tokenizer)
     else:
         print(f"[build] training a {args.train_tokenizer}-token BPE tokenizer", file=sys.stderr, flush=True)
-        texts = (d.text for d in islice(read_documents(args.input, fields), args.tokenizer_docs))
-        tokenizer = train_bpe(texts, args.train_tokenizer)
-    manifest = build_shards(read_documents(args.input, fields), tokenizer, args.out, args.docs_per_shard)
+        tokenizer = train_bpe((d.text for d in islice(documents(), args.tokenizer_docs)), args.train_tokenizer)
+    manifest = build_shards(documents(), tokenizer, args.out, args.docs_per_shard, workers=args.workers)
     print(f"[build] {manifest.num_docs} docs, {manifest.num_tokens} tokens in {len(manifest.shards)} shard(s); "
           f"categories {manifest.categories()}", file=sys.stderr)
     return 0
@@ -98,7 +114,9 @@ def _classifier_spec(args: argparse.Namespace):
     path = {"linear": args.model, "hf": args.model, "keywords": args.rules, "scores": args.scores}[args.classifier]
     if path is None:
         raise ValueError(f"{args.classifier} classifier: give --{'model' if args.classifier == 'hf' else 'scores'}")
-    return ClassifierSpec(args.classifier, str(path), args.forget_label)
+    if args.label_categories and args.classifier != "hf":
+        raise ValueError(f"--label-categories needs --classifier hf (a topic classifier), not {args.classifier}")
+    return ClassifierSpec(args.classifier, str(path), args.forget_label, args.label_categories)
 
 
 def tag(args: argparse.Namespace) -> int:
@@ -131,8 +149,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=synth)
 
     p = commands.add_parser("build", help="tokenize documents into WebDataset shards + manifest.json")
-    p.add_argument("--input", type=Path, nargs="+", required=True,
-                   help="JSONL / JSON lines / .txt / .parquet files, directories, or datasets.save_to_disk dirs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, nargs="+",
+                        help="JSONL / JSON lines / .txt / .parquet / WebDataset .tar files, directories, or "
+                             "datasets.save_to_disk dirs")
+    source.add_argument("--hf-dataset", metavar="NAME",
+                        help="a datasets.load_dataset source: a hub name (connected machines) or a builder over "
+                             "local --hf-data-files (json, parquet, text, csv)")
+    source.add_argument("--recipe", type=Path, help="YAML 'sources:' list of load_dataset sources (data recipes)")
+    p.add_argument("--hf-config", help="--hf-dataset: configuration name (e.g. 20231101.en)")
+    p.add_argument("--hf-data-files", nargs="+", metavar="GLOB", help="--hf-dataset: the builder's data files")
+    p.add_argument("--hf-split", default="train", help="--hf-dataset: split (default train)")
+    p.add_argument("--streaming", action="store_true",
+                   help="--hf-dataset: stream records (corpora larger than memory or disk)")
+    p.add_argument("--category", help="--hf-dataset: category of every document (instead of --category-field)")
+    p.add_argument("--limit", type=int, help="--hf-dataset: keep the first N documents")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes (one core each); the shards are the same for any number")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", type=Path, help="tokenizer.json or a local HF tokenizer directory")
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")
@@ -156,6 +189,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
     p.add_argument("--scores", type=Path, help='scores: JSONL lines {"id": ..., "score": P(forget)}')
     p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
+    p.add_argument("--label-categories", action="store_true",
+                   help="hf: each document's category becomes the model's top label (a topic classifier)")
     p.add_argument("--forget-categories", nargs="+", default=[FORGET_CATEGORY],
                    help="ground-truth categories that count as forget (training targets and metrics)")
     p.add_argument("--tau-forget", type=float, default=0.5, help="threshold for the reported label counts")

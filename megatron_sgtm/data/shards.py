@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -30,13 +31,7 @@ MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SHARD_PATTERN = "shard-%06d.tar"
 FORMAT = "megatron-sgtm-shards/1"
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
-# ustar header with mode 0444, uid/gid 0, mtime 0, owner "bigdata" (as webdataset writes) and the
-# checksum field blank (8 spaces); name, size and checksum are filled in per member.
-USTAR_TEMPLATE = bytes(
-    bytearray(100) + b"0000444\0" + b"0000000\0" * 2 + bytes(12) + b"00000000000\0" + b" " * 8 + b"0"
-    + bytes(100) + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2 + bytes(183))
+BLOCK = 512  # tar's block: headers and padded payloads
 
 
 class ShardError(UserError, ValueError):
@@ -92,65 +87,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tar_members(path: Path, data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, payload) of each regular file in a tar held in memory.
+def _members(path: Path, data: bytes) -> list[tuple[str, bytes]]:
+    """(name, payload) of each file of a shard held in memory, read by webdataset's tar iterator.
 
-    A minimal ustar/pax reader: `tarfile` costs ~100 us per member, which would cap tagging far below
-    the goal. It understands what tar writers put in WebDataset shards (ustar, pax ``x``/``g``
-    headers, GNU long names). Before yielding anything it checks every header checksum (in one
-    vectorised pass) and that the archive ends with its end-of-archive block, so a truncated or
-    damaged shard is always detected.
+    The tar module stops without error at a damaged header after the first member (it takes it for
+    the end of the archive), and at a cut between members. Our shards hold one 512-byte header per
+    member (short ustar names), so the members read must end exactly where the end-of-archive zero
+    blocks start; anything else is damage, named with the byte where reading stopped.
     """
-    headers, checksums, pos = [], [], 0
-    while True:
-        header = data[pos:pos + BLOCK]
-        if len(header) < BLOCK:
-            raise ShardError(f"shard {path}: truncated tar (no end-of-archive marker after byte {pos})")
-        if header == ZERO_BLOCK:
-            break
-        try:
-            checksums.append(int(header[148:156].strip(b"\0 ") or b"0", 8))
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError as e:
-            raise ShardError(f"shard {path}: corrupt tar header at byte {pos}") from e
-        headers.append((pos, size))
-        pos += BLOCK + size + (-size % BLOCK)
-        if pos > len(data):
-            raise ShardError(f"shard {path}: truncated tar (member at byte {headers[-1][0]} is cut off)")
-    blocks = np.frombuffer(data, dtype=np.uint8, count=len(data) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    header_blocks = blocks[[p // BLOCK for p, _ in headers]]
-    # The checksum field itself counts as 8 spaces.
-    computed = (header_blocks.sum(axis=1, dtype=np.int64) - header_blocks[:, 148:156].sum(axis=1, dtype=np.int64)
-                + 8 * 32)
-    bad = np.flatnonzero(computed != np.asarray(checksums, dtype=np.int64))
-    if len(bad):
-        raise ShardError(f"shard {path}: corrupt tar header at byte {headers[bad[0]][0]} (checksum mismatch)")
-    long_name = None
-    for pos, size in headers:
-        kind, payload = data[pos + 156:pos + 157], data[pos + BLOCK:pos + BLOCK + size]
-        if kind == b"x":
-            long_name = dict(_pax_records(path, payload)).get("path", long_name)
-        elif kind == b"L":
-            long_name = payload.rstrip(b"\0").decode()
-        elif kind in (b"0", b"\0", b"7"):
-            name = long_name or data[pos:pos + 100].split(b"\0", 1)[0].decode()
-            if data[pos + 345] and not long_name:  # ustar splits long paths into prefix/name
-                name = data[pos + 345:pos + 500].split(b"\0", 1)[0].decode() + "/" + name
-            long_name = None
-            yield name, payload
-        elif kind != b"g":
-            long_name = None  # directories, links: not part of a sample
+    from webdataset.tariterators import tar_file_iterator  # here: importing webdataset imports torch (~1 s)
 
-
-def _pax_records(path: Path, payload: bytes) -> Iterator[tuple[str, str]]:
-    pos = 0
-    while pos < len(payload):
-        length, _, rest = payload[pos:].partition(b" ")
-        if not length.isdigit() or int(length) <= 0:
-            raise ShardError(f"shard {path}: corrupt pax header")
-        key, _, value = rest[: int(length) - len(length) - 2].partition(b"=")
-        yield key.decode(), value.decode()
-        pos += int(length)
+    try:
+        members = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data), skip_meta=None)]
+    except tarfile.TarError as e:
+        # webdataset appends " @ <stream>" to the message
+        raise ShardError(f"shard {path}: truncated or corrupt tar ({str(e).split(' @ ')[0]})") from e
+    end = sum(BLOCK + len(payload) + -len(payload) % BLOCK for _, payload in members)
+    if len(data) < end + 2 * BLOCK:
+        raise ShardError(f"shard {path}: truncated tar (no end-of-archive marker after byte {end})")
+    if data[end:end + 2 * BLOCK] != bytes(2 * BLOCK):
+        raise ShardError(f"shard {path}: corrupt tar header at byte {end} (checksum mismatch or damaged)")
+    return members
 
 
 def read_shard(path: Path, sha256: str | None = None) -> Iterator[ShardDoc]:
@@ -163,7 +120,7 @@ def read_shard(path: Path, sha256: str | None = None) -> Iterator[ShardDoc]:
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ShardError(f"shard {path}: checksum mismatch (truncated or modified since it was written)")
     pending: dict[str, dict[str, bytes]] = {}
-    for name, payload in tar_members(path, data):
+    for name, payload in _members(path, data):
         key, _, ext = name.partition(".")
         if ext not in ("json", "tokens.npy"):
             raise ShardError(f"shard {path}: unexpected member {name!r}")
@@ -316,33 +273,19 @@ def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,
     return infos
 
 
-_TEMPLATE_SUM = sum(USTAR_TEMPLATE)
-
-
-def _ustar_header(name: bytes, size: int) -> bytes:
-    """The template with ``name`` and ``size`` filled in. Its name and size fields are zero bytes, so
-    the checksum only grows by the sums of the new ones."""
-    size_field = b"%011o\0" % size
-    checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(size_field))
-    return (name + USTAR_TEMPLATE[len(name):124] + size_field + USTAR_TEMPLATE[136:148] + checksum
-            + USTAR_TEMPLATE[156:])
-
-
 def write_shard(path: Path, docs: Iterable[ShardDoc]) -> ShardInfo:
-    """Write one shard atomically (``.tmp`` then rename), so an interrupted run leaves no partial shard.
+    """Write one shard with webdataset's `TarWriter` (mtime 0: the same documents give the same bytes),
+    atomically (``.tmp`` then rename), so an interrupted run leaves no partial shard."""
+    from webdataset.writer import TarWriter  # here: importing webdataset imports torch (~1 s)
 
-    Plain ustar, as `webdataset` writes and reads it, written directly because `tarfile` costs ~150 us
-    per member, several times the whole tagging budget per document.
-    """
     tmp = path.with_name(path.name + ".tmp")
     info = ShardInfo(path.name)
-    chunks = []
-    for doc in docs:
-        key = doc.key.encode()
-        for ext, payload in ((b".json", doc.meta_json), (b".tokens.npy", doc.tokens_npy)):
-            chunks += (_ustar_header(key + ext, len(payload)), payload, ZERO_BLOCK[:-len(payload) % BLOCK])
-        info.add(doc)
-    data = b"".join([*chunks, ZERO_BLOCK, ZERO_BLOCK])
+    buffer = io.BytesIO()
+    with TarWriter(buffer, encoder=False, mtime=0) as writer:
+        for doc in docs:
+            writer.write({"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy})
+            info.add(doc)
+    data = buffer.getvalue()
     info.sha256 = hashlib.sha256(data).hexdigest()
     tmp.write_bytes(data)
     os.replace(tmp, path)

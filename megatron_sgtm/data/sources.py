@@ -1,7 +1,9 @@
-"""Readers turning local corpora (JSONL, text, parquet, WebDataset tars, `datasets.load_from_disk`)
-into documents.
+"""Readers turning corpora (JSONL, text, parquet, WebDataset tars, `datasets.load_from_disk`, and
+`datasets.load_dataset` sources) into documents.
 
-Nothing is downloaded: every source is a local path. Errors name the file and line or row. An empty
+Local paths are read as they are; a `load_dataset` source is a builder over local files (json, parquet,
+text, csv) or a hub name, which downloads on a connected machine only. Errors name the file and line or
+row. An empty
 (or whitespace-only) document is refused rather than skipped: it would train on nothing but an
 end-of-document token, and it usually means the wrong --text-field or a broken export.
 """
@@ -10,10 +12,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
+from itertools import islice
 from pathlib import Path
-
-from megatron_sgtm.data.shards import tar_members
 
 
 @dataclass(frozen=True)
@@ -91,9 +93,9 @@ def read_text(path: Path) -> Iterator[Document]:
             yield Document(id=f"{path.stem}-{lineno}", text=line.rstrip("\r\n"))
 
 
-def _from_rows(path: Path, records: Iterable[dict], fields: Fields, stem: str) -> Iterator[Document]:
+def _from_rows(where: object, records: Iterable[dict], fields: Fields, stem: str) -> Iterator[Document]:
     for row, record in enumerate(records):
-        yield _from_record(record, fields, f"{stem}-{row}", f"{path} row {row}")
+        yield _from_record(record, fields, f"{stem}-{row}", f"{where} row {row}")
 
 
 def read_parquet(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
@@ -104,11 +106,9 @@ def read_parquet(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
 
 
 def read_hf_disk(path: Path, fields: Fields = Fields()) -> Iterator[Document]:
-    """A dataset saved with ``datasets.save_to_disk`` (the optional `datasets` package)."""
-    try:
-        from datasets import DatasetDict, load_from_disk
-    except ImportError as e:
-        raise ImportError(f"{path} is a `datasets` directory; install the optional `datasets` package") from e
+    """A dataset saved with ``datasets.save_to_disk``."""
+    from datasets import DatasetDict, load_from_disk
+
     data = load_from_disk(str(path))
     splits = [data[name] for name in sorted(data)] if isinstance(data, DatasetDict) else [data]
     yield from _from_rows(path, (record for split in splits for record in split), fields, path.name)
@@ -134,15 +134,16 @@ def read_webdataset(path: Path, fields: Fields = Fields()) -> Iterator[Document]
             return Document(id=key, text=text)
         raise ValueError(f"{where}: no .json or .txt member (has {sorted(parts)})")
 
-    key, parts = None, {}
-    for name, payload in tar_members(path, path.read_bytes()):
-        member_key, _, ext = name.partition(".")
-        if member_key != key and parts:
-            yield document(key, parts)
-            parts = {}
-        key, parts[ext] = member_key, payload
-    if parts:
-        yield document(key, parts)
+    import tarfile
+
+    import webdataset as wds
+
+    samples = wds.WebDataset([str(path)], shardshuffle=False, empty_check=False)
+    try:
+        for sample in samples:
+            yield document(sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")})
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: not a readable tar ({str(e).split(' @ ')[0]})") from e
 
 
 def _is_hf_disk(path: Path) -> bool:
@@ -168,3 +169,69 @@ def read_documents(paths: list[Path], fields: Fields = Fields()) -> Iterator[Doc
         else:
             raise ValueError(f"{path}: unsupported input type {path.suffix!r} (jsonl, json lines, txt, parquet, "
                              "WebDataset tar, or a `datasets.save_to_disk` directory)")
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A `datasets.load_dataset` source: a hub name (on a connected machine) or a builder over local files
+    (``json``, ``parquet``, ``text``, ``csv`` with ``data_files`` globs). ``streaming`` reads records as
+    they come, for corpora larger than memory or disk. ``category`` labels every document of the source
+    (e.g. the language of a monolingual set) instead of ``category_field``; ``limit`` keeps the first N."""
+
+    dataset: str
+    config: str | None = None
+    data_files: list[str] = field(default_factory=list)
+    split: str = "train"
+    streaming: bool = False
+    id_field: str = "id"
+    text_field: str = "text"
+    category_field: str = "category"
+    category: str | None = None
+    limit: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}[{self.split}]"
+
+
+def read_hub(source: HubSource) -> Iterator[Document]:
+    """Documents of a `load_dataset` source; default ids are ``<dataset>[-<config>]-<split>-<row>``."""
+    import glob
+
+    from datasets import load_dataset
+
+    for pattern in source.data_files:  # datasets 5.2 fails with a bare StopIteration when a glob matches nothing
+        if "://" not in pattern and not glob.glob(pattern, recursive=True):
+            raise FileNotFoundError(f"{source.label}: data_files {pattern!r} matches no file")
+    try:
+        data = load_dataset(source.dataset, source.config, data_files=source.data_files or None,
+                            split=source.split, streaming=source.streaming)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise ValueError(f"load_dataset({source.dataset!r}, split={source.split!r}): {e}") from e
+    fields_ = Fields(id=source.id_field, text=source.text_field, category=source.category_field)
+    stem = "-".join([source.dataset.replace("/", "_"), *([source.config] if source.config else []), source.split])
+    for doc in _from_rows(source.label, islice(data, source.limit), fields_, stem):
+        yield doc if source.category is None else replace(doc, category=source.category)
+
+
+def load_recipe(path: Path) -> list[HubSource]:
+    """A data recipe: YAML ``sources:``, a list of `HubSource` fields (``dataset`` required)."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    entries = raw.get("sources") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected 'sources:', a non-empty list of load_dataset sources")
+    known = {f.name for f in dataclass_fields(HubSource)}
+    sources = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("dataset"), str):
+            raise ValueError(f"{path}: sources[{i}]: expected a mapping with 'dataset' (a hub name or builder)")
+        if unknown := sorted(set(entry) - known):
+            raise ValueError(f"{path}: sources[{i}]: unknown key(s) {unknown}; known: {sorted(known)}")
+        if isinstance(entry.get("data_files"), str):
+            entry = {**entry, "data_files": [entry["data_files"]]}
+        sources.append(HubSource(**entry))
+    return sources

@@ -50,11 +50,13 @@ SCORE_BATCH = 256  # small batches keep the n-gram arrays in cache
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    """What a worker needs to build the classifier: its kind and the file it reads."""
+    """What a worker needs to build the classifier: its kind and the file it reads; ``label_categories``
+    (hf only) makes each document's category the classifier's top label."""
 
     kind: str
     path: str
     forget_label: int | None = None
+    label_categories: bool = False
 
     def build(self) -> Classifier:
         path = Path(self.path)
@@ -73,7 +75,7 @@ class ClassifierSpec:
         path, by name), so a resumed run re-tags shards an earlier run scored with other rules or model."""
         path = Path(self.path)
         content = sha256_file(path) if path.is_file() else str(path.resolve())
-        return f"{self.kind}:{content}:{self.forget_label}"
+        return f"{self.kind}:{content}:{self.forget_label}" + (":categories" if self.label_categories else "")
 
 
 @lru_cache(maxsize=1)
@@ -118,6 +120,10 @@ def score_docs(classifier: Classifier, docs: list[ShardDoc], where: str) -> np.n
     scores = np.concatenate([np.zeros(0)] + [
         classifier.score([d.id for d in docs[i:i + SCORE_BATCH]], [d.meta["text"] for d in docs[i:i + SCORE_BATCH]])
         for i in range(0, len(docs), SCORE_BATCH)])
+    return _checked(scores, docs, where)
+
+
+def _checked(scores: np.ndarray, docs: list[ShardDoc], where: str) -> np.ndarray:
     bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))
     if len(bad):
         raise ShardError(f"{where}: classifier gave document {docs[bad[0]].id!r} field 'score' = {scores[bad[0]]!r} "
@@ -125,20 +131,29 @@ def score_docs(classifier: Classifier, docs: list[ShardDoc], where: str) -> np.n
     return scores
 
 
+def _tagged(spec: ClassifierSpec, fingerprint: str, docs: list[ShardDoc], where: str) -> list[ShardDoc]:
+    """The documents with their scores, and with ``label_categories`` the classifier's top label as category."""
+    classifier = _classifier(spec, fingerprint)
+    if not spec.label_categories:
+        return [doc.with_score(float(s)) for doc, s in zip(docs, score_docs(classifier, docs, where), strict=True)]
+    scores, labels = classifier.score_and_label([d.meta["text"] for d in docs])
+    return [ShardDoc.from_meta(doc.key, {**doc.meta, "score": float(s), "category": label}, doc.tokens_npy)
+            for doc, s, label in zip(docs, _checked(scores, docs, where), labels, strict=True)]
+
+
 def _tag_shard(task: tuple[ClassifierSpec, str, Path, Path, ShardInfo, bool]) -> dict:
     """Worker: verify, score and write one shard; returns its record (or the reason it was skipped)."""
     spec, fingerprint, in_dir, out_dir, info, skip_bad = task
     try:
-        docs = list(read_shard(in_dir / info.name, info.sha256))
-        scores = score_docs(_classifier(spec, fingerprint), docs, f"shard {in_dir / info.name}")
+        docs = _tagged(spec, fingerprint, list(read_shard(in_dir / info.name, info.sha256)),
+                       f"shard {in_dir / info.name}")
     except ShardError as e:
         if skip_bad:
             return {"name": info.name, "skipped": str(e)}
         raise
-    docs = [doc.with_score(float(score)) for doc, score in zip(docs, scores, strict=True)]
     out_info = write_shard(out_dir / info.name, docs)
     record = {"name": info.name, "source_sha256": info.sha256, "classifier": fingerprint, "info": vars(out_info),
-              "scores": scores.tolist(), "categories": [d.meta.get("category") for d in docs]}
+              "scores": [d.meta["score"] for d in docs], "categories": [d.meta.get("category") for d in docs]}
     (out_dir / PROGRESS_DIR / f"{info.name}.json").write_text(json.dumps(record))
     return record
 

@@ -165,6 +165,7 @@ def main(args: argparse.Namespace) -> None:
         if weights is None:
             engine.load_weights(str(source.path))
         log = RunLogger(cfg, rank, world)
+        log.start_wandb()
         par = cfg.parallel
         measure.say(f"{source.kind} checkpoint {source.path} (method {cfg.method}) at TP="
                     f"{par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size} DP={engine.dp_size}")

@@ -65,7 +65,7 @@ RATE_FREE = {name for name, m in METHODS.items() if not m.strategy.active and m.
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Keys the grid sets per run (or that change the parameter count the budget was computed from).
 RUN_KEYS = {"method", "data.undiscovered_rate", "data.forget_keep_fraction", "train.seed", "train.train_steps",
-            "checkpoint.dir", "checkpoint.resume", "logging.run_dir"}
+            "checkpoint.dir", "checkpoint.resume", "logging.run_dir", "logging.wandb_group", "logging.wandb_name"}
 RUN_SECTIONS = ("model.", "parallel.")
 
 
@@ -292,7 +292,7 @@ def load(path: str | Path, extra_overrides: list[str] = ()) -> Grid:
                         run = Run(_name(size, method, variant, fraction, rate, seed), size, method, rate, seed,
                                   count, steps, steps * tokens_per_step, layout, {},
                                   variant.name if variant else None, fraction)
-                        run.config = _run_config(base, grid.out / run.name, model, run, parallel, variant)
+                        run.config = _run_config(base, grid, model, run, parallel, variant)
                         grid.runs.append(run)
     return grid
 
@@ -330,9 +330,10 @@ def _size_model(path: Path, base: dict, size: str, resources: Resources, layouts
     return model, layout, layout.parallel()
 
 
-def _run_config(base: dict, run_dir: Path, model, run: Run, parallel: dict, variant: Variant | None) -> dict:
-    """The base config with this run's variant, shape, method, rate, forget share, seed, steps, layout and
-    directories."""
+def _run_config(base: dict, grid: Grid, model, run: Run, parallel: dict, variant: Variant | None) -> dict:
+    """The base config with this run's variant, shape, method, rate, forget share, seed, steps, layout,
+    directories and wandb group (the grid) and name (the run)."""
+    run_dir = grid.out / run.name
     cfg = copy.deepcopy(base)
     if variant:
         cfg = apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in variant.overrides.items()])
@@ -348,7 +349,8 @@ def _run_config(base: dict, run_dir: Path, model, run: Run, parallel: dict, vari
     cfg["parallel"] = {**(cfg.get("parallel") or {}), **parallel}
     cfg["train"] = {**(cfg.get("train") or {}), "seed": run.seed, "train_steps": run.train_steps}
     cfg["checkpoint"] = {**(cfg.get("checkpoint") or {}), "dir": str(run_dir / "checkpoints"), "resume": "auto"}
-    cfg["logging"] = {**(cfg.get("logging") or {}), "run_dir": str(run_dir)}
+    cfg["logging"] = {**(cfg.get("logging") or {}), "run_dir": str(run_dir), "wandb_group": grid.name,
+                      "wandb_name": run.name}
     return cfg
 
 

@@ -32,6 +32,8 @@ from megatron_sgtm.errors import UserError, is_first_rank
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
 LATEST = "latest.json"  # in a checkpoint root: the step and directory of the newest checkpoint saved
+# meta.json's key for the wandb run of the job that saved it (rank 0's id; None without wandb): a resume continues it
+WANDB_RUN_ID = "wandb_run_id"
 CHECKSUMS = "sha256"  # meta.json's key: {relative path: SHA-256} of every other file of the checkpoint
 MODEL_FILE = "model.safetensors"  # model-only checkpoints: the global (TP=1, PP=1) weights
 

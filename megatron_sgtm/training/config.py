@@ -130,8 +130,11 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: str = "offline"  # offline | online (API key from WANDB_API_KEY or `wandb login`) | disabled
     wandb_project: str = "megatron-sgtm"
+    wandb_entity: str | None = None  # team or user; None: the API key's default entity
+    wandb_group: str | None = None  # sweeps set the grid name
+    wandb_name: str | None = None  # sweeps set the run name; None: wandb's generated name
 
 
 @dataclass

@@ -1,4 +1,11 @@
-"""Run logging: console progress, a metrics JSONL in the run directory, and wandb (offline by default)."""
+"""Run logging: console progress, a metrics JSONL in the run directory, and wandb (offline by default).
+
+The wandb run's id is stored with each checkpoint (``meta.json``), so a resumed job continues the same
+wandb run (``resume="allow"``) from the step after its checkpoint. Steps the server already holds
+(online: a job killed after its checkpoint had sent later steps) are not sent again, so the run's history
+keeps one row per step. A SIGKILLed job loses what wandb had not written yet (offline, wandb-core
+buffers its run file); metrics.jsonl is the complete record.
+"""
 
 from __future__ import annotations
 
@@ -53,18 +60,24 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         self.metrics = (self.run_dir / METRICS).open("a")
-        if cfg.logging.wandb_mode != "disabled":
-            self._start_wandb()
 
-    def _start_wandb(self) -> None:
-        try:
-            import wandb
-        except ImportError:
-            self.console("wandb is not installed; metrics go to metrics.jsonl only")
+    @property
+    def wandb_id(self) -> str | None:
+        """The wandb run's id, for the checkpoint's meta.json; None without wandb and on ranks > 0."""
+        return None if self.wandb is None else self.wandb.id
+
+    def start_wandb(self, run_id: str | None = None) -> None:
+        """Start (``run_id`` None) or continue (the id a checkpoint recorded) the wandb run of this job, unless
+        ``logging.wandb_mode`` is disabled. Online mode reads the API key from WANDB_API_KEY (or `wandb login`);
+        offline runs land in RUN_DIR/wandb for `wandb sync`."""
+        if not self.enabled or self.cfg.logging.wandb_mode == "disabled":
             return
-        os.environ.setdefault("WANDB_MODE", self.cfg.logging.wandb_mode)
-        self.wandb = wandb.init(project=self.cfg.logging.wandb_project, dir=str(self.run_dir),
-                                config=self.cfg.to_dict(), mode=self.cfg.logging.wandb_mode)
+        import wandb
+
+        c = self.cfg.logging
+        self.wandb = wandb.init(project=c.wandb_project, entity=c.wandb_entity, group=c.wandb_group,
+                                name=c.wandb_name, id=run_id, resume="allow" if run_id else None,
+                                dir=str(self.run_dir), config=self.cfg.to_dict(), mode=c.wandb_mode)
 
     def rewind(self, step: int) -> None:
         """Drop the records a run starting at `step` will write again (those of later steps, the final
@@ -92,7 +105,7 @@ class RunLogger:
             return
         self.metrics.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
         self.metrics.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and step >= self.wandb.starting_step:  # below: held by the resumed run
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, int | float)}, step=step)
 
     def train_step(self, step: int, total_steps: int, m: dict, gated: dict) -> None:
@@ -122,6 +135,14 @@ class RunLogger:
     def evaluation(self, step: int, losses: dict) -> None:
         self.record("eval", step, losses)
         self.console(f"eval  {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items())))
+
+    def summary(self, values: dict) -> None:
+        """The run's final results: summary.json in the run directory and the wandb run's summary."""
+        if not self.enabled:
+            return
+        (self.run_dir / "summary.json").write_text(json.dumps(values, indent=2))
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
 
     def close(self) -> None:
         if self.enabled:

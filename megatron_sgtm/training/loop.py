@@ -6,7 +6,6 @@ with evaluation of the live and ablated model, checkpoints and logging at their 
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -145,6 +144,7 @@ def train(cfg: TrainConfig) -> dict:
         log.console(f"checkpoint.resume=auto: {root} holds only incomplete checkpoints "
                     f"({', '.join(p.name for p in unfinished)}); starting from step 0")
     log.rewind(step)
+    log.start_wandb(meta.get(checkpoint.WANDB_RUN_ID) if resume_from is not None else None)
     tokens = TokenCounts(cfg, data, saved_tokens)
     signals = _Signals()
     total = cfg.train.train_steps
@@ -153,7 +153,8 @@ def train(cfg: TrainConfig) -> dict:
     def save() -> None:
         meta = {"gated": gated, "sampler": sampler.state_dict(), "scheduler": engine.scheduler_state(),
                 "partition": engine.partition.to_dict(), "method": cfg.method, "config": cfg.to_dict(),
-                "engine": engine.name, "identity": identity, "train_tokens": tokens.totals(engine)}
+                "engine": engine.name, "identity": identity, "train_tokens": tokens.totals(engine),
+                checkpoint.WANDB_RUN_ID: log.wandb_id}
         path = checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last)
         log.console(f"saved checkpoint {path}")
 
@@ -190,10 +191,8 @@ def train(cfg: TrainConfig) -> dict:
             save()
         final.update(evaluate(engine, cfg, data))
         log.evaluation(step, evaluation_metrics(final))
-        if rank == 0:
-            summary = {k: v for k, v in final.items() if k != "train_losses"}
-            summary.update(method=cfg.method, time_s=time.time() - log.start)
-            (Path(cfg.logging.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.summary({k: v for k, v in final.items() if k != "train_losses"} | {
+            "method": cfg.method, "time_s": time.time() - log.start})
     log.close()
     engine.shutdown()
     return final

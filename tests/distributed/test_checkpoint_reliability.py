@@ -1,5 +1,6 @@
 """Checkpoint reliability through `megatron-sgtm train` (megatron engine, gloo ranks): a SIGKILLed run
-resumed in its own run directory logs each step once, with the uninterrupted run's losses; a corrupted
+resumed in its own run directory logs each step once, with the uninterrupted run's losses, in metrics.jsonl
+and in the one (offline) wandb run both jobs wrote to; a corrupted
 checkpoint or one of another partition is refused with one line; a non-finite loss ends the run with an
 error, no summary and no checkpoint of the bad state.
 
@@ -21,6 +22,7 @@ import pytest
 from tests.support import child_env
 from tests.support.cli_runs import kill_when, train_command
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
+from tests.support.wandb_runs import offline_runs
 
 STEPS = {"train_steps": 8}
 ENV = child_env()
@@ -50,6 +52,7 @@ def resumed(data, tmp_path_factory) -> dict:
 
     ckpt = {"dir": str(tmp / "ckpt"), "save_interval": 2, "keep_last": 2, "resume": "auto"}
     cfg = tiny_config(data, tmp / "run", train=STEPS, checkpoint=ckpt)
+    cfg["logging"].update(wandb_mode="offline", wandb_group="grid-a", wandb_name="run-a")
     kill_when(train_command(tmp, cfg, "run", 2), ENV, tmp / "ckpt" / "iter_0000004" / "meta.json")
     killed_at = max(r["step"] for r in _records(tmp / "run") if r["kind"] == "train")
     assert killed_at < 8, "the run finished before it could be killed"
@@ -69,6 +72,26 @@ def test_a_resumed_run_logs_each_step_once_with_the_uninterrupted_losses(resumed
     assert (resumed["run"] / "summary.json").is_file()
     assert re.search(r"changed since the checkpoint, ignored .*: optim\.lr 0\.003 -> 0\.01$", resumed["stderr"],
                      re.MULTILINE), resumed["stderr"][-3000:]
+
+
+def test_a_resumed_run_continues_its_wandb_run_with_one_history_row_per_step(resumed):
+    killed, again = offline_runs(resumed["run"])  # the SIGKILLed job's offline run, then the resumed job's
+    meta = json.loads((resumed["ckpt"] / "iter_0000008" / "meta.json").read_text())  # saved by the resumed job
+    assert again.run_id and again.run_id == meta["wandb_run_id"]
+    assert killed.path.name.endswith(again.run_id)  # one wandb run: the resumed job continued the killed one's id
+    assert (again.group, again.name) == ("grid-a", "run-a")
+    assert again.config["method"] == "sgtm" and again.config["train"]["train_steps"] == 8
+    # The killed job's history is what wandb-core had written before the SIGKILL (offline it buffers); the
+    # resumed job sends the steps after its checkpoint, none twice.
+    rows = [row for run in (killed, again) for row in run.history]
+    assert [row["_step"] for row in again.history] == list(range(5, 9))
+    assert sorted(row["_step"] for row in rows) == sorted({row["_step"] for row in rows})
+    expected = {r["step"]: r["loss"] for r in _records(resumed["full"]) if r["kind"] == "train"}
+    assert all(row["train/loss"] == expected[row["_step"]] for row in rows)
+    final = json.loads((resumed["run"] / "summary.json").read_text())
+    assert rows[-1]["eval/forget_loss"] == final["forget_loss"]  # the final evaluation, at step 8
+    assert {k: again.summary[k] for k in ("forget_loss", "retain_loss", "method")} == {
+        k: final[k] for k in ("forget_loss", "retain_loss", "method")}
 
 
 def test_a_checkpoint_with_one_flipped_byte_is_refused_naming_the_file(resumed, data):

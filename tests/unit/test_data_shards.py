@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +45,10 @@ def test_build_writes_shards_manifest_and_tokens(built, capsys):
 def test_shards_are_plain_webdataset(built, tmp_path):
     samples = list(wds.WebDataset(str(built / "shard-000000.tar"), shardshuffle=False))
     assert len(samples) == 40 and json.loads(samples[0]["json"])["id"] == "synth-5-000000000"
+    decoded = list(wds.WebDataset(str(built / "shard-{000000..000003}.tar"), shardshuffle=False).decode())
+    stored = [d for i in range(4) for d in read_shard(built / f"shard-{i:06d}.tar")]
+    assert [s["json"]["id"] for s in decoded] == [d.id for d in stored]
+    assert all(np.array_equal(s["tokens.npy"], d.tokens()) for s, d in zip(decoded, stored, strict=True))
     # Shards we write ourselves (tagging) read back through webdataset too.
     docs = list(read_shard(built / "shard-000001.tar"))
     write_shard(tmp_path / "copy.tar", docs)
@@ -85,6 +91,28 @@ def test_corrupt_header_fails_naming_it(built, tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="shard-000001.tar.*checksum"):
         list(read_shard(victim))
+
+
+def test_a_damaged_header_after_the_first_member_fails_naming_it(built, tmp_path):
+    # tarfile takes a bad header after the first member for the end of the archive and stops silently
+    shards = _copy(built, tmp_path)
+    victim = shards / "shard-000001.tar"
+    with tarfile.open(victim) as tar:
+        offset = tar.getmembers()[5].offset
+    data = bytearray(victim.read_bytes())
+    data[offset + 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"shard-000001.tar: corrupt tar header at byte {offset}"):
+        list(read_shard(victim))
+
+
+def test_shards_of_the_hand_written_ustar_format_still_read():
+    """tests/data/shards_ustar_v1: written before shards came from webdataset's TarWriter (6 synthetic
+    documents, seed 3)."""
+    corpus = load_corpus(Path(__file__).parents[1] / "data" / "shards_ustar_v1")
+    docs = list(generate(6, seed=3))
+    assert corpus.ids == [d.id for d in docs] and corpus.num_docs == 6
+    assert [corpus.category_names[c] for c in corpus.categories] == [d.category for d in docs]
 
 
 def test_skip_bad_shards_reports_how_many(built, tmp_path, capsys):
@@ -134,7 +162,14 @@ def test_duplicate_ids_and_empty_input_are_errors(tmp_path, capsys):
     tok = ["--train-tokenizer", "300"]
     assert main(["data", "build", "--input", str(tmp_path / "in.jsonl"), *tok, "--out", str(tmp_path / "o1")]) == 2
     assert "megatron-sgtm data build: document id 'a' occurs twice" in capsys.readouterr().err
+    # Far apart, in different shards: found once all ids are in, named with both positions.
+    (tmp_path / "far.jsonl").write_text("".join(
+        json.dumps({"id": "d3" if i == 25 else f"d{i}", "text": f"text {i}"}) + "\n" for i in range(30)))
+    assert main(["data", "build", "--input", str(tmp_path / "far.jsonl"), *tok, "--out", str(tmp_path / "o3"),
+                 "--docs-per-shard", "10"]) == 2
+    assert "document id 'd3' occurs twice (documents 3 and 25 of the input)" in capsys.readouterr().err
     (tmp_path / "empty.jsonl").write_text("")
     assert main(["data", "build", "--input", str(tmp_path / "empty.jsonl"), *tok, "--out", str(tmp_path / "o2")]) == 2
     assert "no documents" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "in.jsonl"]  # no output, not even partial
+    # no output, not even partial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "far.jsonl", "in.jsonl"]

@@ -164,3 +164,34 @@ def test_local_hf_sequence_classifier(shards, tmp_path):
     with torch.no_grad():
         expected = model(**tokenizer([first.text], return_tensors="pt")).logits.softmax(-1)[0, 1].item()
     assert corpus.ids[0] == first.id and corpus.scores[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_topic_classifier_labels_the_categories(shards, tmp_path):
+    """--label-categories: each document's category is the model's top label, its score P(forget label),
+    both recomputed here with the model itself."""
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    from megatron_sgtm.data.tokenizer import EOD_TOKEN, load_tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(shards / "tokenizer.json"),
+                                        eos_token=EOD_TOKEN, pad_token=EOD_TOKEN)
+    torch.manual_seed(1)
+    topics = {0: "other", 1: "biology", 2: "chemistry"}
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=1024, n_embd=16, n_layer=1, n_head=2,
+                        num_labels=3, id2label=topics, pad_token_id=tokenizer.pad_token_id)
+    model = GPT2ForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["data", "tag", "--shards", str(shards), "--out", str(tmp_path / "t"), "--classifier", "hf",
+                 "--model", str(tmp_path / "hf"), "--forget-label", "1", "--label-categories",
+                 "--forget-categories", "biology"]) == 0
+    corpus = load_corpus(tmp_path / "t", require_scores=True)
+    docs = list(generate(300, seed=7))[:40]
+    with torch.no_grad():
+        probs = torch.cat([model(**tokenizer([d.text], return_tensors="pt", truncation=True, max_length=512)).logits
+                           .softmax(-1) for d in docs])
+    assert [corpus.category_names[c] for c in corpus.categories[:40]] == [topics[int(i)] for i in probs.argmax(-1)]
+    np.testing.assert_allclose(corpus.scores[:40], probs[:, 1].numpy(), atol=1e-5)
+    manifest = Manifest.read(tmp_path / "t")
+    assert sum(manifest.categories().values()) == 300 and set(manifest.categories()) <= set(topics.values())

@@ -179,6 +179,7 @@ def test_variants_and_forget_fractions_are_more_points_per_method(data, tmp_path
         assert cfg["data"].get("forget_keep_fraction") == run.forget_keep_fraction
         assert (run.forget_keep_fraction is not None) == ("_f0." in run.name)
         assert cfg["logging"]["run_dir"] == str(tmp_path / "out" / run.name)
+        assert (cfg["logging"]["wandb_group"], cfg["logging"]["wandb_name"]) == (path.stem, run.name)
     # The trainer's own validation (data.forget_keep_fraction is the data branch's key: left out here).
     grid.runs = [r for r in grid.runs if r.forget_keep_fraction is None]
     assert check(grid) == []

@@ -69,9 +69,10 @@ def test_cli_exits_2_with_the_message_and_starts_no_process_group(shards, tmp_pa
     assert "does not divide the world size 3" in proc.stderr
 
 
-# sweep_*.yaml are sweep grids (tests/test_sweep.py), robustness_*.yaml experiments (tests/unit/test_attack.py)
+# sweep_*.yaml are sweep grids (tests/test_sweep.py), robustness_*.yaml experiments (tests/unit/test_attack.py),
+# data_*.yaml data recipes (tests/unit/test_data_hub.py)
 TRAINING_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml")
-                           if not p.name.startswith(("sweep_", "robustness_")))
+                           if not p.name.startswith(("sweep_", "robustness_", "data_")))
 
 
 @pytest.mark.parametrize("path", TRAINING_EXAMPLES, ids=lambda p: p.name)
