@@ -1,7 +1,7 @@
 """examples/deepspeed_zero.py, a user's own DeepSpeed ZeRO script on the public hooks, against `megatron-sgtm train`
 (engine deepspeed) on the same model, initial weights, batches, seed and layout: ZeRO-2 and ZeRO-3 at DP=2 on
-gloo give the same per-step losses within 1e-5 over 20 steps and gate the same steps (docs/design.md
-invariant 25). So the public hooks are the application's step gating, not a second implementation.
+gloo give the same per-step losses within 1e-5 over 20 steps and gate the same steps (docs/design.md §2,
+"one implementation"). So the public hooks are the application's step gating, not a second implementation.
 
 The test writes the initial weights as a model-only checkpoint (`checkpoint.pretrained` for train, `--init` for
 the example) and the micro-batches of train's sampler for each DP rank (`--batches`).

@@ -1,6 +1,6 @@
-"""`megatron_sgtm.core` is the library users import: it imports nothing of the application (docs/design.md
-invariant 24), the public names come from it, and our engines reach step gating and the embedding mask only
-through its public hooks (one implementation, no private second path)."""
+"""`megatron_sgtm.core` is the library users import: it imports nothing of the application (docs/design.md §2,
+"core is the library"), the public names come from it, and our engines reach step gating and the embedding
+mask only through its public hooks (one implementation, no private second path)."""
 
 from __future__ import annotations
 

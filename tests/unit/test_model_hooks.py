@@ -1,6 +1,6 @@
 """A model cannot be half-SGTM: `attach_sgtm` completes a GPTModel built from public names (the embedding-gradient
 mask of `mask_embeddings`), `param_regions` and the step-gating hooks refuse it in one line until then, and the
-public hooks gate a plain `SGTMAdamW` by the step's loss-bearing labels (docs/design.md invariant 23).
+public hooks gate a plain `SGTMAdamW` by the step's loss-bearing labels (docs/design.md §2, "No half-SGTM model").
 
 The model needs megatron's parallel state and the CPU shims, so the checks run in one subprocess (this file
 as a script) that prints a JSON summary.
