@@ -12,7 +12,8 @@ import megatron_sgtm
 from tests.support import ROOT
 
 NAMES = ["SGTMConfig", "get_sgtm_layer_spec", "token_labels", "param_regions", "ablate", "SGTMAdamW", "TokenLabel",
-         "Region", "Gate", "enable_cpu_execution"]
+         "Region", "Gate", "enable_cpu_execution", "attach_sgtm", "install_step_gating", "set_step_gate", "step_gate",
+         "step_counts", "ZeroSGTMAdamW"]
 
 
 def test_the_package_and_the_cli_parser_do_not_import_torch_or_megatron():
