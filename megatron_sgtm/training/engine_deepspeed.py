@@ -126,7 +126,7 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool, dp_size: int) -> dict:
         "gradient_accumulation_steps": micro_batches,
         "gradient_clipping": o.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(on_gpu and cfg.train.bf16)},
+        "bf16": {"enabled": cfg.train.bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # offload steps the SGTMAdamW client optimizer on the CPU
@@ -162,7 +162,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        super().__init__(cfg, partition, on_gpu, bf16=bool(on_gpu and cfg.train.bf16))
+        super().__init__(cfg, partition, on_gpu, bf16=cfg.train.bf16)
 
         # Region codes per parameter, computed while parameters still have their full local shape.
         regions = param_regions(self.model)
