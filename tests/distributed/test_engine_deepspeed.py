@@ -31,6 +31,15 @@ def _kinds(key: str) -> tuple[str, ...]:
     return (*KINDS, "model") if key.endswith("_bf16") else KINDS
 
 
+def _moves(changed: int, total: int, kind: str, joint: bool = False) -> bool:
+    """Whether a trained region moved: every element of its fp32 state (of Θ_J 90%: unused position rows keep
+    zero moments); in the bf16 model params 80% (an update below half a bf16 ulp rounds back to the same
+    bf16 value; measured 90-98%)."""
+    if kind == "model":
+        return changed >= 0.8 * total
+    return changed >= 0.9 * total if joint else changed == total
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return torchrun("deepspeed_gating.py", 2, tmp_path_factory.mktemp("deepspeed_gating"), timeout=900)
@@ -63,12 +72,12 @@ def test_all_forget_step_freezes_retain(results, key):
     """Invariant 3: an all-F step leaves every Θ_R value and Adam moment bit-identical; Θ_F and Θ_J move. In
     bf16 (ZeRO-2) that holds for the fp32 partitions, their moments and the bf16 model params alike."""
     assert results[f"{key}/gated/4"].tolist() == [True, False]
+    assert bool(results[f"{key}/model_bf16"]) == key.endswith("_bf16")
     for kind in _kinds(key):
         count = _changed(results, key, "before_forget", "before_retain", kind)
         assert count[RETAIN][1] > 0 and count[RETAIN][0] == 0, (kind, count)
-        assert count[FORGET][1] > 0 and count[FORGET][0] == count[FORGET][1], (kind, count)
-        # Θ_J: unused position rows keep zero moments; everything else moves
-        assert count[JOINT][0] >= 0.9 * count[JOINT][1], (kind, count)
+        assert count[FORGET][1] > 0 and _moves(*count[FORGET], kind), (kind, count)
+        assert _moves(*count[JOINT], kind, joint=True), (kind, count)
 
 
 @pytest.mark.parametrize("key", ALL_KEYS)
@@ -78,8 +87,8 @@ def test_all_retain_step_freezes_forget(results, key):
     for kind in _kinds(key):
         count = _changed(results, key, "before_retain", "after_retain", kind)
         assert count[FORGET][1] > 0 and count[FORGET][0] == 0, (kind, count)
-        assert count[RETAIN][1] > 0 and count[RETAIN][0] == count[RETAIN][1], (kind, count)
-        assert count[JOINT][0] >= 0.9 * count[JOINT][1], (kind, count)
+        assert count[RETAIN][1] > 0 and _moves(*count[RETAIN], kind), (kind, count)
+        assert _moves(*count[JOINT], kind, joint=True), (kind, count)
 
 
 @pytest.mark.parametrize("key", [layout[0] for layout in MIX_LAYOUTS])
@@ -160,7 +169,8 @@ def test_ablated_evaluation(results, key):
     assert ablated != live
     assert again == live  # the live model is restored exactly after the ablated pass
     ref = results["zero1/eval"]
-    torch.testing.assert_close(results[f"{key}/eval"], ref, rtol=1e-5, atol=0)
+    # bf16 after 5 steps: within bf16 round-off (2^-9 per operation) of the fp32 run's losses
+    torch.testing.assert_close(results[f"{key}/eval"], ref, rtol=1e-2 if key.endswith("_bf16") else 1e-5, atol=0)
 
 
 # -- single-process unit tests ---------------------------------------------------------------

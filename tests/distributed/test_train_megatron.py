@@ -116,9 +116,8 @@ def test_step_gating_freezes_params_and_adam_moments_bit_for_bit(world2, step, f
     """In bf16 too: the model's bf16 params, the fp32 main params the inner optimizer steps and their Adam
     moments of the frozen region stay bit-identical."""
     step = precision + step
-    if precision:
-        assert world2[f"{step}/before/decoder.layers.0.mlp.linear_fc1.weight"].dtype == torch.bfloat16
     assert bool(world2[f"{precision}shards_fp32"])
+    assert bool(world2[f"{precision}model_bf16"]) == bool(precision)
     same, total, changed = world2[f"{step}/shard_counts"].tolist()
     assert total > 0 and same == total, f"{total - same} frozen shard elements moved"
     assert changed > 0, "the other region did not train"

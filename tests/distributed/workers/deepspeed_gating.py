@@ -205,6 +205,7 @@ def main(out_dir: str) -> None:
         bf16 = any(key == layout[0] for layout in BF16_LAYOUTS)
         engine = build_engine(out_dir, key, stage, tp, zero, offload, bf16)
         results[f"{key}/regions"] = region_masks(engine)
+        results[f"{key}/model_bf16"] = torch.tensor(all(p.dtype == torch.bfloat16 for p in engine.model.parameters()))
         dp_rank, dp_size = engine.dp_rank, engine.dp_size
         losses, norms, states = [], [], {}
         ckpt = Path(out_dir) / f"ckpt_{key}"

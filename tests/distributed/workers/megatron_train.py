@@ -88,7 +88,8 @@ def gating(raw: dict, prefix: str = "") -> dict:
     engine = MegatronEngine(cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
     per_rank = cfg.optim.global_batch_size // engine.dp_size
     mixed = [RETAIN, FORGET, UNLABELED, RETAIN, FORGET, UNLABELED, RETAIN, FORGET][:per_rank]
-    results: dict = {"shards_fp32": torch.tensor(all(p.dtype == torch.float32 for p, _, _ in shard_states(engine)))}
+    results: dict = {"shards_fp32": torch.tensor(all(p.dtype == torch.float32 for p, _, _ in shard_states(engine))),
+                     "model_bf16": torch.tensor(all(p.dtype == torch.bfloat16 for p in engine.model.parameters()))}
     for step in range(3):
         engine.train_step(hand_batches(cfg, step, mixed))
     for name, label in (("all_forget", FORGET), ("all_retain", RETAIN)):
