@@ -6,7 +6,8 @@ rounding hold exactly, and bf16 training follows fp32 training.
   Θ_R gradient element exactly zero (invariant 1); perturbing Θ_F leaves every R-position loss bit-identical
   (invariant 2). Step gating in bf16 (params, fp32 main params, Adam moments) is checked with the fp32 gating
   in test_train_megatron.py (DP=2) and test_engine_deepspeed.py (ZeRO-2).
-- 200 steps of the tiny recipe in bf16 against fp32, per engine (megatron, DeepSpeed ZeRO-2), 1 rank.
+- 200 steps of the tiny recipe in bf16 against fp32, per engine (megatron, DeepSpeed ZeRO-2), 1 rank; a bf16
+  megatron checkpoint resumed reproduces the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ def curves(tmp_path_factory) -> dict:
         for precision in ("fp32", "bf16"):
             name = f"{engine}_{precision}"
             runs[name] = tiny_config(data, tmp / name, parallel=par, train={**train, "bf16": precision == "bf16"})
+    # megatron distributed checkpoints of a bf16 run (bf16 params, fp32 main params and moments): save at step 2
+    # of 4, then resume there (runs go in order, one process group)
+    ckpt = tmp / "ckpt_bf16"
+    short = {"train_steps": 4, "bf16": True}
+    runs["save_bf16"] = tiny_config(data, tmp / "save_bf16", train=short,
+                                    checkpoint={"dir": str(ckpt), "save_interval": 2, "keep_last": 2})
+    runs["resume_bf16"] = tiny_config(data, tmp / "resume_bf16", train=short,
+                                      checkpoint={"resume": str(ckpt / "iter_0000002")})
     (tmp / "spec.json").write_text(json.dumps({"runs": runs}))
     return torchrun("megatron_train.py", 1, tmp / "out", str(tmp / "spec.json"))
 
@@ -113,3 +122,10 @@ def test_bf16_training_follows_fp32(curves, engine):
     gaps = ((windows_bf16 - windows_fp32).abs() / windows_fp32).tolist()
     print(f"{engine}: window gaps {[round(g, 4) for g in gaps]}")
     assert max(gaps) <= WINDOW_TOLERANCE, f"{engine}: window mean losses bf16 vs fp32 {gaps}"
+
+
+def test_bf16_megatron_checkpoint_resumes_exactly(curves):
+    """Invariant 5 in bf16: resuming the step-2 checkpoint reproduces steps 3-4 of the uninterrupted run exactly."""
+    full, resumed = curves["save_bf16/losses"], curves["resume_bf16/losses"]
+    assert len(full) == 4 and len(resumed) == 2
+    assert resumed.tolist() == full[2:].tolist()
