@@ -59,6 +59,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads 
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_sgtm.core.labels import TokenLabel, token_labels  # noqa: E402
 from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant")
     p.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
     p.add_argument("--backend", choices=("local", "gpu"), default=None,
                    help="layer backend; default: gpu when CUDA is present, else local")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -170,7 +171,7 @@ def build_variant(name: str, model_cfg: ModelConfig, args: argparse.Namespace, d
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
-        module=gpt,
+        module=Float16Module(config, gpt) if args.bf16 else gpt,  # as the megatron engine (and megatron's trainer)
     )
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,

@@ -9,7 +9,7 @@ as split optimizers would. The engines map the partition's region maps onto the 
 (`region_codes_for_shard`); the optimizer turns those per-element codes into `Block`s once, because
 regions are whole rows or columns of a weight: a block is a contiguous range of the flat shard, or a
 strided 2-D view of it (a column range repeated over the rows a shard covers). A step is then torch's
-own AdamW (foreach, fused on GPU) over whole parameters while every region has the same step count;
+own AdamW (fused, foreach for strided views) over whole parameters while every region has the same step count;
 once they differ, an ungated step updates weight decay and moments over whole tensors and only the
 bias-corrected update per region's views, and a gated step runs AdamW over the ungated regions' views
 at their own counts: a gated region is not touched and no full-size temporary is made.
@@ -27,6 +27,9 @@ from torch.optim.adamw import adamw
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.core.regions import ParamRegion
 from megatron_sgtm.core.strategy import Region, strategy_of
+
+# The devices of torch's fused AdamW kernel that this project runs on (CPU has one since torch 2.4).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -289,11 +292,12 @@ def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 def _adamw(tensors: list[tuple[torch.Tensor, ...]], step: int, group: dict) -> None:
     """torch's AdamW update of (param, grad, exp_avg, exp_avg_sq) tuples that share the step count `step`:
-    fused on GPU for dense tensors (torch's fused kernel), foreach for the rest (strided block views, CPU)."""
+    torch's fused kernel for dense tensors on CUDA and CPU (`FUSED_ADAMW_DEVICES`), foreach for
+    the rest (strided block views)."""
     if not tensors:
         return
-    on_gpu = tensors[0][0].device.type == "cuda"
-    fusable = [on_gpu and all(t.is_contiguous() for t in ts) for ts in tensors]
+    fused_device = tensors[0][0].device.type in FUSED_ADAMW_DEVICES
+    fusable = [fused_device and all(t.is_contiguous() for t in ts) for ts in tensors]
     for fused in (True, False):
         batch = [ts for ts, f in zip(tensors, fusable) if f == fused]
         if not batch:

@@ -85,7 +85,7 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool, dp_size: int) -> dict:
         "gradient_accumulation_steps": micro_batches,
         "gradient_clipping": o.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": bool(on_gpu and cfg.train.bf16)},
+        "bf16": {"enabled": cfg.train.bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # offload steps the SGTMAdamW client optimizer on the CPU
@@ -121,7 +121,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        super().__init__(cfg, partition, on_gpu, bf16=bool(on_gpu and cfg.train.bf16))
+        super().__init__(cfg, partition, on_gpu, bf16=cfg.train.bf16)
 
         self.named = dict(self.model.named_parameters())
         self.model_shape = {name: tuple(p.shape) for name, p in self.named.items()}  # ZeRO-3 empties .shape

@@ -20,7 +20,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-from megatron.core.transformer.module import param_is_not_shared
+from megatron.core.transformer.module import Float16Module, param_is_not_shared
 
 from megatron_sgtm.compat.megatron_optimizer import load_fully_reshardable
 from megatron_sgtm.core.gating import Gate
@@ -47,8 +47,11 @@ class MegatronEngine(Engine):
                  weights: dict[str, torch.Tensor] | None = None):
         super().__init__(cfg, partition, on_gpu, bf16=cfg.train.bf16, weights=weights,
                          sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True)
+        # bf16 as megatron's trainer runs it: Float16Module casts the parameters it does not build in bf16 (the
+        # position embedding) and the first stage's inputs; the DistributedOptimizer keeps fp32 main params and grads.
+        module = Float16Module(self.config, self.model) if cfg.train.bf16 else self.model
         self.wrapped = self.ddp = DistributedDataParallel(config=self.config, ddp_config=ddp_config(cfg),
-                                                          module=self.model)
+                                                          module=module)
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(

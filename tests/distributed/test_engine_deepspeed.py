@@ -17,11 +17,27 @@ import torch
 
 from megatron_sgtm.core.gating import Gate
 from tests.distributed.launch import torchrun
-from tests.distributed.workers.deepspeed_gating import LAYOUTS, MIX_LAYOUTS, MODEL, SCHEDULE
+from tests.distributed.workers.deepspeed_gating import BF16_LAYOUTS, LAYOUTS, MIX_LAYOUTS, MODEL, SCHEDULE
 
 KEYS = [layout[0] for layout in LAYOUTS]
+# fp32 layouts, and the bf16 ones for every property that does not compare values across layouts
+ALL_KEYS = KEYS + [layout[0] for layout in BF16_LAYOUTS]
 JOINT, RETAIN, FORGET = 0, 1, 2  # the worker's region-mask encoding
 KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _kinds(key: str) -> tuple[str, ...]:
+    """The recorded state kinds: fp32 params and moments, and in bf16 also the bf16 model params."""
+    return (*KINDS, "model") if key.endswith("_bf16") else KINDS
+
+
+def _moves(changed: int, total: int, kind: str, joint: bool = False) -> bool:
+    """Whether a trained region moved: every element of its fp32 state (of Θ_J 90%: unused position rows keep
+    zero moments); in the bf16 model params 80% (an update below half a bf16 ulp rounds back to the same
+    bf16 value; measured 90-98%)."""
+    if kind == "model":
+        return changed >= 0.8 * total
+    return changed >= 0.9 * total if joint else changed == total
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +58,7 @@ def _changed(results, key, before, after, kind):
     return out
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_partition_layout_matches_deepspeed_gather(results, key):
     """The engine's model-space -> flat-partition mapping (used for the region codes) reproduces this
     rank's fp32 partition and Adam moments exactly from DeepSpeed's safe_get_full_* helpers."""
@@ -51,27 +67,28 @@ def test_partition_layout_matches_deepspeed_gather(results, key):
     assert int(results[f"{key}/gated_elements"]) > 0
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_all_forget_step_freezes_retain(results, key):
-    """Invariant 3: an all-F step leaves every Θ_R value and Adam moment bit-identical; Θ_F and Θ_J move."""
+    """Invariant 3: an all-F step leaves every Θ_R value and Adam moment bit-identical; Θ_F and Θ_J move. In
+    bf16 (ZeRO-2) that holds for the fp32 partitions, their moments and the bf16 model params alike."""
     assert results[f"{key}/gated/4"].tolist() == [True, False]
-    for kind in KINDS:
+    assert bool(results[f"{key}/model_bf16"]) == key.endswith("_bf16")
+    for kind in _kinds(key):
         count = _changed(results, key, "before_forget", "before_retain", kind)
         assert count[RETAIN][1] > 0 and count[RETAIN][0] == 0, (kind, count)
-        assert count[FORGET][1] > 0 and count[FORGET][0] == count[FORGET][1], (kind, count)
-        # Θ_J: unused position rows keep zero moments; everything else moves
-        assert count[JOINT][0] >= 0.9 * count[JOINT][1], (kind, count)
+        assert count[FORGET][1] > 0 and _moves(*count[FORGET], kind), (kind, count)
+        assert _moves(*count[JOINT], kind, joint=True), (kind, count)
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_all_retain_step_freezes_forget(results, key):
     """Invariant 3: an all-R step leaves every Θ_F value and Adam moment bit-identical; Θ_R and Θ_J move."""
     assert results[f"{key}/gated/5"].tolist() == [False, True]
-    for kind in KINDS:
+    for kind in _kinds(key):
         count = _changed(results, key, "before_retain", "after_retain", kind)
         assert count[FORGET][1] > 0 and count[FORGET][0] == 0, (kind, count)
-        assert count[RETAIN][1] > 0 and count[RETAIN][0] == count[RETAIN][1], (kind, count)
-        assert count[JOINT][0] >= 0.9 * count[JOINT][1], (kind, count)
+        assert count[RETAIN][1] > 0 and _moves(*count[RETAIN], kind), (kind, count)
+        assert _moves(*count[JOINT], kind, joint=True), (kind, count)
 
 
 @pytest.mark.parametrize("key", [layout[0] for layout in MIX_LAYOUTS])
@@ -89,7 +106,7 @@ def test_step_gate_reads_the_labels_of_every_dp_rank(results, key, case, frozen)
             assert changed == (0 if region == frozen else total), (kind, region, count)
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_region_step_counters(results, key):
     """Each region's Adam step count advances once per optimizer step it takes part in, however many
     times DeepSpeed calls the client optimizer's step() (per group, per ZeRO-3 sub-group)."""
@@ -131,7 +148,7 @@ def test_weights_match_across_layouts_and_engines(results, key):
                                    rtol=0, atol=2e-6, msg=name)
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_resume_is_exact(results, key):
     """Invariant 5: load() of the step-3 checkpoint, then steps 4-5 again: same losses, and bit-identical
     parameters and Adam moments (including the gated steps' per-region counters)."""
@@ -140,19 +157,20 @@ def test_resume_is_exact(results, key):
     assert diffs and max(diffs.values()) == 0.0, {k: v for k, v in diffs.items() if v}
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_checkpoint_loads_are_weights_only(results, key):
     loads = results[f"{key}/weights_only_loads"]
     assert loads.numel() >= 2 and bool(loads.all())
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", ALL_KEYS)
 def test_ablated_evaluation(results, key):
     live, ablated, again = results[f"{key}/eval"].tolist()
     assert ablated != live
     assert again == live  # the live model is restored exactly after the ablated pass
     ref = results["zero1/eval"]
-    torch.testing.assert_close(results[f"{key}/eval"], ref, rtol=1e-5, atol=0)
+    # bf16 after 5 steps: within bf16 round-off (2^-9 per operation) of the fp32 run's losses
+    torch.testing.assert_close(results[f"{key}/eval"], ref, rtol=1e-2 if key.endswith("_bf16") else 1e-5, atol=0)
 
 
 # -- single-process unit tests ---------------------------------------------------------------

@@ -48,7 +48,9 @@ def world2(data, tmp_path_factory) -> dict:
     runs = {name: tiny_config(data, tmp / name, parallel=par, train=CALIBRATE if name in CALIBRATED else {})
             for name, par in LAYOUTS.items()}
     gating = tiny_config(data, tmp / "gating", sgtm={"forget_heads": 1, "forget_mlp_units": 8})
-    return _launch(tmp, 2, {"gating": gating, "runs": runs})
+    gating_bf16 = tiny_config(data, tmp / "gating_bf16", sgtm={"forget_heads": 1, "forget_mlp_units": 8},
+                              train={"bf16": True})
+    return _launch(tmp, 2, {"gating": gating, "gating_bf16": gating_bf16, "runs": runs})
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +110,14 @@ def test_calibrated_ablation_fits_the_output_bias_at_every_layout(world1, world2
             assert _relative(results[f"{run}/{key}"], world1[f"dp1/{key}"]) <= 1e-4, (run, key)
 
 
+@pytest.mark.parametrize("precision", ["", "bf16/"], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("step,frozen", [("all_forget", "retain"), ("all_retain", "forget")])
-def test_step_gating_freezes_params_and_adam_moments_bit_for_bit(world2, step, frozen):
+def test_step_gating_freezes_params_and_adam_moments_bit_for_bit(world2, step, frozen, precision):
+    """In bf16 too: the model's bf16 params, the fp32 main params the inner optimizer steps and their Adam
+    moments of the frozen region stay bit-identical."""
+    step = precision + step
+    assert bool(world2[f"{precision}shards_fp32"])
+    assert bool(world2[f"{precision}model_bf16"]) == bool(precision)
     same, total, changed = world2[f"{step}/shard_counts"].tolist()
     assert total > 0 and same == total, f"{total - same} frozen shard elements moved"
     assert changed > 0, "the other region did not train"
@@ -130,11 +138,13 @@ def test_step_gating_freezes_params_and_adam_moments_bit_for_bit(world2, step, f
     assert any(not torch.equal(before[n], after[n]) for n in joint), "Θ_J did not train"
 
 
+@pytest.mark.parametrize("precision", ["", "bf16/"], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case,frozen", [("ranks_F_U", None), ("ranks_F_F", "retain"), ("ranks_R_F", None)])
-def test_step_gate_reads_the_labels_of_every_dp_rank(world2, case, frozen):
+def test_step_gate_reads_the_labels_of_every_dp_rank(world2, case, frozen, precision):
     """DP ranks holding different labels (rank 0's, rank 1's): the gate follows the global batch, so U on
     one rank trains both regions and R + F freezes nothing; only F + F freezes Θ_R. Frozen params and
     Adam moments stay bit-identical on every rank's shard; the others move (nearly) everywhere."""
+    case = precision + case
     counts = world2[f"{case}/region_counts"]
     for row, region in enumerate(("retain", "forget")):
         same, total, changed = counts[row].tolist()

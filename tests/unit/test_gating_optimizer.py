@@ -78,3 +78,16 @@ def test_gated_steps_equal_split_optimizers():
     torch.testing.assert_close(split[: FORGET_ROWS.start], retain.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(split[FORGET_ROWS], forget.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(joint, ref_joint.detach(), rtol=1e-6, atol=1e-7)
+
+
+def _kernels(gates: list[Gate], with_codes: bool) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _ours(gates, with_codes)
+    return {event.key for event in prof.key_averages()}
+
+
+def test_dense_steps_run_torchs_fused_kernel_on_cpu():
+    """Ungated steps over whole tensors, and a gated step's contiguous region blocks (here whole rows), are
+    torch's fused AdamW on CPU as on GPU (the values: the tests above)."""
+    assert "aten::_fused_adamw_" in _kernels([Gate()] * 2, with_codes=True)
+    assert "aten::_fused_adamw_" in _kernels([Gate(retain=True)], with_codes=True)

@@ -5,7 +5,8 @@ then an all-R step), and records on rank 0, in global (TP=1) model space: losses
 parameters and Adam moments around the gated steps, the region masks, a check of the engine's
 flat-partition layout against DeepSpeed's own gather helpers, live/ablated eval losses, and the
 losses of steps 4-5 replayed after `load()` of a checkpoint saved at step 3. Then, at ZeRO-2 and
-ZeRO-3, steps whose two DP ranks hold different labels (`RANK_MIXES`). The pytest side
+ZeRO-3, steps whose two DP ranks hold different labels (`RANK_MIXES`). `BF16_LAYOUTS` run the same schedule
+in bf16 (DeepSpeed's bf16 section: bf16 params, fp32 partitions), also recording the bf16 model params. The pytest side
 (tests/test_engine_deepspeed.py) does the comparisons.
 """
 
@@ -59,6 +60,7 @@ LAYOUTS = [
     # several fp32 sub-groups per param group (DeepSpeed steps each separately), optimizer offload
     ("zero3_subgroups_offload", 3, 1, True, {**Z3, "sub_group_size": 1500}),
 ]
+BF16_LAYOUTS = [("zero2_bf16", 2, 1, False, {})]
 SCHEDULE = ["mixed", "mixed", "mixed", "forget", "retain"]
 # Steps whose DP ranks hold different labels, after one mixed step: (rank 0's label, rank 1's label).
 RANK_MIXES = {"F_U": (FORGET, UNLABELED), "F_F": (FORGET, FORGET), "R_F": (RETAIN, FORGET)}
@@ -86,7 +88,7 @@ def global_batch(step: int, kind: str) -> list[dict]:
     return out
 
 
-def make_cfg(stage: int, tp: int, ds_json: str, offload: bool = False) -> TrainConfig:
+def make_cfg(stage: int, tp: int, ds_json: str, offload: bool = False, bf16: bool = False) -> TrainConfig:
     cfg = TrainConfig(
         model=MODEL,
         method="sgtm",
@@ -96,19 +98,20 @@ def make_cfg(stage: int, tp: int, ds_json: str, offload: bool = False) -> TrainC
                                 deepspeed_config=ds_json, cpu_offload=offload),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, weight_decay=0.1, clip_grad=1.0,
                           global_batch_size=GBS, micro_batch_size=MBS),
-        train=TrainLoopConfig(train_steps=10, seed=1234),
+        train=TrainLoopConfig(train_steps=10, seed=1234, bf16=bf16),
     )
     cfg.sgtm.strategy = cfg.strategy
     return cfg
 
 
-def build_engine(out_dir: str, key: str, stage: int, tp: int, zero: dict, offload: bool = False) -> DeepSpeedEngine:
+def build_engine(out_dir: str, key: str, stage: int, tp: int, zero: dict, offload: bool = False,
+                 bf16: bool = False) -> DeepSpeedEngine:
     ds_json = Path(out_dir) / f"ds_{key}.json"
     if dist.get_rank() == 0:
         ds_json.write_text(json.dumps({"zero_optimization": zero}))
     dist.barrier()
     torch.manual_seed(1234)
-    cfg = make_cfg(stage, tp, str(ds_json), offload)
+    cfg = make_cfg(stage, tp, str(ds_json), offload, bf16)
     return DeepSpeedEngine(cfg, cfg.sgtm.resolve(MODEL.dims()), on_gpu=False)
 
 
@@ -147,8 +150,9 @@ def rank_mixes(out_dir: str, results: dict) -> None:
 
 
 def full_state(engine: DeepSpeedEngine) -> dict[str, dict[str, torch.Tensor]]:
-    """fp32 params and Adam moments in global space, through DeepSpeed's gather helpers."""
-    out = {}
+    """fp32 params and Adam moments in global space, through DeepSpeed's gather helpers (and, in bf16, the
+    model's bf16 params as `model`)."""
+    out = {"model": gather_global(engine.model)} if engine.cfg.train.bf16 else {}
     for kind in ("param", "exp_avg", "exp_avg_sq"):
         local = {}
         for name, param in engine.named.items():
@@ -197,10 +201,12 @@ def load_recording(engine: DeepSpeedEngine, path: Path) -> list[bool]:
 def main(out_dir: str) -> None:
     rank = dist.get_rank()
     results: dict = {}
-    for key, stage, tp, offload, zero in LAYOUTS:
+    for key, stage, tp, offload, zero in LAYOUTS + BF16_LAYOUTS:
         start = time.time()
-        engine = build_engine(out_dir, key, stage, tp, zero, offload)
+        bf16 = any(key == layout[0] for layout in BF16_LAYOUTS)
+        engine = build_engine(out_dir, key, stage, tp, zero, offload, bf16)
         results[f"{key}/regions"] = region_masks(engine)
+        results[f"{key}/model_bf16"] = torch.tensor(all(p.dtype == torch.bfloat16 for p in engine.model.parameters()))
         dp_rank, dp_size = engine.dp_rank, engine.dp_size
         losses, norms, states = [], [], {}
         ckpt = Path(out_dir) / f"ckpt_{key}"

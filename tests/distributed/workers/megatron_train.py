@@ -1,6 +1,7 @@
 """Worker for the megatron-engine training tests: step gating and full `train()` runs.
 
-argv: OUT_DIR SPEC_JSON. The spec holds ``gating`` (a config for the DP=2 step-gating check, or null),
+argv: OUT_DIR SPEC_JSON. The spec holds ``gating`` (a config for the DP=2 step-gating check, or null;
+``gating_bf16`` the same check of a bf16 config, its results under ``bf16/``),
 ``runs`` (name -> config dict for `megatron_sgtm.training.loop.train`) and ``record_docs`` (record the
 documents each run's sampler delivers, as ``<name>/docs``). Rank 0 saves results.
 """
@@ -80,13 +81,15 @@ def region_counts(before: list, after: list) -> torch.Tensor:
     return counts
 
 
-def gating(raw: dict) -> dict:
-    """Invariant 3 of docs/design.md (step gating) under the DistributedOptimizer at DP=2."""
+def gating(raw: dict, prefix: str = "") -> dict:
+    """Invariant 3 of docs/design.md (step gating) under the DistributedOptimizer at DP=2. In bf16 the shards
+    are the fp32 main params (and their Adam moments) and `engine.model` holds the bf16 params."""
     cfg = from_dict(raw)
     engine = MegatronEngine(cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
     per_rank = cfg.optim.global_batch_size // engine.dp_size
     mixed = [RETAIN, FORGET, UNLABELED, RETAIN, FORGET, UNLABELED, RETAIN, FORGET][:per_rank]
-    results: dict = {}
+    results: dict = {"shards_fp32": torch.tensor(all(p.dtype == torch.float32 for p, _, _ in shard_states(engine))),
+                     "model_bf16": torch.tensor(all(p.dtype == torch.bfloat16 for p in engine.model.parameters()))}
     for step in range(3):
         engine.train_step(hand_batches(cfg, step, mixed))
     for name, label in (("all_forget", FORGET), ("all_retain", RETAIN)):
@@ -107,7 +110,7 @@ def gating(raw: dict) -> dict:
         results[f"{name}/region_counts"] = region_counts(before_shards, shard_states(engine))
         results[f"{name}/gated"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
     engine.shutdown()
-    return results
+    return {prefix + key: value for key, value in results.items()}
 
 
 @contextlib.contextmanager
@@ -144,6 +147,8 @@ def main(out_dir: str, spec_json: str) -> None:
     results: dict = {}
     if spec.get("gating"):
         results.update(gating(spec["gating"]))
+    if spec.get("gating_bf16"):
+        results.update(gating(spec["gating_bf16"], "bf16/"))
     for name, raw in spec.get("runs", {}).items():
         with recorded_docs(spec.get("record_docs", False)) as docs:
             final = train(from_dict(raw))

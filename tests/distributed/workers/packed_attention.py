@@ -163,8 +163,9 @@ def single_device() -> dict:
         cfg = config(arch, 1, 1, False, hidden=128)  # head dim 32: what fused kernels take
         partition = cfg.sgtm.resolve(cfg.model.dims())
         transformer = cfg.model.transformer_config(on_gpu=on_gpu, bf16=on_gpu)
-        models = {backend: build_gpt_model(cfg.model, transformer, partition, backend=backend).to(device)
-                  for backend in ("gpu", "local")}
+        # bf16 on CUDA: every parameter, as megatron's Float16Module casts them (the position embedding is built fp32)
+        models = {backend: build_gpt_model(cfg.model, transformer, partition, backend=backend).to(
+                  device=device, dtype=transformer.params_dtype) for backend in ("gpu", "local")}
         state = random_global_state(gather_global(models["local"]), seed=7)
         for model in models.values():
             load_global(model, state)

@@ -4,6 +4,8 @@ For each (model variant, strategy, layout) it loads the same global weights, run
 schedule (1F1B under PP) on micro-batches with mixed labels, finalizes grads through megatron DDP,
 and records on rank 0: gathered gradients, per-token losses, F-only gradients, losses with
 perturbed Θ_F / Θ_R, and the weights after `ablate()`. The pytest side does the comparisons.
+With ``--bf16`` first, the models run as megatron trains in bf16: bf16 parameters in `Float16Module`,
+fp32 `main_grad` buffers (tests/distributed/test_bf16.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_sgtm.core.gating import region_codes  # noqa: E402
 from megatron_sgtm.core.labels import token_labels  # noqa: E402
@@ -40,16 +43,16 @@ def setup(tp: int, pp: int) -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def build(model_cfg: ModelConfig, sgtm: SGTMConfig, tp: int, pp: int, sp: bool):
+def build(model_cfg: ModelConfig, sgtm: SGTMConfig, tp: int, pp: int, sp: bool, bf16: bool = False):
     config = model_cfg.transformer_config(
-        on_gpu=False, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
+        on_gpu=False, bf16=bf16, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp
     )
     partition = resolve_partition(sgtm, model_cfg, tp)
     gpt = build_gpt_model(model_cfg, config, partition)
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
-        module=gpt,
+        module=Float16Module(config, gpt) if bf16 else gpt,
     )
     return gpt, ddp
 
@@ -94,7 +97,9 @@ def last_stage_losses(losses):
 
 
 def main(out_dir: str, *names: str) -> None:
-    """`names`: the cases to run (all without)."""
+    """`names`: the cases to run (all without), after an optional ``--bf16``."""
+    bf16 = bool(names) and names[0] == "--bf16"
+    names = names[1:] if bf16 else names
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results: dict[str, torch.Tensor | float] = {}
@@ -114,7 +119,7 @@ def main(out_dir: str, *names: str) -> None:
         for case, sp in [(c, sp) for c in cases for t, p, sp in c.layouts if (t, p) == (tp, pp)]:
             state, batch, forget, retain = inputs[case.name]
             key = f"{case.name}/tp{tp}pp{pp}{'sp' if sp else ''}"
-            gpt, ddp = build(case.model, case.sgtm, tp, pp, sp)
+            gpt, ddp = build(case.model, case.sgtm, tp, pp, sp, bf16)
             load_global(gpt, state)
             ones = [torch.ones_like(mb["labels"], dtype=torch.float32) for mb in batch]
             losses = last_stage_losses(run(gpt, ddp, batch, ones))
