@@ -25,9 +25,9 @@ DOC_FILES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 COMMAND_LANGS = {"bash", "sh", "console"}
 # Pages other branches add; a link to one is tolerated only while the file is absent (delete the entry once it
 # has been merged, so that its links are checked like any other).
-PENDING_PAGES = {"docs/guide/own_training.md", "docs/guide/indexed_data.md"}
+PENDING_PAGES = {"docs/guide/indexed_data.md"}
 
-_FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")  # indented fences (inside list items) count too
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)\)")
 _LONG = re.compile(r"^# long \(\d+(?:[-–]\d+)? (?:s|min|h)\b")
 _TESTED_BY = re.compile(r"^# tested by (tests/\S+\.py)::(\w+)$")
@@ -58,16 +58,17 @@ class Block:
 def split_markdown(text: str, path: Path) -> tuple[list[Block], list[tuple[int, str]]]:
     """(fenced code blocks, the text lines outside them with their line numbers)."""
     blocks, prose = [], []
-    fence, lang, start, body = None, "", 0, []
+    fence, lang, start, body, indent = None, "", 0, [], 0
     for number, line in enumerate(text.splitlines(), 1):
         match = _FENCE.match(line)
         if fence is None and match:
             fence, lang, start, body = match.group(1), match.group(2).lower(), number, []
+            indent = len(line) - len(line.lstrip())
         elif fence is not None and line.strip().startswith(fence) and not line.strip()[len(fence):].strip():
             blocks.append(Block(path, start, lang, tuple(body)))
             fence = None
         elif fence is not None:
-            body.append(line)
+            body.append(line[indent:] if line[:indent].isspace() else line)
         else:
             prose.append((number, line))
     return blocks, prose
