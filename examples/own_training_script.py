@@ -23,16 +23,18 @@ import torch
 import torch.distributed as dist
 
 from megatron_sgtm import (
-    Gate,
     ModelDims,
     SGTMAdamW,
     SGTMConfig,
     TokenLabel,
     ablate,
+    attach_sgtm,
     enable_cpu_execution,
     get_sgtm_layer_spec,
+    install_step_gating,
     param_regions,
-    region_codes,
+    set_step_gate,
+    step_gate,
     token_labels,
 )
 
@@ -73,7 +75,7 @@ def build_model() -> GPTModel:
         config=config, transformer_layer_spec=get_sgtm_layer_spec(partition), vocab_size=VOCAB,
         max_sequence_length=SEQ, position_embedding_type="learned_absolute",
     )
-    return model.to(DEVICE)
+    return attach_sgtm(model, partition).to(DEVICE)  # the model's partition (and embedding masks, if it masks them)
 
 
 def documents(kind: TokenLabel, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -88,13 +90,14 @@ def batch(kinds: list[TokenLabel], gen: torch.Generator) -> dict[str, torch.Tens
     docs = torch.cat([documents(TokenLabel.FORGET if k == TokenLabel.FORGET else TokenLabel.RETAIN, 1, gen)
                       for k in kinds])
     labels = torch.tensor([[int(k)] * SEQ for k in kinds], dtype=torch.uint8)
-    return {"tokens": docs[:, :-1], "targets": docs[:, 1:], "labels": labels}
+    return {"tokens": docs[:, :-1], "targets": docs[:, 1:], "token_labels": labels,
+            "loss_mask": torch.ones(len(kinds), SEQ)}
 
 
 def loss(model: GPTModel, b: dict[str, torch.Tensor], labelled: bool = True) -> torch.Tensor:
     tokens, targets = b["tokens"].to(DEVICE), b["targets"].to(DEVICE)
     positions = torch.arange(SEQ, device=DEVICE).expand_as(tokens)
-    with token_labels(b["labels"].to(DEVICE) if labelled else None):  # the masked layers read them in forward
+    with token_labels(b["token_labels"].to(DEVICE) if labelled else None):  # the masked layers read them in forward
         per_token = model(tokens, positions, None, labels=targets)  # attention_mask None: causal
     return per_token.float().mean()
 
@@ -116,9 +119,8 @@ def main() -> None:
     model = build_model()
 
     optimizer = SGTMAdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    gated = install_step_gating(optimizer, model)  # the region codes of every parameter
     regions = param_regions(model)
-    for name, param in model.named_parameters():
-        optimizer.set_region_codes(param, region_codes(regions[name], param))  # None: all Θ_J
     forget = {name: regions[name].forget_mask(p) for name, p in model.named_parameters()}
     retain = {name: regions[name].retain_mask(p) for name, p in model.named_parameters()}
 
@@ -129,8 +131,8 @@ def main() -> None:
     for step in range(args.steps):
         kind, kinds = cycle[step % len(cycle)]
         b = batch(kinds, gen)
-        # Gate from the labels of the whole (here: this process's) batch; a data-parallel script all-reduces counts.
-        optimizer.gate = Gate.from_label_counts(torch.bincount(b["labels"].flatten().long(), minlength=3))
+        # The gate from the loss-bearing labels of the step's micro-batches (all-reduced over data-parallel ranks).
+        set_step_gate(gated, step_gate([b]))
         before_r, before_f = snapshot(model, retain), snapshot(model, forget)
         optimizer.zero_grad()
         value = loss(model, b)

@@ -1,8 +1,8 @@
 """Selective Gradient Masking (SGTM) for megatron-core and DeepSpeed pretraining.
 
-The names below are what a user's own megatron-core training script needs (see
-examples/own_training_script.py). They load on first use, so `megatron-sgtm --help` and the
-data commands do not import torch or megatron-core.
+The names below, all from `megatron_sgtm.core` (plus `enable_cpu_execution`), are what a user's own
+megatron-core or DeepSpeed training script needs (see docs/guide/own_training.md and the examples).
+They load on first use, so `megatron-sgtm --help` and the data commands do not import torch or megatron-core.
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ _PUBLIC = {
     "param_regions": "megatron_sgtm.core.regions",  # Θ_F / Θ_R / Θ_J of every parameter
     "ablate": "megatron_sgtm.core.regions",  # Θ_F := 0, in place
     "ablated": "megatron_sgtm.core.regions",  # the same, undone on exit
+    "attach_sgtm": "megatron_sgtm.core.model_hooks",  # completes a GPTModel built with the SGTM spec (embeddings)
     "SGTMAdamW": "megatron_sgtm.core.gating",  # AdamW with step gating
+    "ZeroSGTMAdamW": "megatron_sgtm.core.gating",  # the same as DeepSpeed ZeRO's client optimizer
     "Gate": "megatron_sgtm.core.gating",
+    "StepCounts": "megatron_sgtm.core.gating",
+    "step_counts": "megatron_sgtm.core.gating",  # a step's label counts and loss-mask sum, all-reduced over DP
+    "step_gate": "megatron_sgtm.core.gating",  # the step's Gate from its micro-batches, all-reduced over DP
     "region_codes": "megatron_sgtm.core.gating",  # a parameter's per-element Region codes for SGTMAdamW
+    "install_step_gating": "megatron_sgtm.core.optimizer_hooks",  # DistributedOptimizer, ZeRO engine or SGTMAdamW
+    "set_step_gate": "megatron_sgtm.core.optimizer_hooks",  # the Gate of the next step, on the gated optimizers
     "enable_cpu_execution": "megatron_sgtm.compat.cpu",  # megatron-core on CPU (gloo); a no-op with CUDA
 }
 

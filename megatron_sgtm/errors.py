@@ -25,6 +25,10 @@ class UserError(Exception):
     exit_status = 2
 
 
+class StepGatingError(UserError, ValueError):
+    """An optimizer or engine that step gating cannot gate; the message says what to use instead."""
+
+
 def debug_requested(flag: bool) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 

@@ -16,15 +16,9 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sgtm.core.labels import active_masks
-from megatron_sgtm.core.layers.autograd import scale_grad
 from megatron_sgtm.core.layers.spec import get_sgtm_block_spec
+from megatron_sgtm.core.model_hooks import attach_sgtm
 from megatron_sgtm.core.partition import ModelDims, Partition, SGTMConfig
-
-# The embedding hook drops the lookup gradient at F positions; a tied word embedding is also the output layer, which
-# every token updates (Θ_J), so that rule would hold only half-way.
-TIED_MASK_EMBEDDINGS = ("sgtm.mask_embeddings=true needs untied embeddings (model.tie_embeddings=false; gpt2-style "
-                        "models tie them): the tied matrix is also the output layer (Θ_J)")
 
 ARCHITECTURES = {
     "gpt2": dict(normalization="LayerNorm", activation="gelu", position_embedding="learned_absolute",
@@ -114,25 +108,5 @@ def build_gpt_model(model: ModelConfig, config: TransformerConfig, partition: Pa
         share_embeddings_and_output_weights=model.tie_embeddings, position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
     )
-    gpt.sgtm_partition = partition  # read by regions.param_regions on every pipeline stage
-    if partition is not None and partition.mask_embeddings and gpt.pre_process:
-        _mask_embedding_gradients(gpt)
-    return gpt
+    return attach_sgtm(gpt, partition)
 
-
-def _mask_embedding_gradients(gpt: GPTModel) -> None:
-    """Θ_R embeddings: the gradient of the embedding output at F positions is dropped."""
-    if gpt.share_embeddings_and_output_weights:
-        raise ValueError(TIED_MASK_EMBEDDINGS)
-    sequence_parallel = gpt.config.sequence_parallel
-
-    def hook(_module, _inputs, output):
-        masks = active_masks()
-        if masks is None or not masks.any_forget:
-            return output
-        if sequence_parallel:  # the output is this rank's slice of the sequence
-            masks = masks.seq_slice(parallel_state.get_tensor_model_parallel_rank(),
-                                    parallel_state.get_tensor_model_parallel_world_size())
-        return scale_grad(output, masks.not_forget.to(output.dtype))
-
-    gpt.embedding.register_forward_hook(hook)

@@ -71,10 +71,16 @@ def _set_cpu_rng_state(state: torch.Tensor, *_args, **_kwargs) -> None:
 
 
 def enable_cpu_execution() -> bool:
-    """Map megatron-core's CUDA assumptions to the CPU. Returns whether the CPU shims are active."""
+    """Map megatron-core's CUDA assumptions to the CPU. Returns whether the CPU shims are active. When DeepSpeed is
+    imported already, its CPU shared-memory all-reduce op is not JIT-built either (`skip_cpu_shm_comm_build`):
+    a DeepSpeed script imports deepspeed before calling this."""
     global _MODE
     if torch.cuda.is_available():
         return False
+    if "deepspeed" in sys.modules:
+        from megatron_sgtm.compat.deepspeed import skip_cpu_shm_comm_build
+
+        skip_cpu_shm_comm_build()
     require("megatron-core", ("0.16",), "CPU execution shims")
     require("torch", ("2.13",), "CPU execution shims")
     if _MODE is not None:

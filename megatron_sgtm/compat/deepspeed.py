@@ -1,14 +1,26 @@
-"""DeepSpeed 0.19 patches: no CPU shm op build, weights-only checkpoint reads, ZeRO-1/2 state re-linking."""
+"""DeepSpeed 0.19 patches: no CPU shm op build, weights-only checkpoint reads, ZeRO-1/2 state re-linking, and the
+layout of ZeRO's flat fp32 partitions (where step gating finds each parameter's elements).
+
+ZeRO-1/2 (`stage_1_and_2.py`): per param group, the parameters in `round_robin_bit16_groups[i]` order at
+`round_robin_bit16_offsets[i]` in a flat buffer of `bit16_groups_flat[i].numel()` elements (alignment padding at
+the end and between parameters); rank r owns the r-th of `dp` equal slices (`get_data_parallel_partitions`),
+which is `single_partition_of_fp32_groups[i]`.
+ZeRO-3 (`stage3.py`): per sub-group `fp16_groups[j]`, the concatenation of each parameter's `ds_tensor`
+partition: elements [r*ps, (r+1)*ps) of the flattened parameter padded to a multiple of `dp`;
+`fp32_partitioned_groups_flat[j]` holds it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from megatron_sgtm.compat import require
+from megatron_sgtm.errors import StepGatingError
 
 KNOWN = ("0.19",)
 
@@ -84,3 +96,66 @@ def relink_optimizer_states(zero) -> None:
     if getattr(zero, "_hp_optimizer_states_linked", None) is not None:
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
+
+
+def is_deepspeed_engine(obj) -> bool:
+    """Whether `obj` is a DeepSpeed engine (`deepspeed.initialize`'s first result), without importing DeepSpeed."""
+    return any(c.__module__.startswith("deepspeed.") and c.__name__ == "DeepSpeedEngine" for c in type(obj).__mro__)
+
+
+def zero_optimizer(ds_engine) -> tuple[object, int]:
+    """(DeepSpeed's ZeRO optimizer wrapping the client optimizer, ZeRO stage); refuses wrappers with another
+    flat layout (e.g. DeepSpeed's BF16_Optimizer, or no ZeRO at all)."""
+    require("deepspeed", KNOWN, "zero_optimizer")
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    stage = int(ds_engine.zero_optimization_stage())
+    zero = ds_engine.optimizer
+    expected = DeepSpeedZeroOptimizer_Stage3 if stage == 3 else DeepSpeedZeroOptimizer
+    if stage not in (1, 2, 3) or not isinstance(zero, expected):
+        raise StepGatingError(f"DeepSpeed wrapped the optimizer in {type(zero).__name__} (ZeRO stage {stage}); step "
+                           "gating maps the flat partitions of DeepSpeedZeroOptimizer (stage 1/2) and "
+                           "DeepSpeedZeroOptimizer_Stage3 only")
+    return zero, stage
+
+
+def layout_partitions(ds_engine, values: Callable[[torch.nn.Parameter, int], torch.Tensor], dtype: torch.dtype,
+                      fill=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Lay per-parameter flat tensors out as this rank's flat fp32 partitions (see the module docstring).
+
+    `values(param, numel)` gives the flattened (model-space, full local shape) tensor of a model parameter;
+    returns (fp32 partition the client optimizer steps, the laid-out tensor) per partition, with `fill` at
+    DeepSpeed's padding."""
+    zero, stage = zero_optimizer(ds_engine)
+    out = []
+    if stage in (1, 2):
+        for i, flat in enumerate(zero.bit16_groups_flat):
+            full = torch.full((flat.numel(),), fill, dtype=dtype)
+            for param, meta, offset in zip(zero.round_robin_bit16_groups[i], zero.round_robin_bit16_meta[i],
+                                           zero.round_robin_bit16_offsets[i]):
+                full[offset:offset + meta.numel()] = values(param, meta.numel()).reshape(-1).to(dtype)
+            group = zero.real_dp_process_group[i]
+            world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+            sizes = [flat.numel() // world + (1 if r < flat.numel() % world else 0) for r in range(world)]
+            start = sum(sizes[:rank])
+            out.append((zero.single_partition_of_fp32_groups[i], full[start:start + sizes[rank]].clone()))
+    else:
+        for j, sub_group in enumerate(zero.fp16_groups):
+            pieces = []
+            for param in sub_group:
+                part = param.partition_numel()
+                rank = dist.get_rank(group=param.ds_process_group)
+                padded = torch.full((param.ds_numel_aligned,), fill, dtype=dtype)
+                padded[:param.ds_numel] = values(param, param.ds_numel).reshape(-1).to(dtype)
+                pieces.append(padded[rank * part:(rank + 1) * part])
+            out.append((zero.fp32_partitioned_groups_flat[j], torch.cat(pieces)))
+    for fp32, laid in out:
+        if laid.numel() != fp32.numel():
+            raise RuntimeError(f"laid out {laid.numel()} elements for an fp32 partition of {fp32.numel()}")
+    return out
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """A parameter's local (TP-shard) shape, also under ZeRO-3, which empties `.shape`."""
+    return getattr(param, "ds_shape", param.shape)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from megatron_sgtm.compat import require
+from megatron_sgtm.errors import StepGatingError
 
 KNOWN = ("0.16",)
 
@@ -18,12 +19,31 @@ def _distributed_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def replace_inner_optimizers(optimizer, make_inner: Callable[[list[Shard]], torch.optim.Optimizer]) -> list:
-    """Swap each DistributedOptimizer's inner optimizer for `make_inner(its shards)`, which takes over
+def is_megatron_optimizer(optimizer) -> bool:
+    """Whether `optimizer` is one of megatron-core's optimizer wrappers (without importing megatron-core)."""
+    return any(c.__module__.startswith("megatron.core.optimizer") for c in type(optimizer).__mro__)
+
+
+def distributed_optimizers(optimizer) -> list:
+    """The `DistributedOptimizer`s of a megatron optimizer (itself, or those a `ChainedOptimizer` chains); a
+    one-line error for any other megatron optimizer (its inner optimizer steps unsharded model copies)."""
+    require("megatron-core", KNOWN, "distributed_optimizers")
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    found = _distributed_optimizers(optimizer)
+    for opt in found:
+        if not isinstance(opt, DistributedOptimizer):
+            raise StepGatingError(f"step gating of megatron optimizers needs the DistributedOptimizer "
+                             f"(OptimizerConfig.use_distributed_optimizer=True); got {type(opt).__name__}")
+    return found
+
+
+def replace_inner_optimizers(optimizer, make_inner: Callable[[torch.optim.Optimizer, list[Shard]],
+                                                             torch.optim.Optimizer]) -> list:
+    """Swap each DistributedOptimizer's inner optimizer for `make_inner(the inner one, its shards)`, which takes over
     the inner one's param groups and state; returns the new inner optimizers."""
-    require("megatron-core", KNOWN, "replace_inner_optimizers")
     installed = []
-    for dist_opt in _distributed_optimizers(optimizer):
+    for dist_opt in distributed_optimizers(optimizer):
         pairs = [
             *zip(dist_opt.model_float16_groups, dist_opt.shard_fp32_from_float16_groups),
             *zip(dist_opt.model_fp32_groups, dist_opt.shard_fp32_groups),
@@ -33,7 +53,8 @@ def replace_inner_optimizers(optimizer, make_inner: Callable[[list[Shard]], torc
             for model_param, shard_param in zip(model_group, shard_group):
                 span = dist_opt._get_model_param_range_map(model_param)["param"]
                 shards.append((model_param, shard_param, span.start, span.end))
-        inner, new = dist_opt.optimizer, make_inner(shards)
+        inner = dist_opt.optimizer
+        new = make_inner(inner, shards)
         # The shard params are views megatron swapped in past add_param_group; take its groups as is.
         new.param_groups = inner.param_groups
         new.state = inner.state

@@ -17,14 +17,16 @@ at their own counts: a gated region is not touched and no full-size temporary is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.optim.adamw import adamw
 
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.core.regions import ParamRegion
-from megatron_sgtm.core.strategy import Region
+from megatron_sgtm.core.strategy import Region, strategy_of
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,50 @@ class Gate:
         """`counts[label]` = number of loss-bearing tokens of that label in the *global* batch."""
         u, r, f = (int(counts[i]) for i in (TokenLabel.UNLABELED, TokenLabel.RETAIN, TokenLabel.FORGET))
         return cls(retain=r + u == 0, forget=f + u == 0)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """A step's global batch: loss-bearing tokens per label (`counts[label]`, U/R/F) and the loss-mask sum."""
+
+    counts: torch.Tensor
+    loss_weight: float
+
+    def gate(self, strategy: str = "sgtm") -> Gate:
+        """The regions the step leaves untouched under `strategy` (none for strategies that do not gate steps)."""
+        return Gate.from_label_counts(self.counts) if strategy_of(strategy).gates_steps else Gate()
+
+
+def step_counts(micro_batches: Iterable[dict], group: dist.ProcessGroup | None = None) -> StepCounts:
+    """Count the `token_labels` of every micro-batch's loss-bearing tokens (`loss_mask` > 0) and all-reduce the
+    counts over the data-parallel `group`: None means megatron's data-parallel group when its parallel state is
+    initialised, else the default group; without torch.distributed, this process's batch is the global one.
+    Every DP rank passes its own micro-batches of the step; tensor/pipeline-parallel peers pass the same ones."""
+    stats = torch.zeros(4, dtype=torch.float64)
+    for mb in micro_batches:
+        labels, loss_mask = mb["token_labels"].cpu(), mb["loss_mask"].cpu()
+        stats[:3] += torch.bincount(labels[loss_mask > 0].long(), minlength=3)[:3].double()
+        stats[3] += loss_mask.double().sum()
+    if dist.is_available() and dist.is_initialized():
+        group = _data_parallel_group() if group is None else group
+        on_device = dist.get_backend(group) == "nccl"  # NCCL reduces device tensors only
+        reduced = stats.cuda() if on_device else stats
+        dist.all_reduce(reduced, group=group)
+        stats = reduced.cpu()
+    return StepCounts(stats[:3], float(stats[3]))
+
+
+def step_gate(micro_batches: Iterable[dict], group: dist.ProcessGroup | None = None,
+              strategy: str = "sgtm") -> Gate:
+    """The gate of one optimizer step from all its micro-batches (see `step_counts`), to set on the optimizers
+    (`set_step_gate`) before their `step()`."""
+    return step_counts(micro_batches, group).gate(strategy)
+
+
+def _data_parallel_group() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
 
 
 def region_codes(region: ParamRegion, param: torch.Tensor) -> torch.Tensor | None:
@@ -197,6 +243,41 @@ class SGTMAdamW(torch.optim.AdamW):
             for region, own in blocks.items():
                 views[region].extend((p, block.view(grad), a, q) for block, (p, a, q) in zip(own, cached[1][region]))
         return views
+
+
+class ZeroSGTMAdamW(SGTMAdamW):
+    """SGTMAdamW as DeepSpeed ZeRO's client optimizer (`deepspeed.initialize(optimizer=...)`): DeepSpeed calls its
+    `step()` several times per optimizer step.
+
+    ZeRO-1/2 step each param group separately; ZeRO-3 steps each sub-group with the other groups' `params`
+    emptied. The per-region step counters of a group must advance once per *engine* step, so setting `gate`
+    (before every `engine.step()` that steps, see `set_step_gate`) opens a step, and a call that finds a group
+    empty or already advanced in this step leaves its counters where they were.
+    """
+
+    @property
+    def gate(self) -> Gate:
+        return self._gate
+
+    @gate.setter
+    def gate(self, gate: Gate) -> None:
+        self._gate = gate
+        self._advanced: set[int] = set()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        gate = self.gate
+        increment = [1, 0 if gate.retain else 1, 0 if gate.forget else 1]
+        for group in self.param_groups:
+            steps = group.setdefault("sgtm_steps", [0, 0, 0])
+            key = id(group)
+            if not group["params"] or key in self._advanced:
+                # SGTMAdamW.step adds `increment`; pre-subtract it so this call does not advance.
+                for code in (Region.JOINT, Region.RETAIN, Region.FORGET):
+                    steps[code] -= increment[code]
+            else:
+                self._advanced.add(key)
+        return super().step(closure)
 
 
 def _contiguous(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sgtm.core.layers.linear import SGTMLinearMixin
+from megatron_sgtm.core.model_hooks import model_partition
 from megatron_sgtm.core.partition import Partition
 from megatron_sgtm.core.strategy import LINEARS, LinearKind, Region
 
@@ -64,7 +65,7 @@ def linear_regions(
 
 def masked_embeddings(partition: Partition | None, tied: bool, position: bool) -> tuple[str, ...]:
     """The Θ_R embeddings (submodules of the embedding) of `mask_embeddings`. It needs untied embeddings: config
-    loading and `model.build_gpt_model` refuse a tied model (its word embedding is the output layer too, Θ_J).
+    loading and `attach_sgtm` refuse a tied model (its word embedding is the output layer too, Θ_J).
     A tied checkpoint written before that refusal keeps its word embeddings Θ_J, as its optimizer treated them."""
     if partition is None or not partition.active or not partition.mask_embeddings:
         return ()
@@ -93,7 +94,7 @@ def param_regions(model: torch.nn.Module) -> dict[str, ParamRegion]:
                 special[id(param)] = region
     embedding = getattr(model, "embedding", None)
     # The model's own partition: a first pipeline stage without masked layers still masks its embeddings.
-    partition = getattr(model, "sgtm_partition", None) or (linears[0].partition if linears else None)
+    partition = model_partition(model)
     if embedding is not None:
         tied = getattr(model, "share_embeddings_and_output_weights", False)
         for name in masked_embeddings(partition, tied, embedding.add_position_embedding):

@@ -21,13 +21,14 @@ from typing import Any
 
 import yaml
 
+from megatron_sgtm.core.model_hooks import TIED_MASK_EMBEDDINGS
 from megatron_sgtm.core.partition import PartitionError, SGTMConfig
 from megatron_sgtm.core.strategy import METHODS, SGTM
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.data.sampler import MODES
 from megatron_sgtm.data.shards import Manifest
 from megatron_sgtm.errors import UserError, load_yaml, yaml_problem
-from megatron_sgtm.model import TIED_MASK_EMBEDDINGS, ModelConfig
+from megatron_sgtm.model import ModelConfig
 
 
 class ConfigError(UserError, ValueError):

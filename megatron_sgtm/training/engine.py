@@ -17,11 +17,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron_sgtm.core.gating import Gate
+from megatron_sgtm.core.gating import Gate, step_counts
 from megatron_sgtm.core.labels import label_flags, token_labels
 from megatron_sgtm.core.partition import Partition
 from megatron_sgtm.core.regions import ablated
-from megatron_sgtm.core.strategy import strategy_of
 from megatron_sgtm.model import build_gpt_model
 from megatron_sgtm.training.batch_geometry import model_inputs
 from megatron_sgtm.training.checkpoint import init_weights
@@ -98,10 +97,6 @@ class Engine(abc.ABC):
         self.scheduler = lr_scheduler(self.optimizer, self.cfg)
 
     # -- what every framework shares ---------------------------------------------------------
-    def step_gate(self, counts: torch.Tensor) -> Gate:
-        """The regions this step leaves untouched, from the global batch's label counts."""
-        return Gate.from_label_counts(counts) if strategy_of(self.cfg.strategy).gates_steps else Gate()
-
     def _to_device(self, batches: list[dict]) -> list[dict]:
         """The micro-batches on this rank's device, with their `label_flags` read on the host first."""
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
@@ -112,17 +107,6 @@ class Engine(abc.ABC):
                 moved["label_flags"] = label_flags(mb["token_labels"])
             out.append(moved)
         return out
-
-    def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, float]:
-        """Loss-bearing tokens per label (U, R, F) and the loss-weight sum of the global batch, counted on
-        the host batches (before `_to_device`)."""
-        stats = torch.zeros(4, dtype=torch.float64)
-        for mb in batches:
-            labels, loss_mask = mb["token_labels"].cpu(), mb["loss_mask"].cpu()
-            stats[:3] += torch.bincount(labels[loss_mask > 0].long(), minlength=3)[:3].double()
-            stats[3] += loss_mask.double().sum()
-        dist.all_reduce(stats, group=self.dp_group)
-        return stats[:3], float(stats[3])
 
     @property
     def packs_sequences(self) -> bool:
@@ -143,12 +127,11 @@ class Engine(abc.ABC):
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step on the global batch; the metrics of `step_metrics`."""
-        counts, loss_weight = self._global_counts(batches)
-        batches = self._to_device(batches)
-        gate = self.step_gate(counts)
-        loss_sum, tokens, grad_norm = self._optimizer_step(batches, gate, loss_weight)
+        counts = step_counts(batches, self.dp_group)  # on the host batches, before `_to_device`
+        gate = counts.gate(self.cfg.strategy)
+        loss_sum, tokens, grad_norm = self._optimizer_step(self._to_device(batches), gate, counts.loss_weight)
         self.scheduler.step(increment=1)
-        return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts, gate)
+        return step_metrics(loss_sum, tokens, grad_norm, self.optimizer.param_groups[0]["lr"], counts.counts, gate)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict], ablate: bool = False) -> tuple[float, float]:
@@ -193,8 +176,9 @@ class Engine(abc.ABC):
     # -- what each framework does its own way ------------------------------------------------
     @abc.abstractmethod
     def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[float, float, float | None]:
-        """Forward/backward of every micro-batch and the gated optimizer step; (loss sum, tokens,
-        grad norm) over the global batch. `loss_weight` is the global batch's loss-mask sum."""
+        """Forward/backward of every micro-batch and the optimizer step gated by `gate` (`set_step_gate` on the
+        optimizers of `install_step_gating`); (loss sum, tokens, grad norm) over the global batch. `loss_weight`
+        is the global batch's loss-mask sum."""
 
     @abc.abstractmethod
     def _forward_only(self, batches: list[dict], token_losses: list | None = None) -> tuple[float, float]:

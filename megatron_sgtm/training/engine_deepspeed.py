@@ -2,18 +2,9 @@
 
 The model is built exactly as for the megatron engine (megatron's parallel state provides the TP
 groups; DeepSpeed gets them through `mpu`, so its data-parallel group is megatron's). The client
-optimizer is `SGTMAdamW`; DeepSpeed flattens, partitions and steps it. Step gating needs the region
-code of every element of the flat fp32 partition each rank owns, so after `deepspeed.initialize`
-the per-parameter codes (`gating.region_codes`) are laid out the way DeepSpeed lays out its flat
-buffers:
-
-- ZeRO-1/2 (`stage_1_and_2.py`): per param group, the parameters in `round_robin_bit16_groups[i]`
-  order at `round_robin_bit16_offsets[i]` in a flat buffer of `bit16_groups_flat[i].numel()`
-  elements (alignment padding at the end and between parameters is Θ_J); rank r owns the r-th of
-  `dp` equal slices (`get_data_parallel_partitions`), which is `single_partition_of_fp32_groups[i]`.
-- ZeRO-3 (`stage3.py`): per sub-group `fp16_groups[j]`, the concatenation of each parameter's
-  `ds_tensor` partition: elements [r*ps, (r+1)*ps) of the flattened parameter padded to a multiple
-  of `dp` (the padding is Θ_J); `fp32_partitioned_groups_flat[j]` holds it.
+optimizer is `ZeroSGTMAdamW`; DeepSpeed flattens, partitions and steps it, and the public hook
+`install_step_gating(engine, model)` gives it the region codes of the flat fp32 partitions this rank owns
+(their layout: `compat.deepspeed.layout_partitions`).
 
 Micro-batch losses are per-token sums divided by the global batch's loss-token count (times the
 DP size, since DeepSpeed averages gradients over DP), so updates equal the megatron engine's.
@@ -29,47 +20,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_sgtm.compat.deepspeed import relink_optimizer_states, skip_cpu_shm_comm_build, weights_only_loads
-from megatron_sgtm.core.gating import Gate, SGTMAdamW, region_codes
+from megatron_sgtm.compat.deepspeed import skip_cpu_shm_comm_build, weights_only_loads
+from megatron_sgtm.core.gating import Gate, ZeroSGTMAdamW
+from megatron_sgtm.core.optimizer_hooks import install_step_gating, set_step_gate
 from megatron_sgtm.core.partition import Partition
-from megatron_sgtm.core.regions import ablate, param_regions, sgtm_linears
-from megatron_sgtm.core.strategy import Region
+from megatron_sgtm.core.regions import ablate, sgtm_linears
 from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.engine import Engine
 
 CHECKPOINT_TAG = "deepspeed"
-
-
-class ZeroSGTMAdamW(SGTMAdamW):
-    """SGTMAdamW as DeepSpeed calls it: several `step()` calls per optimizer step.
-
-    ZeRO-1/2 step each param group separately; ZeRO-3 steps each sub-group with the other groups'
-    `params` emptied. The per-region step counters of a group must advance once per *engine* step,
-    so `begin_step()` (called by the engine before `engine.step()`) opens a step, and a call that
-    finds a group empty or already advanced in this step leaves its counters where they were.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._advanced: set[int] = set()
-
-    def begin_step(self) -> None:
-        self._advanced = set()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        gate = self.gate
-        increment = [1, 0 if gate.retain else 1, 0 if gate.forget else 1]
-        for group in self.param_groups:
-            steps = group.setdefault("sgtm_steps", [0, 0, 0])
-            key = id(group)
-            if not group["params"] or key in self._advanced:
-                # SGTMAdamW.step adds `increment`; pre-subtract it so this call does not advance.
-                for code in (Region.JOINT, Region.RETAIN, Region.FORGET):
-                    steps[code] -= increment[code]
-            else:
-                self._advanced.add(key)
-        return super().step(closure)
 
 
 class _MegatronMPU:
@@ -164,15 +123,8 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         super().__init__(cfg, partition, on_gpu, bf16=bool(on_gpu and cfg.train.bf16))
 
-        # Region codes per parameter, computed while parameters still have their full local shape.
-        regions = param_regions(self.model)
         self.named = dict(self.model.named_parameters())
         self.model_shape = {name: tuple(p.shape) for name, p in self.named.items()}  # ZeRO-3 empties .shape
-        self.codes: dict[int, torch.Tensor] = {}
-        for name, param in self.named.items():
-            codes = region_codes(regions[name], param.detach().cpu())
-            if codes is not None:
-                self.codes[id(param)] = codes.reshape(-1)
 
         o = cfg.optim
         decay, no_decay = [], []
@@ -194,83 +146,16 @@ class DeepSpeedEngine(Engine):
             # The output layer reads the word embedding that the embedding module owns.
             deepspeed.zero.register_external_parameter(self.model.output_layer,
                                                        self.model.embedding.word_embeddings.weight)
-        self.zero = self.engine.optimizer
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-        expected = DeepSpeedZeroOptimizer_Stage3 if self.zero_stage == 3 else DeepSpeedZeroOptimizer
-        if not isinstance(self.zero, expected):
-            # e.g. DeepSpeed's BF16_Optimizer: another flat layout, which the region codes do not map
-            raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(self.zero).__name__}, expected "
-                               f"{expected.__name__} for ZeRO stage {self.zero_stage}")
         self.micro_batches = self.ds_config["gradient_accumulation_steps"]
         self.start_schedule()
-        self.install_region_codes()
-
-    # -- step gating: region codes of the flat fp32 partitions -------------------------------
-    def _param_codes(self, param: torch.Tensor, numel: int) -> torch.Tensor:
-        codes = self.codes.get(id(param))
-        return torch.full((numel,), Region.JOINT, dtype=torch.uint8) if codes is None else codes
-
-    def layout_partitions(self, values, dtype: torch.dtype, fill=0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Lay per-parameter flat tensors out as this rank's flat fp32 partitions.
-
-        `values(param, numel)` gives the flattened (model-space, full local shape) tensor of a model
-        parameter; returns (fp32 partition the optimizer steps, the laid-out tensor) per partition,
-        with `fill` at DeepSpeed's padding. The region codes and the tests' check of this mapping
-        against DeepSpeed's own gather helpers both go through here.
-        """
-        zero = self.zero
-        out = []
-        if self.zero_stage in (1, 2):
-            for i, flat in enumerate(zero.bit16_groups_flat):
-                full = torch.full((flat.numel(),), fill, dtype=dtype)
-                for param, meta, offset in zip(zero.round_robin_bit16_groups[i], zero.round_robin_bit16_meta[i],
-                                               zero.round_robin_bit16_offsets[i]):
-                    full[offset:offset + meta.numel()] = values(param, meta.numel()).reshape(-1).to(dtype)
-                group = zero.real_dp_process_group[i]
-                world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-                sizes = [flat.numel() // world + (1 if r < flat.numel() % world else 0) for r in range(world)]
-                start = sum(sizes[:rank])
-                out.append((zero.single_partition_of_fp32_groups[i], full[start:start + sizes[rank]].clone()))
-        else:
-            for j, sub_group in enumerate(zero.fp16_groups):
-                pieces = []
-                for param in sub_group:
-                    part = param.partition_numel()
-                    rank = dist.get_rank(group=param.ds_process_group)
-                    padded = torch.full((param.ds_numel_aligned,), fill, dtype=dtype)
-                    padded[:param.ds_numel] = values(param, param.ds_numel).reshape(-1).to(dtype)
-                    pieces.append(padded[rank * part:(rank + 1) * part])
-                out.append((zero.fp32_partitioned_groups_flat[j], torch.cat(pieces)))
-        for fp32, laid in out:
-            if laid.numel() != fp32.numel():
-                raise RuntimeError(f"laid out {laid.numel()} elements for an fp32 partition of {fp32.numel()}")
-        return out
-
-    def partition_codes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(flat fp32 partition this rank's optimizer steps, its uint8 region codes); padding is Θ_J."""
-        return self.layout_partitions(self._param_codes, torch.uint8, fill=Region.JOINT)
-
-    def install_region_codes(self) -> None:
-        for fp32, codes in self.partition_codes():
-            gated = codes.to(fp32.device) if bool((codes != Region.JOINT).any()) else None
-            self.optimizer.set_region_codes(fp32, gated)
-            state = self.optimizer.state[fp32]
-            if not state:  # eager Adam state, for ZeRO-1/2 to link (below) before any step
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
-        if self.zero_stage in (1, 2):
-            relink_optimizer_states(self.zero)
+        install_step_gating(self.engine, self.model)
 
     # -- one optimizer step: DeepSpeed's forward/backward/step per micro-batch ---------------
     def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[torch.Tensor, float, float]:
         if len(batches) != self.micro_batches:
             raise ValueError(f"train_step got {len(batches)} micro-batches; DeepSpeed was configured for "
                              f"{self.micro_batches} (global_batch_size / (micro_batch_size x DP))")
-        self.optimizer.gate = gate
-        self.optimizer.begin_step()
+        set_step_gate([self.optimizer], gate)
         # DeepSpeed averages gradients over DP; the per-token normalisation wants their sum.
         scale = self.dp_size / max(loss_weight, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -326,7 +211,7 @@ class DeepSpeedEngine(Engine):
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
         for group in self.optimizer.param_groups:  # the saved groups replace ours; older ones lack wd_mult
             group.setdefault("wd_mult", 1.0 if group["weight_decay"] else 0.0)
-        self.install_region_codes()
+        install_step_gating(self.engine, self.model)
 
     def shutdown(self) -> None:
         self.engine.destroy()

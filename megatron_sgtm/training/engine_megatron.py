@@ -2,8 +2,8 @@
 
 The 1F1B schedule (or the no-pipelining one at PP=1) runs the micro-batches; losses are summed per
 token and normalised by the global batch's token count (``calculate_per_token_loss``), so every
-layout computes the same update. Step gating lives in the DistributedOptimizer's inner optimizer:
-`SGTMAdamW` gets the region code of every element of the shard this rank owns.
+layout computes the same update. Step gating is the public hook `install_step_gating`: the DistributedOptimizer's
+inner optimizer becomes `SGTMAdamW` with the region code of every element of the shard this rank owns.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
-from megatron_sgtm.compat.megatron_optimizer import Shard, load_fully_reshardable, replace_inner_optimizers
-from megatron_sgtm.core.gating import Gate, SGTMAdamW, region_codes_for_shard
+from megatron_sgtm.compat.megatron_optimizer import load_fully_reshardable
+from megatron_sgtm.core.gating import Gate
+from megatron_sgtm.core.optimizer_hooks import install_step_gating, set_step_gate
 from megatron_sgtm.core.partition import Partition
 from megatron_sgtm.core.regions import param_regions
 from megatron_sgtm.training.config import TrainConfig
@@ -57,28 +58,13 @@ class MegatronEngine(Engine):
             ),
             [self.ddp],
         )
-        self.inner_optimizers = self._install_gating()
+        self.inner_optimizers = install_step_gating(self.optimizer, self.model)
         self.start_schedule()
         self.config.no_sync_func = self.ddp.no_sync
         if cfg.parallel.overlap_grad_reduce:  # the schedules launch the last micro-batch's reduce (as megatron's)
             self.config.grad_sync_func = self.ddp.start_grad_sync
         self.config.finalize_model_grads_func = finalize_model_grads
         self.is_last_stage = ps.is_pipeline_last_stage()
-
-    def _install_gating(self) -> list[SGTMAdamW]:
-        """Each DistributedOptimizer's inner AdamW becomes SGTMAdamW with the region codes of its shards."""
-        regions = {id(p): r for p, r in zip(self.model.parameters(), param_regions(self.model).values())}
-        o = self.cfg.optim
-
-        def gated(shards: list[Shard]) -> SGTMAdamW:
-            opt = SGTMAdamW([torch.nn.Parameter(torch.zeros(1))], lr=o.lr, betas=(o.beta1, o.beta2),
-                            eps=o.eps, weight_decay=o.weight_decay)
-            for model_param, shard_param, start, end in shards:
-                opt.set_region_codes(shard_param, region_codes_for_shard(regions[id(model_param)], model_param,
-                                                                         start, end))
-            return opt
-
-        return replace_inner_optimizers(self.optimizer, gated)
 
     # -- micro-batches through megatron's schedule -------------------------------------------
     def _run(self, batches: list[dict], forward_only: bool, use_labels: bool,
@@ -119,8 +105,7 @@ class MegatronEngine(Engine):
         return float(total[0]) / tp, float(total[1]) / tp
 
     def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[float, float, float]:
-        for opt in self.inner_optimizers:
-            opt.gate = gate
+        set_step_gate(self.inner_optimizers, gate)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_sum, tokens = self._run(batches, forward_only=False, use_labels=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sgtm.cli import main
-from megatron_sgtm.model import TIED_MASK_EMBEDDINGS
+from megatron_sgtm.core.model_hooks import TIED_MASK_EMBEDDINGS
 from megatron_sgtm.training.config import ConfigError, from_dict, load_config, validate
 from tests.support import ROOT
 from tests.support.train_fixtures import tiny_config, write_manifest

@@ -26,6 +26,7 @@ if __name__ == "__main__":  # the tests import this module's constants without s
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
 
+from megatron_sgtm.compat.deepspeed import layout_partitions  # noqa: E402
 from megatron_sgtm.core.labels import TokenLabel  # noqa: E402
 from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.core.regions import param_regions  # noqa: E402
@@ -166,8 +167,8 @@ def check_layout(engine: DeepSpeedEngine) -> float:
                 return safe_get_full_fp32_param(param).reshape(-1)
             return safe_get_full_optimizer_state(param, kind).reshape(-1)
 
-        valid = engine.layout_partitions(lambda p, n: torch.ones(n), torch.bool, fill=False)
-        for (fp32, laid), (_, ok) in zip(engine.layout_partitions(values, torch.float32), valid):
+        valid = layout_partitions(engine.engine, lambda p, n: torch.ones(n), torch.bool, fill=False)
+        for (fp32, laid), (_, ok) in zip(layout_partitions(engine.engine, values, torch.float32), valid):
             actual = fp32.detach() if kind == "param" else engine.optimizer.state[fp32][kind]
             diff = (actual.float().cpu()[ok] - laid[ok]).abs()
             worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
@@ -250,7 +251,8 @@ def main(out_dir: str) -> None:
             for kind, tensors in state.items():
                 for name, value in tensors.items():
                     results[f"{key}/{when}/{kind}/{name}"] = value
-        results[f"{key}/fp32_partitions"] = torch.tensor(len(engine.partition_codes()))
+        partitions = layout_partitions(engine.engine, lambda p, n: torch.ones(n), torch.bool)
+        results[f"{key}/fp32_partitions"] = torch.tensor(len(partitions))
         results[f"{key}/time_s"] = torch.tensor(time.time() - start)
         engine.shutdown()
         dist.barrier()
