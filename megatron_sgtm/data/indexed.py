@@ -28,6 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
 from megatron_sgtm.core.labels import TokenLabel
+from megatron_sgtm.data.corpus import Corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_documents
 from megatron_sgtm.data.shards import sha256_file
 from megatron_sgtm.errors import UserError
@@ -280,3 +281,80 @@ def micro_batch_indices(step: int, micro: int, *, micro_batch_size: int, global_
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+TRAIN_KEYS = {"tokens": "tokens", "labels": "targets", "token_labels": "token_labels", "loss_mask": "loss_mask",
+              "position_ids": "position_ids", "doc_ids": "doc_ids"}  # GPTDataset's "labels" are next-token targets
+
+
+class IndexedSampler:
+    """One DP rank's micro-batches of a `LabelledGPTDataset`, in `micro_batch_indices`' layout, with the keys
+    `megatron-sgtm train` reads (GPTDataset's ``labels`` renamed ``targets``). Its state is the global step
+    (megatron's consumed samples = step x global batch size), so a resumed run continues the same samples."""
+
+    def __init__(self, dataset: LabelledGPTDataset, *, micro_batch_size: int, global_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1):
+        self.dataset, self.micro_batch_size, self.global_batch_size = dataset, micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_micro_batches = global_batch_size // (micro_batch_size * dp_size)
+        micro_batch_indices(0, 0, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                            dp_rank=dp_rank, dp_size=dp_size)  # checks the layout
+        self.step, self.micro = 0, 0
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        indices = micro_batch_indices(step, micro, micro_batch_size=self.micro_batch_size,
+                                      global_batch_size=self.global_batch_size, dp_rank=self.dp_rank,
+                                      dp_size=self.dp_size)
+        if indices[-1] >= len(self.dataset):
+            raise IndexError(f"sample {indices[-1]} is past the dataset's {len(self.dataset)} samples")
+        batch = collate([self.dataset[int(i)] for i in indices])
+        out = {ours: batch[theirs] for theirs, ours in TRAIN_KEYS.items()}
+        out["loss_mask"] = out["loss_mask"].float()
+        return out
+
+    def __iter__(self) -> IndexedSampler:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.micro_batch(self.step, self.micro)
+        self.micro += 1
+        if self.micro == self.num_micro_batches:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+    def _fingerprint(self) -> str:
+        return f"{self.dataset.unique_description_hash}:{self.dataset.sidecar.header['npz_sha256']}"
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "fingerprint": self._fingerprint(),
+                "global_batch_size": self.global_batch_size}
+
+    def check_resumable(self, state: dict) -> None:
+        if state.get("global_batch_size") != self.global_batch_size:
+            raise ValueError(f"optim.global_batch_size={self.global_batch_size}, but the checkpoint was saved with "
+                             f"{state.get('global_batch_size')}; its position is counted in global steps of that size")
+        if state.get("fingerprint") != self._fingerprint():
+            raise ValueError("sampler state was saved with another indexed dataset, split, sidecar or sample count; "
+                             "resuming would not continue the same samples")
+        if state.get("micro"):
+            raise ValueError(f"sampler state stopped inside global step {state['step']}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_resumable(state)
+        self.step, self.micro = int(state["step"]), 0
+
+
+def indexed_corpus(prefix: str | Path, labels: DocumentLabels, eod_id: int, vocab_size: int) -> Corpus:
+    """The index as a `Corpus` (tokens memory-mapped from the ``.bin``, no copy) for the code that reads documents
+    by number: held-out evaluation streams, token counts. Needs the ``.bin`` in index order (as the builder writes)."""
+    index = open_index(prefix)
+    lengths = index.sequence_lengths.astype(np.int64)
+    itemsize = np.dtype(index.index.dtype).itemsize
+    token_starts = np.concatenate([[0], np.cumsum(lengths)])
+    if not np.array_equal(index.index.sequence_pointers, token_starts[:-1] * itemsize):
+        raise IndexedLabelsError(f"indexed dataset {prefix}: its sequences are not stored in index order")
+    tokens = np.memmap(get_bin_path(str(prefix)), dtype=index.index.dtype, mode="r", shape=(int(token_starts[-1]),))
+    return Corpus(tokens=tokens, offsets=token_starts[index.document_indices], ids=[str(d) for d in
+                  range(labels.num_documents)], categories=labels.categories.astype(np.int16),
+                  category_names=list(labels.category_names), scores=labels.scores, eod_id=eod_id,
+                  vocab_size=vocab_size)

@@ -181,3 +181,30 @@ def test_bad_inputs_are_one_line_errors(corpus, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:  # argparse: an unknown classifier
         main(["data", "tag-indexed", "--prefix", str(other), "--classifier", "bogus"])
     assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_train_config_refuses_bad_indexed_settings_in_one_line(corpus, tmp_path):
+    from megatron_sgtm.training.config import ConfigError, from_dict, validate
+
+    _, prefix, _ = corpus
+    other = tmp_path / "other"
+    write_index(other, 50, seed=1)
+
+    def check(data: dict, message: str) -> None:
+        cfg = from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                   "ffn_hidden_size": 64, "vocab_size": 20_001, "seq_length": 32},
+                         "sgtm": {"forget_heads": 1, "forget_mlp_units": 8},
+                         "data": {"indexed_prefix": str(prefix), "eod_id": 0, "forget_categories": ["spanish"],
+                                  "retain_categories": ["english"], "adjacent_categories": [], **data}})
+        with pytest.raises(ConfigError, match=message) as info:
+            validate(cfg, 1)
+        assert "\n" not in str(info.value)
+
+    check({"path": str(tmp_path)}, "give one of them")
+    check({"eod_id": None}, "needs the index's end-of-document token id")
+    check({"mode": "batch_uniform"}, "need shard data")
+    check({"indexed_split": "a,b"}, "data.indexed_split='a,b': expected 3 weights with train > 0")
+    check({"indexed_prefix": str(tmp_path / "missing")}, "missing.idx does not exist")
+    check({"indexed_labels": str(sidecar_path(prefix)), "indexed_prefix": str(other)},
+          "labels 10000 documents, but the index")
+    check({"forget_categories": ["german"]}, r"\['german'\] not among the categories of data.indexed_prefix")
