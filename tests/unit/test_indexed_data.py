@@ -208,3 +208,29 @@ def test_train_config_refuses_bad_indexed_settings_in_one_line(corpus, tmp_path)
     check({"indexed_labels": str(sidecar_path(prefix)), "indexed_prefix": str(other)},
           "labels 10000 documents, but the index")
     check({"forget_categories": ["german"]}, r"\['german'\] not among the categories of data.indexed_prefix")
+
+
+def test_text_classifiers_read_the_detokenized_documents(tmp_path):
+    """keywords over an index of BPE-tokenized texts: a document's score is that of its original text."""
+    from megatron_sgtm.data.classifiers import KeywordClassifier
+    from megatron_sgtm.data.tokenizer import train_bpe
+
+    texts = [f"number {i}: {'el gato y el perro' if i % 3 == 0 else 'the cat and the dog'}" for i in range(40)]
+    tokenizer = train_bpe(texts, 300)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    builder = IndexedDatasetBuilder(str(tmp_path / "text.bin"), dtype=np.uint16)
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text).ids
+        if i % 5 == 0:  # two sequences, one document
+            builder.add_item(torch.tensor(ids[:3]))
+            builder.add_item(torch.tensor(ids[3:]))
+        else:
+            builder.add_item(torch.tensor(ids))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "text.idx"))
+    assert main(["data", "tag-indexed", "--prefix", str(tmp_path / "text"), "--classifier", "keywords",
+                 "--forget-pattern", r"\bgato\b", "--retain-pattern", r"\bcat\b", "--tokenizer",
+                 str(tmp_path / "tokenizer.json")]) == 0
+    expected = KeywordClassifier([r"\bgato\b"], [r"\bcat\b"]).score([], texts)
+    np.testing.assert_array_equal(read_labels(tmp_path / "text").scores, expected)
+    assert expected.sum() == 14
