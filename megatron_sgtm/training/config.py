@@ -529,13 +529,11 @@ def _check_indexed(cfg: TrainConfig) -> None:
     if data.eod_id is None or not 0 <= data.eod_id < cfg.model.vocab_size:
         raise ConfigError(f"data.eod_id={data.eod_id}: data.indexed_prefix needs the index's end-of-document token "
                           f"id, below model.vocab_size={cfg.model.vocab_size}")
-    try:
-        split = parse_and_normalize_split(data.indexed_split)
-    except (AssertionError, ValueError) as err:
+    weights = r"\d+(\.\d*)?"
+    if not re.fullmatch(rf"{weights}(,{weights}){{0,2}}", data.indexed_split.replace(" ", "")) or not (
+            parse_and_normalize_split(data.indexed_split)[0] > 0):
         raise ConfigError(f"data.indexed_split={data.indexed_split!r}: expected megatron's 'train,valid,test' "
-                          "weights, e.g. '98,2,0'") from err
-    if len(split) != 3 or not split[0] > 0:  # NaN: no weights at all
-        raise ConfigError(f"data.indexed_split={data.indexed_split!r}: expected 3 weights with train > 0")
+                          "weights with train > 0, e.g. '98,2,0'")
     try:
         read_labels(data.indexed_prefix, data.indexed_labels)
     except IndexedLabelsError as err:
