@@ -235,3 +235,41 @@ def test_text_classifiers_read_the_detokenized_documents(tmp_path):
     expected = KeywordClassifier([r"\bgato\b"], [r"\bcat\b"]).score([], texts)
     np.testing.assert_array_equal(read_labels(tmp_path / "text").scores, expected)
     assert expected.sum() == 14
+
+
+def test_train_stream_resumes_from_its_sampler_state(corpus, tmp_path):
+    """`train`'s indexed stream (load_data -> training_sampler): a sampler rebuilt from disk and loaded with the
+    state after k steps yields the uninterrupted sampler's micro-batches; another batch size or sample count is
+    refused. Held-out documents are those of megatron's valid split."""
+    from megatron_sgtm.training.config import from_dict
+    from megatron_sgtm.training.run_data import load_data, training_sampler
+
+    _, prefix, is_forget = corpus
+
+    def config(steps: int, global_batch: int = 8):
+        return from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                    "ffn_hidden_size": 64, "vocab_size": 20_001, "seq_length": 32},
+                          "data": {"indexed_prefix": str(prefix), "eod_id": 0, "indexed_split": "90,10,0",
+                                   "forget_categories": ["spanish"], "retain_rate": 0.25},
+                          "optim": {"global_batch_size": global_batch, "micro_batch_size": 2},
+                          "train": {"train_steps": steps}, "logging": {"run_dir": str(tmp_path)}})
+
+    cfg = config(10)
+    data = load_data(cfg)
+    assert data.heldout_docs.min() > data.train_docs.max() and len(data.heldout_docs) in range(990, 1011)
+    first = training_sampler(cfg, data, dp_rank=1, dp_size=2)
+    uninterrupted = [next(first) for _ in range(10 * first.num_micro_batches)]
+    again = training_sampler(cfg, load_data(cfg), dp_rank=1, dp_size=2)
+    for _ in range(4 * again.num_micro_batches):
+        next(again)
+    state = again.state_dict()
+    resumed = training_sampler(cfg, load_data(cfg), dp_rank=1, dp_size=2)
+    resumed.load_state_dict(state)
+    for a in uninterrupted[4 * first.num_micro_batches:]:
+        b = next(resumed)
+        assert a.keys() == b.keys() >= {"tokens", "targets", "token_labels", "loss_mask", "position_ids", "doc_ids"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (data.doc_labels[uninterrupted[0]["doc_ids"][0]] == uninterrupted[0]["token_labels"][0]).all()
+    for other in (config(10, global_batch=16), config(20)):
+        with pytest.raises(ValueError, match="global_batch_size|another indexed dataset"):
+            training_sampler(other, load_data(other), dp_rank=0, dp_size=2).check_resumable(state)
