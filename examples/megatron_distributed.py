@@ -1,6 +1,7 @@
 """SGTM in your own megatron-core training script, TP=2 x DP=2, on a labelled Megatron indexed dataset.
 
-Only `megatron_sgtm` public names beside megatron-core's own: a GPTModel with the SGTM layer spec (`attach_sgtm`
+Only public `megatron_sgtm` names beside megatron-core's own (the SGTM library from `megatron_sgtm`, the labelled
+dataset from `megatron_sgtm.data.indexed`): a GPTModel with the SGTM layer spec (`attach_sgtm`
 completes it), megatron's DistributedDataParallel and DistributedOptimizer (`get_megatron_optimizer`), gated by
 `install_step_gating`; the batches come from `LabelledGPTDataset` (megatron's GPTDataset built by
 `BlendedMegatronDatasetBuilder`, plus each token's SGTM label from the sidecar `megatron-sgtm data tag-indexed`
@@ -29,20 +30,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_sgtm import (
-    LabelingConfig,
-    LabelledGPTDataset,
-    LabelledGPTDatasetConfig,
     ModelDims,
     SGTMConfig,
     attach_sgtm,
     enable_cpu_execution,
     get_sgtm_layer_spec,
     install_step_gating,
-    micro_batch_indices,
     set_step_gate,
     step_gate,
     token_labels,
 )
+from megatron_sgtm.data.indexed import LabelledGPTDataset, LabelledGPTDatasetConfig, micro_batch_indices
+from megatron_sgtm.data.labeling import LabelingConfig
 
 ON_GPU = not enable_cpu_execution()  # on a machine without CUDA: megatron-core on the CPU (shims), before it runs
 

@@ -32,10 +32,6 @@ _PUBLIC = {
     "region_codes": "megatron_sgtm.core.gating",  # a parameter's per-element Region codes for SGTMAdamW
     "install_step_gating": "megatron_sgtm.core.optimizer_hooks",  # DistributedOptimizer, ZeRO engine or SGTMAdamW
     "set_step_gate": "megatron_sgtm.core.optimizer_hooks",  # the Gate of the next step, on the gated optimizers
-    "LabelingConfig": "megatron_sgtm.data.labeling",  # retain / undiscovered / false-positive rates, thresholds, seed
-    "LabelledGPTDataset": "megatron_sgtm.data.indexed",  # megatron's GPTDataset + token_labels from a sidecar
-    "LabelledGPTDatasetConfig": "megatron_sgtm.data.indexed",
-    "micro_batch_indices": "megatron_sgtm.data.indexed",  # a step's samples per DP rank (Megatron-LM's layout)
     "enable_cpu_execution": "megatron_sgtm.compat.cpu",  # megatron-core on CPU (gloo); a no-op with CUDA
 }
 
