@@ -1,4 +1,4 @@
-"""`megatron-sgtm data synth | build | tag`."""
+"""`megatron-sgtm data synth | build | tag | tag-indexed`."""
 
 from __future__ import annotations
 
@@ -134,6 +134,33 @@ def tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def tag_indexed(args: argparse.Namespace) -> int:
+    """Score the documents of a Megatron indexed dataset and write its label sidecar."""
+    import shutil
+
+    from megatron_sgtm.atomic import partial_dir
+    from megatron_sgtm.data.indexed import num_documents, open_index, read_categories, sidecar_path, tag_index
+    from megatron_sgtm.data.tokenizer import load_tokenizer
+
+    index = open_index(args.prefix)
+    args.out = args.out or sidecar_path(args.prefix)
+    categories = read_categories(args.categories, num_documents(index)) if args.categories else None
+    if args.classifier != "scores" and args.tokenizer is None:
+        raise ValueError(f"--classifier {args.classifier} reads text: give --tokenizer (the tokenizer.json the index "
+                         "was tokenized with) to detokenize the documents")
+    args.shards, args.train_from_truth = None, None  # `tag`'s options that need a shard directory
+    spec = _classifier_spec(args)
+    classifier = spec.build()
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    decode = (lambda ids: tokenizer.decode_batch(ids, skip_special_tokens=True)) if tokenizer else None
+    labels = tag_index(args.prefix, args.out, classifier.score, decode, categories, classifier.describe())
+    shutil.rmtree(partial_dir(args.out), ignore_errors=True)  # a classifier trained from --seed-set
+    forget = int((labels.scores >= args.tau_forget).sum())
+    print(f"[tag-indexed] {labels.num_documents} docs tagged, {forget} with P(forget) >= {args.tau_forget}; "
+          f"wrote {labels.header['path']} and its .npz", file=sys.stderr)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="synthetic corpus, tokenized shards, classifier tagging")
     # The readers (sources, tokenizer, classifiers, tagging) report malformed input as ValueError.
@@ -199,3 +226,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-shards", action="store_true", help="skip (and report) corrupt shards")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=tag)
+
+    p = commands.add_parser("tag-indexed", help="score a Megatron indexed dataset (.bin/.idx) into a label sidecar")
+    p.add_argument("--prefix", required=True, help="the index's path prefix (PREFIX.idx, PREFIX.bin)")
+    p.add_argument("--out", type=Path, help="sidecar path without suffix (default PREFIX.sgtm_labels)")
+    p.add_argument("--classifier", choices=("linear", "keywords", "scores", "hf"), required=True)
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json / HF directory to detokenize (all but scores)")
+    p.add_argument("--categories", type=Path, help="ground-truth categories, one line per document in index order")
+    p.add_argument("--model", type=Path, help="linear: classifier.npz; hf: local model directory")
+    p.add_argument("--seed-set", type=Path, nargs="+", help="linear: labelled documents (with categories) to train on")
+    p.add_argument("--rules", type=Path, help='keywords: JSON {"forget": [regex], "retain": [regex]}')
+    p.add_argument("--forget-pattern", action="append", help="keywords: forget regex (repeatable)")
+    p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
+    p.add_argument("--scores", type=Path, help='scores: JSONL lines {"id": DOCUMENT_NUMBER, "score": P(forget)}')
+    p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
+    p.add_argument("--forget-categories", nargs="+", default=[FORGET_CATEGORY],
+                   help="categories that count as forget when training on --seed-set")
+    p.add_argument("--tau-forget", type=float, default=0.5, help="threshold for the reported count")
+    p.set_defaults(func=tag_indexed)

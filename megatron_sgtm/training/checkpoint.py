@@ -190,15 +190,20 @@ def read_meta(path: Path) -> dict:
 
 def run_identity(cfg, partition) -> dict:
     """What a resumed run must share with the checkpoint it continues, by the name an error gives it."""
+    model = {f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "init_method_std"}  # init: no shape
+    identity = {"method": cfg.method, **model, **{f"partition.{k}": v for k, v in partition.to_dict().items()}}
+    if cfg.data.indexed_prefix:
+        from megatron_sgtm.data.indexed import read_labels
+
+        header = read_labels(cfg.data.indexed_prefix, cfg.data.indexed_labels).header
+        return {**identity, "tokenizer": f"eod_id={cfg.data.eod_id}",
+                "data": f"{header['idx_sha256']}:{header['npz_sha256']}"}  # the index and its sidecar
     data = Path(cfg.data.path)
     manifest = Manifest.read(data)
     tokenizer = data / manifest.tokenizer
     shards = json.dumps([[s.name, s.sha256] for s in manifest.shards])
-    model = {f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "init_method_std"}  # init: no shape
     return {
-        "method": cfg.method,
-        **model,
-        **{f"partition.{k}": v for k, v in partition.to_dict().items()},
+        **identity,
         "tokenizer": sha256_file(tokenizer) if tokenizer.is_file() else
         f"vocab_size={manifest.vocab_size}, eod_id={manifest.eod_id}",
         "data": hashlib.sha256(shards.encode()).hexdigest(),  # the shards' checksums, wherever they live

@@ -64,6 +64,12 @@ class DataConfig:
     # attack): a key is a category group (forget = forget_categories, retain, adjacent) or a category name;
     # the pools are drawn from the training (non-held-out) documents by ground-truth category. None: mode's pools.
     mixture: dict[str, float] | None = None
+    # Instead of `path`: a Megatron indexed dataset (PREFIX.bin/.idx) tagged by `megatron-sgtm data tag-indexed`,
+    # read through LabelledGPTDataset (megatron's GPTDataset order, its `labels` as targets).
+    indexed_prefix: str | None = None
+    indexed_labels: str | None = None  # its label sidecar (default PREFIX.sgtm_labels)
+    indexed_split: str = "98,2,0"  # megatron's train,valid,test split of the index; valid documents are held out
+    eod_id: int | None = None  # the index's end-of-document token id (indexed data needs it)
 
 
 @dataclass
@@ -491,9 +497,12 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                           "train.calibrate_ablated")
     if cfg.checkpoint.pretrained:
         _check_pretrained(cfg)
-    if not cfg.data.path:
-        raise ConfigError("data.path is required (a shard directory from `megatron-sgtm data build`)")
-    if not (Path(cfg.data.path) / "manifest.json").is_file():
+    if cfg.data.indexed_prefix:
+        _check_indexed(cfg)
+    elif not cfg.data.path:
+        raise ConfigError("data.path is required (a shard directory from `megatron-sgtm data build`), or "
+                          "data.indexed_prefix (a Megatron indexed dataset tagged by `megatron-sgtm data tag-indexed`)")
+    elif not (Path(cfg.data.path) / "manifest.json").is_file():
         raise ConfigError(f"data.path={cfg.data.path}: no manifest.json there (not a shard directory)")
     try:
         partition = cfg.sgtm.resolve(cfg.model.dims())
@@ -508,26 +517,63 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _check_categories(cfg)
 
 
+def _check_indexed(cfg: TrainConfig) -> None:
+    """data.indexed_prefix: an index with its sidecar, and the settings the GPTDataset path supports."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    from megatron_sgtm.data.indexed import IndexedLabelsError, read_labels
+
+    data = cfg.data
+    if data.path:
+        raise ConfigError(f"data.path={data.path} and data.indexed_prefix={data.indexed_prefix}: give one of them")
+    if data.mode != "packed" or data.mixture:
+        raise ConfigError(f"data.indexed_prefix trains in GPTDataset's sample order; data.mode={data.mode!r} and "
+                          "data.mixture need shard data (data.path)")
+    if data.eod_id is None or not 0 <= data.eod_id < cfg.model.vocab_size:
+        raise ConfigError(f"data.eod_id={data.eod_id}: data.indexed_prefix needs the index's end-of-document token "
+                          f"id, below model.vocab_size={cfg.model.vocab_size}")
+    weights = r"\d+(\.\d*)?"
+    if not re.fullmatch(rf"{weights}(,{weights}){{0,2}}", data.indexed_split.replace(" ", "")) or not (
+            parse_and_normalize_split(data.indexed_split)[0] > 0):
+        raise ConfigError(f"data.indexed_split={data.indexed_split!r}: expected megatron's 'train,valid,test' "
+                          "weights with train > 0, e.g. '98,2,0'")
+    try:
+        read_labels(data.indexed_prefix, data.indexed_labels)
+    except IndexedLabelsError as err:
+        raise ConfigError(f"data.indexed_prefix={data.indexed_prefix}: {err}") from err
+
+
+def data_category_counts(cfg: TrainConfig) -> dict[str, int]:
+    """Documents per ground-truth category of the run's data (shards' manifest, or the indexed sidecar)."""
+    data = cfg.data
+    if data.indexed_prefix:
+        from megatron_sgtm.data.indexed import read_labels
+
+        return dict(read_labels(data.indexed_prefix, data.indexed_labels).header["category_counts"])
+    try:
+        return Manifest.read(Path(data.path)).categories()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"data.path={data.path}: unreadable manifest.json ({err})") from err
+
+
 def _check_categories(cfg: TrainConfig) -> None:
     """The category lists name categories the data holds, and a method that needs forget documents has some."""
     data, labeling = cfg.data, cfg.data.labeling
-    try:
-        counts = Manifest.read(Path(data.path)).categories()
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"data.path={data.path}: unreadable manifest.json ({err})") from err
+    counts = data_category_counts(cfg)
+    where = f"data.indexed_prefix={data.indexed_prefix}" if data.indexed_prefix else f"data.path={data.path}"
     needs_truth = labeling.needs_truth or cfg.data_filter in ("oracle", "strict")
     if data.forget_keep_fraction < 1 and not any(counts.get(name) for name in labeling.forget_categories):
         raise ConfigError(f"data.forget_keep_fraction={data.forget_keep_fraction} keeps a share of the ground-truth "
                           f"forget documents, but data.forget_categories={list(labeling.forget_categories)} selects "
-                          f"none of the documents at data.path={data.path}")
+                          f"none of the documents at {where}")
     if not counts:
         if needs_truth:
             raise ConfigError(f"method={cfg.method} with data.score_source={labeling.score_source}, undiscovered_rate="
                               f"{labeling.undiscovered_rate}, false_positive_rate={labeling.false_positive_rate} needs "
-                              f"ground-truth categories, but the documents at data.path={data.path} have none")
+                              f"ground-truth categories, but the documents at {where} have none")
         if data.mixture:
             raise ConfigError(f"data.mixture draws its pools by ground-truth category, but the documents at "
-                              f"data.path={data.path} have none")
+                              f"{where} have none")
         return  # tagged scores alone: no category to check a name against
     groups = mixture_groups(cfg)
     mixture = [name for name in data.mixture or {} if name not in groups]
@@ -535,17 +581,17 @@ def _check_categories(cfg: TrainConfig) -> None:
                        ("adjacent_categories", data.adjacent_categories), ("mixture", mixture)):
         unknown = [name for name in names if name not in counts]
         if unknown:
-            raise ConfigError(f"data.{key}={list(names)}: {unknown} not among the categories of data.path={data.path} "
+            raise ConfigError(f"data.{key}={list(names)}: {unknown} not among the categories of {where} "
                               f"(known: {sorted(counts)}; an empty list [] names none)")
     for name in data.mixture or {}:
         if not sum(counts[category] for category in groups.get(name, [name])):
             raise ConfigError(f"data.mixture: pool {name!r} (categories {groups.get(name, [name])}) selects none of "
-                              f"the documents at data.path={data.path} (categories: {counts})")
+                              f"the documents at {where} (categories: {counts})")
     needs_forget = (cfg.data_filter != "none" or METHODS[cfg.method].strategy.active or labeling.undiscovered_rate > 0
                     or labeling.false_positive_rate > 0)
     if needs_forget and not any(counts[name] for name in labeling.forget_categories):
         raise ConfigError(f"method={cfg.method} needs forget documents, but data.forget_categories="
-                          f"{list(labeling.forget_categories)} selects none of the documents at data.path={data.path} "
+                          f"{list(labeling.forget_categories)} selects none of the documents at {where} "
                           f"(categories: {counts})")
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
+from megatron_sgtm.data.indexed import IndexedSampler, LabelledGPTDataset
 from megatron_sgtm.data.labeling import label_corpus
 from megatron_sgtm.data.sampler import SGTMSampler, eval_batches, mixture_pools
 from megatron_sgtm.training.config import ConfigError, TrainConfig, mixture_groups
@@ -33,10 +34,13 @@ class RunData:
     doc_labels: np.ndarray
     train_docs: np.ndarray
     heldout_docs: np.ndarray
+    train_sequences: np.ndarray | None = None  # indexed data: the index's sequences the GPTDataset trains on
 
 
 def load_data(cfg: TrainConfig) -> RunData:
     d = cfg.data
+    if d.indexed_prefix:
+        return _load_indexed(cfg)
     corpus = load_corpus(Path(d.path), require_scores=d.labeling.score_source == "tagged",
                          skip_bad_shards=d.skip_bad_shards)
     if corpus.vocab_size > cfg.model.vocab_size:
@@ -45,6 +49,33 @@ def load_data(cfg: TrainConfig) -> RunData:
     doc_labels = label_corpus(corpus, d.labeling)
     train_docs, heldout_docs = heldout_split(corpus, d.heldout_fraction, seed=cfg.train.seed)
     return RunData(corpus, doc_labels, training_documents(cfg, corpus, doc_labels, train_docs), heldout_docs)
+
+
+def _load_indexed(cfg: TrainConfig) -> RunData:
+    """An indexed dataset and its sidecar: documents of megatron's valid split are held out, those of its train
+    split (less the forget-keep fraction and a filter's choice) are trained on, through their sequences."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from megatron_sgtm.data.indexed import document_of_sequence, indexed_corpus, open_index, read_labels
+
+    d = cfg.data
+    labels = read_labels(d.indexed_prefix, d.indexed_labels)
+    corpus = indexed_corpus(d.indexed_prefix, labels, d.eod_id, cfg.model.vocab_size)
+    doc_labels = labels.labels(d.labeling)
+    index = open_index(d.indexed_prefix)
+    owner = document_of_sequence(index)
+    # the sequence ranges of megatron's BlendedMegatronDatasetBuilder for this split string
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.indexed_split))
+    (train_start, train_end), (valid_start, valid_end) = (
+        (round(pair[0] * len(index)), round(pair[1] * len(index))) if pair else (0, 0) for pair in matrix[:2])
+    train_docs = np.unique(owner[train_start:train_end])
+    heldout_docs = np.setdiff1d(np.unique(owner[valid_start:valid_end]), train_docs)
+    kept = training_documents(cfg, corpus, doc_labels, train_docs)
+    sequences = np.arange(train_start, train_end, dtype=np.int32)
+    return RunData(corpus, doc_labels, kept, heldout_docs, sequences[np.isin(owner[sequences], kept)])
 
 
 def _keep_forget(cfg: TrainConfig, corpus: Corpus, docs: np.ndarray) -> np.ndarray:
@@ -112,8 +143,12 @@ class TokenCounts:
         return dict(zip(TOKEN_GROUPS, (self._saved + counts.numpy()).tolist()))
 
 
-def training_sampler(cfg: TrainConfig, data: RunData, dp_rank: int, dp_size: int) -> SGTMSampler:
-    """The run's training stream (this data-parallel rank's share), resumable from a checkpoint's state."""
+def training_sampler(cfg: TrainConfig, data: RunData, dp_rank: int, dp_size: int) -> SGTMSampler | IndexedSampler:
+    """The run's training stream (this data-parallel rank's share), resumable from a checkpoint's state
+    (collective with indexed data: rank 0 builds megatron's sample indices first)."""
+    if cfg.data.indexed_prefix:
+        return IndexedSampler(indexed_training_dataset(cfg, data), micro_batch_size=cfg.optim.micro_batch_size,
+                              global_batch_size=cfg.optim.global_batch_size, dp_rank=dp_rank, dp_size=dp_size)
     return SGTMSampler(
         data.corpus, data.doc_labels, seq_length=cfg.model.seq_length,
         micro_batch_size=cfg.optim.micro_batch_size, global_batch_size=cfg.optim.global_batch_size,
@@ -121,6 +156,47 @@ def training_sampler(cfg: TrainConfig, data: RunData, dp_rank: int, dp_size: int
         mixture=mixture_pools(data.corpus, data.train_docs, mixture_groups(cfg), cfg.data.mixture)
         if cfg.data.mixture else None,
     )
+
+
+def indexed_training_dataset(cfg: TrainConfig, data: RunData) -> LabelledGPTDataset:
+    """The LabelledGPTDataset of the training sequences, train.train_steps global batches long: what megatron's
+    BlendedMegatronDatasetBuilder builds for the train split (when nothing is filtered). Its sample indices are
+    cached under logging.run_dir; rank 0 writes them before the other ranks read them."""
+    from megatron.core.datasets.utils import Split
+
+    from megatron_sgtm.data.indexed import LabelledGPTDatasetConfig, open_index
+
+    d = cfg.data
+    config = LabelledGPTDatasetConfig(
+        random_seed=cfg.train.seed, sequence_length=cfg.model.seq_length, split=d.indexed_split,
+        path_to_cache=str(Path(cfg.logging.run_dir) / "indexed_cache"), tokenizer=IndexTokens(d.eod_id,
+                                                                                              cfg.model.vocab_size),
+        reset_position_ids=d.document_attention, reset_attention_mask=d.document_attention,
+        eod_mask_loss=d.document_attention, create_attention_mask=False, labeling=d.labeling,
+        label_files={d.indexed_prefix: d.indexed_labels} if d.indexed_labels else None)
+    num_samples = max(cfg.train.train_steps, 1) * cfg.optim.global_batch_size
+
+    def build() -> LabelledGPTDataset:
+        return LabelledGPTDataset(open_index(d.indexed_prefix), d.indexed_prefix, data.train_sequences, num_samples,
+                                  Split.train, config)
+
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    dataset = build() if first else None
+    if dist.is_initialized():
+        dist.barrier()
+    return dataset if first else build()
+
+
+@dataclass(frozen=True)
+class IndexTokens:
+    """What megatron's GPTDataset reads of a tokenizer: the end-of-document id and the vocabulary size."""
+
+    eod: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": "IndexTokens", "eod": self.eod, "vocab_size": self.vocab_size}
 
 
 def evaluation_batches(cfg: TrainConfig, engine: Engine, data: RunData, docs: np.ndarray) -> list[dict]:

@@ -21,7 +21,7 @@ from megatron_sgtm.data.sampler import SGTMSampler
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.training.checkpoint import write_model_only
 from megatron_sgtm.training.config import from_dict
-from megatron_sgtm.training.loop import load_data
+from megatron_sgtm.training.run_data import load_data
 from tests.support import ROOT, child_env
 from tests.support.cli_runs import train_command, train_losses
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
