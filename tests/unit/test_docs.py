@@ -23,9 +23,6 @@ from tests.support import ROOT, child_env
 README = ROOT / "README.md"
 DOC_FILES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 COMMAND_LANGS = {"bash", "sh", "console"}
-# Pages other branches add; a link to one is tolerated only while the file is absent (delete the entry once it
-# has been merged, so that its links are checked like any other).
-PENDING_PAGES: set[str] = set()
 
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")  # indented fences (inside list items) count too
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)\)")
@@ -88,7 +85,7 @@ def heading_anchors(text: str, path: Path) -> set[str]:
     return anchors
 
 
-def broken_links(path: Path, root: Path = ROOT, pending: set[str] = frozenset()) -> list[str]:
+def broken_links(path: Path, root: Path = ROOT) -> list[str]:
     """Every relative link of `path` whose file does not exist under `root`, or whose #anchor names no
     heading of that file."""
     text = path.read_text()
@@ -100,14 +97,11 @@ def broken_links(path: Path, root: Path = ROOT, pending: set[str] = frozenset())
             file_part, _, anchor = target.partition("#")
             resolved = (path.parent / file_part).resolve() if file_part else path
             where = f"{path.relative_to(root)}:{number}: {target}"
-            try:
-                relative = resolved.relative_to(root.resolve()).as_posix()
-            except ValueError:
+            if not resolved.is_relative_to(root.resolve()):
                 errors.append(f"{where}: outside the repository")
                 continue
             if not resolved.exists():
-                if relative not in pending:
-                    errors.append(f"{where}: no such file")
+                errors.append(f"{where}: no such file")
                 continue
             if anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved.read_text(), resolved):
                 errors.append(f"{where}: no heading with anchor #{anchor}")
@@ -123,7 +117,7 @@ def test_readme_is_at_most_250_lines():
 
 
 def test_every_relative_link_resolves():
-    errors = [e for path in DOC_FILES for e in broken_links(path, pending=PENDING_PAGES)]
+    errors = [e for path in DOC_FILES for e in broken_links(path)]
     assert not errors, "\n".join(errors)
 
 
