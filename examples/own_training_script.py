@@ -8,6 +8,15 @@ the ablated model are compared.
 
     python examples/own_training_script.py [--steps 30]
     torchrun --nproc-per-node=1 examples/own_training_script.py
+    python examples/own_training_script.py --init model.safetensors --batches b.pt --steps 20
+
+With `--init` and `--batches` (as examples/deepspeed_zero.py's: initial weights by parameter name from a
+safetensors file, and a `torch.save`d list per data-parallel rank, of steps, of micro-batches) it trains instead
+an untied model with Θ_R embeddings (its vocabulary and sequence length those of the weights) on the given
+batches: per-token losses summed over the step's micro-batches and divided by its loss tokens, gradients clipped
+at norm 1, megatron's warmup/cosine `OptimizerParamScheduler`, the hyperparameters below.
+tests/distributed/test_own_training_script.py feeds it `megatron-sgtm train`'s batches and weights and checks
+the per-step losses agree.
 
 Runs on CPU (gloo, via `enable_cpu_execution`) or on one GPU. The last line printed is a JSON
 summary (tests/distributed/test_own_training_script.py reads it).
@@ -21,6 +30,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from megatron_sgtm import (
     ModelDims,
@@ -42,11 +52,14 @@ ON_GPU = not enable_cpu_execution()  # on a machine without CUDA: megatron-core 
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 VOCAB, SEQ, BATCH = 64, 16, 8
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# --init/--batches: the hyperparameters of tests/distributed/test_own_training_script.py's train config
+LR, MIN_LR, WARMUP, WEIGHT_DECAY, BETAS, EPS, CLIP = 3e-3, 1e-4, 2, 0.1, (0.9, 0.95), 1e-8, 1.0
 
 
 def init_world_of_one() -> None:
@@ -61,7 +74,8 @@ def init_world_of_one() -> None:
     model_parallel_cuda_manual_seed(1234)
 
 
-def build_model() -> GPTModel:
+def build_model(vocab: int = VOCAB, seq: int = SEQ, untied: bool = False) -> GPTModel:
+    """The toy model (tied embeddings), or with `untied` separate input and output embeddings, both Θ_R."""
     config = TransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not ON_GPU,
@@ -70,10 +84,12 @@ def build_model() -> GPTModel:
         bias_dropout_fusion=False, persist_layer_norm=False,
     )
     # The last of the 4 heads and 8 of the 64 MLP units of every layer are Θ_F.
-    partition = SGTMConfig(forget_heads=1, forget_mlp_units=8).resolve(ModelDims.from_transformer_config(config))
+    partition = SGTMConfig(forget_heads=1, forget_mlp_units=8, mask_embeddings=untied).resolve(
+        ModelDims.from_transformer_config(config))
     model = GPTModel(
-        config=config, transformer_layer_spec=get_sgtm_layer_spec(partition), vocab_size=VOCAB,
-        max_sequence_length=SEQ, position_embedding_type="learned_absolute",
+        config=config, transformer_layer_spec=get_sgtm_layer_spec(partition), vocab_size=vocab,
+        max_sequence_length=seq, position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=not untied,
     )
     return attach_sgtm(model, partition).to(DEVICE)  # the model's partition (and embedding masks, if it masks them)
 
@@ -110,12 +126,63 @@ def max_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) 
     return max((a - b).abs().max().item() if a.numel() else 0.0 for a, b in zip(after.values(), before.values()))
 
 
+def train_on_batches(init: str, batches: str, steps: int) -> None:
+    """Train from `init`'s weights on the first data-parallel rank's micro-batches of `batches`."""
+    weights = load_file(init)
+    vocab = weights["embedding.word_embeddings.weight"].shape[0]
+    model = build_model(vocab, weights["embedding.position_embeddings.weight"].shape[0], untied=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(weights[name])
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+    optimizer = SGTMAdamW([dict(params=decay, weight_decay=WEIGHT_DECAY, wd_mult=1.0),
+                           dict(params=no_decay, weight_decay=0.0, wd_mult=0.0)],
+                          lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    gated = install_step_gating(optimizer, model)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=WARMUP,
+        lr_decay_steps=max(steps, WARMUP + 1), lr_decay_style="cosine", start_wd=WEIGHT_DECAY,
+        end_wd=WEIGHT_DECAY, wd_incr_steps=steps, wd_incr_style="constant")
+
+    losses, gates = [], []
+    for step_batches in torch.load(batches, weights_only=True)[0][:steps]:
+        step_batches = [{k: v.to(DEVICE) for k, v in mb.items()} for mb in step_batches]
+        gate = step_gate(step_batches)
+        set_step_gate(gated, gate)
+        optimizer.zero_grad()
+        loss_tokens = sum(float(mb["loss_mask"].sum()) for mb in step_batches)
+        loss_sum = 0.0
+        for mb in step_batches:  # per-token losses summed, over the step's loss tokens
+            with token_labels(mb["token_labels"]):
+                per_token = model(mb["tokens"], mb["position_ids"], None, labels=mb["targets"])
+            weighted = (per_token.float() * mb["loss_mask"]).sum()
+            (weighted / max(loss_tokens, 1.0)).backward()
+            loss_sum += weighted.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        scheduler.step(increment=1)
+        losses.append(loss_sum / loss_tokens)
+        gates.append([gate.retain, gate.forget])
+        print(f"step {len(losses):3d}  loss {losses[-1]:.5f}  gate {gate}", flush=True)
+    print(json.dumps({"losses": losses, "gates": gates}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batches", help="torch.save'd micro-batches: [DP rank][step][micro-batch] dicts")
+    parser.add_argument("--init", help="initial weights (safetensors, by parameter name)")
     args = parser.parse_args()
+    if (args.init is None) != (args.batches is None):
+        parser.error("--init and --batches go together")
     init_world_of_one()
     torch.manual_seed(0)
+    if args.batches:
+        train_on_batches(args.init, args.batches, args.steps)
+        dist.destroy_process_group()
+        return
     model = build_model()
 
     optimizer = SGTMAdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
