@@ -161,6 +161,18 @@ def tag_indexed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_classifier_arguments(p: argparse.ArgumentParser, scores_id: str) -> None:
+    """The classifier flags `data tag` and `data tag-indexed` share (`_classifier_spec` reads them)."""
+    p.add_argument("--classifier", choices=("linear", "keywords", "scores", "hf"), required=True)
+    p.add_argument("--model", type=Path, help="linear: classifier.npz; hf: local model directory")
+    p.add_argument("--seed-set", type=Path, nargs="+", help="linear: labelled documents (with categories) to train on")
+    p.add_argument("--rules", type=Path, help='keywords: JSON {"forget": [regex], "retain": [regex]}')
+    p.add_argument("--forget-pattern", action="append", help="keywords: forget regex (repeatable)")
+    p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
+    p.add_argument("--scores", type=Path, help=f'scores: JSONL lines {{"id": {scores_id}, "score": P(forget)}}')
+    p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="synthetic corpus, tokenized shards, classifier tagging")
     # The readers (sources, tokenizer, classifiers, tagging) report malformed input as ValueError.
@@ -207,15 +219,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser("tag", help="score documents with P(forget) into new tagged shards")
     p.add_argument("--shards", type=Path, required=True, help="shard directory written by `data build`")
     p.add_argument("--out", type=Path, required=True, help="directory for the tagged shards")
-    p.add_argument("--classifier", choices=("linear", "keywords", "scores", "hf"), required=True)
-    p.add_argument("--model", type=Path, help="linear: classifier.npz; hf: local model directory")
-    p.add_argument("--seed-set", type=Path, nargs="+", help="linear: labelled documents (with categories) to train on")
+    _add_classifier_arguments(p, scores_id="...")
     p.add_argument("--train-from-truth", type=int, metavar="N", help="linear: train on N ground-truth docs")
-    p.add_argument("--rules", type=Path, help='keywords: JSON {"forget": [regex], "retain": [regex]}')
-    p.add_argument("--forget-pattern", action="append", help="keywords: forget regex (repeatable)")
-    p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
-    p.add_argument("--scores", type=Path, help='scores: JSONL lines {"id": ..., "score": P(forget)}')
-    p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
     p.add_argument("--label-categories", action="store_true",
                    help="hf: each document's category becomes the model's top label (a topic classifier)")
     p.add_argument("--forget-categories", nargs="+", default=[FORGET_CATEGORY],
@@ -230,17 +235,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser("tag-indexed", help="score a Megatron indexed dataset (.bin/.idx) into a label sidecar")
     p.add_argument("--prefix", required=True, help="the index's path prefix (PREFIX.idx, PREFIX.bin)")
     p.add_argument("--out", type=Path, help="sidecar path without suffix (default PREFIX.sgtm_labels)")
-    p.add_argument("--classifier", choices=("linear", "keywords", "scores", "hf"), required=True)
+    _add_classifier_arguments(p, scores_id="DOCUMENT_NUMBER")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json / HF directory to detokenize (all but scores)")
     p.add_argument("--categories", type=Path, help="ground-truth categories, one line per document in index order")
-    p.add_argument("--model", type=Path, help="linear: classifier.npz; hf: local model directory")
-    p.add_argument("--seed-set", type=Path, nargs="+", help="linear: labelled documents (with categories) to train on")
-    p.add_argument("--rules", type=Path, help='keywords: JSON {"forget": [regex], "retain": [regex]}')
-    p.add_argument("--forget-pattern", action="append", help="keywords: forget regex (repeatable)")
-    p.add_argument("--retain-pattern", action="append", help="keywords: retain regex (repeatable)")
-    p.add_argument("--scores", type=Path, help='scores: JSONL lines {"id": DOCUMENT_NUMBER, "score": P(forget)}')
-    p.add_argument("--forget-label", type=int, help="hf: index of the forget class (default: label 'forget' or 1)")
     p.add_argument("--forget-categories", nargs="+", default=[FORGET_CATEGORY],
                    help="categories that count as forget when training on --seed-set")
     p.add_argument("--tau-forget", type=float, default=0.5, help="threshold for the reported count")
-    p.set_defaults(func=tag_indexed)
+    p.set_defaults(func=tag_indexed, label_categories=False)

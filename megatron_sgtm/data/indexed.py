@@ -30,6 +30,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path,
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.corpus import Corpus
 from megatron_sgtm.data.labeling import LabelingConfig, label_documents
+from megatron_sgtm.data.sampler import MicroBatchStream
 from megatron_sgtm.data.shards import sha256_file
 from megatron_sgtm.errors import UserError
 
@@ -287,7 +288,7 @@ TRAIN_KEYS = {"tokens": "tokens", "labels": "targets", "token_labels": "token_la
               "position_ids": "position_ids", "doc_ids": "doc_ids"}  # GPTDataset's "labels" are next-token targets
 
 
-class IndexedSampler:
+class IndexedSampler(MicroBatchStream):
     """One DP rank's micro-batches of a `LabelledGPTDataset`, in `micro_batch_indices`' layout, with the keys
     `megatron-sgtm train` reads (GPTDataset's ``labels`` renamed ``targets``). Its state is the global step
     (megatron's consumed samples = step x global batch size), so a resumed run continues the same samples."""
@@ -311,16 +312,6 @@ class IndexedSampler:
         out = {ours: batch[theirs] for theirs, ours in TRAIN_KEYS.items()}
         out["loss_mask"] = out["loss_mask"].float()
         return out
-
-    def __iter__(self) -> IndexedSampler:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self.micro_batch(self.step, self.micro)
-        self.micro += 1
-        if self.micro == self.num_micro_batches:
-            self.step, self.micro = self.step + 1, 0
-        return batch
 
     def _fingerprint(self) -> str:
         return f"{self.dataset.unique_description_hash}:{self.dataset.sidecar.header['npz_sha256']}"

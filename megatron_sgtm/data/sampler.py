@@ -165,7 +165,30 @@ class _StepSchedule:
         return pool, block * int(self.counts[pool]) + int(self._rank[within])
 
 
-class SGTMSampler:
+class MicroBatchStream:
+    """A DP rank's endless stream of micro-batches addressed by (global step, micro-batch of the step): what
+    the trainer iterates, and the position a resumed stream starts from. A subclass sets `num_micro_batches`,
+    `step` and `micro` and defines `micro_batch(step, micro)`."""
+
+    num_micro_batches: int
+    step: int
+    micro: int
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.micro_batch(self.step, self.micro)
+        self.micro += 1
+        if self.micro == self.num_micro_batches:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+
+class SGTMSampler(MicroBatchStream):
     """Iterator of micro-batches (dicts of torch tensors) for one data-parallel rank.
 
     Keys: ``tokens``/``targets`` [b, s] int64 (inputs and next-token targets); ``token_labels``
@@ -246,16 +269,6 @@ class SGTMSampler:
             epoch, index = divmod(int(number), stream.num_sequences)
             rows.append(stream.sequences(epoch, np.array([index]), self.doc_labels))
         return _to_torch({key: np.concatenate([row[key] for row in rows]) for key in rows[0]})
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        batch = self.micro_batch(self.step, self.micro)
-        self.micro += 1
-        if self.micro == self.num_micro_batches:
-            self.step, self.micro = self.step + 1, 0
-        return batch
 
     def _fingerprint(self) -> str:
         """Everything that determines the global batch sequence except the position: not the DP rank or
