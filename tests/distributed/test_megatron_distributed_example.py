@@ -11,8 +11,6 @@ example).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,8 @@ from megatron_sgtm.cli import main as cli
 from megatron_sgtm.layout import native_shapes
 from megatron_sgtm.training.checkpoint import write_model_only
 from megatron_sgtm.training.config import from_dict
-from tests.support import ROOT, child_env
-from tests.support.cli_runs import train_command, train_losses
+from tests.support.cli_runs import train_command
+from tests.support.example_runs import assert_matches_train, run, run_example
 
 STEPS, WORLD, EOD = 20, 4, 1
 RANGES = {"english": (4, 100), "spanish": (100, 200), "italian": (200, 300)}  # each category's token ids
@@ -76,28 +74,11 @@ def prepared(tmp_path_factory) -> tuple[Path, dict]:
     return tmp, cfg
 
 
-def run(command: list[str]) -> str:
-    proc = subprocess.run(command, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
-
-
 def test_the_example_matches_megatron_sgtm_train_per_step(prepared):
     tmp, cfg = prepared
     run(train_command(tmp, cfg, "train", WORLD))
-    train = train_losses(tmp / "run")
-    records = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if r["kind"] == "train"][-1]
-
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-               str(ROOT / "examples" / "megatron_distributed.py"), "--prefix", cfg["data"]["indexed_prefix"],
-               "--eod-id", str(EOD), "--steps", str(STEPS), "--init", str(tmp / "init" / "model.safetensors")])
-    example = json.loads(out.strip().splitlines()[-1])
-    assert len(example["losses"]) == STEPS == len(train)
-    worst = max(abs(a - train[step]) for step, a in enumerate(example["losses"], start=1))
-    print(f"largest loss difference {worst:.2e}; gated R/F steps {last['gated_retain_steps']}/"
-          f"{last['gated_forget_steps']}")
-    assert worst <= 1e-5, (worst, example["losses"], train)
-    assert [sum(g[0] for g in example["gates"]), sum(g[1] for g in example["gates"])] == [
-        last["gated_retain_steps"], last["gated_forget_steps"]]
+    example = run_example("megatron_distributed.py", WORLD, "--prefix", cfg["data"]["indexed_prefix"],
+                          "--eod-id", str(EOD), "--steps", str(STEPS),
+                          "--init", str(tmp / "init" / "model.safetensors"))
+    assert_matches_train(example, tmp / "run", STEPS)
     assert example["losses"][-1] < example["losses"][0]

@@ -5,15 +5,10 @@ toy run, and on `megatron-sgtm train`'s initial weights and batches (`--init`, `
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.support import ROOT, child_env
-from tests.support.cli_runs import train_command, train_losses
-from tests.support.example_runs import matched_run, run
+from tests.support.cli_runs import train_command
+from tests.support.example_runs import assert_matches_train, matched_run, run, run_example
 
 MATCHED_STEPS = 20
 STEPS = 30  # ten cycles of (all-F, all-R, mixed) batches
@@ -24,12 +19,7 @@ FORGET_ELEMENTS = 2 * (3 * 8 * 32 + 24 + 32 * 8 + 8 * 32 + 8 + 32 * 8)
 
 @pytest.fixture(scope="module")
 def summary() -> dict:
-    env = child_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           str(ROOT / "examples" / "own_training_script.py"), "--steps", str(STEPS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_example("own_training_script.py", 1, "--steps", str(STEPS))
 
 
 def test_the_loss_falls(summary):
@@ -56,18 +46,6 @@ def test_ablation_leaves_r_token_outputs_alone_and_hurts_forget_more_than_retain
 def test_the_example_matches_megatron_sgtm_train_per_step(tmp_path):
     cfg = matched_run(tmp_path, "megatron", MATCHED_STEPS, dp=1)
     run(train_command(tmp_path, cfg, "train", 1))
-    train = train_losses(tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if r["kind"] == "train"][-1]
-
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               str(ROOT / "examples" / "own_training_script.py"), "--steps", str(MATCHED_STEPS),
-               "--batches", str(tmp_path / "batches.pt"), "--init", str(tmp_path / "init" / "model.safetensors")])
-    example = json.loads(out.strip().splitlines()[-1])
-    assert len(example["losses"]) == MATCHED_STEPS == len(train)
-    worst = max(abs(a - train[step]) for step, a in enumerate(example["losses"], start=1))
-    print(f"largest loss difference {worst:.2e}; gated R/F steps {last['gated_retain_steps']}/"
-          f"{last['gated_forget_steps']}")
-    assert worst <= 1e-5, (worst, example["losses"], train)
-    assert [sum(g[0] for g in example["gates"]), sum(g[1] for g in example["gates"])] == [
-        last["gated_retain_steps"], last["gated_forget_steps"]]
+    example = run_example("own_training_script.py", 1, "--steps", str(MATCHED_STEPS), "--batches",
+                          str(tmp_path / "batches.pt"), "--init", str(tmp_path / "init" / "model.safetensors"))
+    assert_matches_train(example, tmp_path / "run", MATCHED_STEPS)

@@ -4,7 +4,9 @@ so an example (`--init`, `--batches`) trains on exactly what train does."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from megatron_sgtm.training.checkpoint import write_model_only
 from megatron_sgtm.training.config import from_dict
 from megatron_sgtm.training.run_data import load_data
 from tests.support import ROOT, child_env
+from tests.support.cli_runs import train_losses
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 MODEL_KEYS = ("tokens", "targets", "position_ids", "token_labels", "loss_mask")
@@ -60,3 +63,26 @@ def run(command: list[str]) -> str:
     proc = subprocess.run(command, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
+
+
+def run_example(script: str, nproc: int, *args: str) -> dict:
+    """examples/`script` under torchrun on `nproc` ranks; the JSON summary it prints last."""
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(ROOT / "examples" / script), *args])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_matches_train(example: dict, run_dir: Path, steps: int, tolerance: float = 1e-5) -> float:
+    """The example's per-step losses within `tolerance` of train's (run_dir's metrics.jsonl) at every one of
+    `steps` steps, and as many Θ_R- and Θ_F-gated steps; returns the largest difference."""
+    train = train_losses(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert len(example["losses"]) == steps == len(train)
+    worst = max(abs(a - train[step]) for step, a in enumerate(example["losses"], start=1))
+    print(f"largest loss difference {worst:.2e}; gated R/F steps {last['gated_retain_steps']}/"
+          f"{last['gated_forget_steps']}")
+    assert worst <= tolerance, (worst, example["losses"], train)
+    assert [sum(g[0] for g in example["gates"]), sum(g[1] for g in example["gates"])] == [
+        last["gated_retain_steps"], last["gated_forget_steps"]]
+    return worst
