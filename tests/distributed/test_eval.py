@@ -30,7 +30,8 @@ def evaluations(tmp_path_factory) -> dict[str, dict]:
     for cmd in runs:
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-8000:]
-    return {name: json.loads((out / name / "eval.json").read_text()) for name in ("native", "hf", "tp2")}
+    found = {name: json.loads((out / name / "eval.json").read_text()) for name in ("native", "hf", "tp2")}
+    return found | {"first_losses": json.loads((out / "first_losses.json").read_text())}
 
 
 def _losses(result: dict) -> dict[str, float]:
@@ -57,6 +58,20 @@ def test_reports_are_complete(evaluations):
         assert 0 < values["live"]["bits_per_byte"] and list(values["live"]["quantiles"]) == [
             "p05", "p25", "p50", "p75", "p95"]
     assert result["calibration"]["objective_end"] < result["calibration"]["objective_start"]
+
+
+def test_calibration_flags_reach_the_fit(evaluations):
+    """`--calibration-alpha 30 --calibration-beta 3` (not the defaults, α ≠ β): the fit's first objective is
+    L_f + β·L_adj + α·L_ret of the ablated model on each group's first calibration micro-batch, recomputed from
+    losses measured outside eval; the record names the flags' values."""
+    first = evaluations["first_losses"]
+    assert set(first) == {"forget", "adjacent", "retain"}
+    expected = first["forget"] + 3.0 * first["adjacent"] + 30.0 * first["retain"]
+    for name in ("native", "hf", "tp2"):
+        calibration = evaluations[name]["calibration"]
+        assert abs(calibration["objective_start"] - expected) <= 1e-5 * expected, (name, calibration, first)
+        assert {k: calibration[k] for k in ("steps", "alpha", "beta", "lr")} == {
+            "steps": 10, "alpha": 30.0, "beta": 3.0, "lr": 0.05}
 
 
 def test_lm_eval_scores_the_live_and_the_ablated_export(evaluations):

@@ -139,11 +139,14 @@ def test_step_gating_freezes_params_and_adam_moments_bit_for_bit(world2, step, f
 
 
 @pytest.mark.parametrize("precision", ["", "bf16/"], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case,frozen", [("ranks_F_U", None), ("ranks_F_F", "retain"), ("ranks_R_F", None)])
+@pytest.mark.parametrize("case,frozen", [("ranks_F_U", None), ("ranks_F_F", "retain"), ("ranks_R_F", None),
+                                         ("ranks_Fpad_F", "retain"), ("ranks_Rpad_R", "forget")])
 def test_step_gate_reads_the_labels_of_every_dp_rank(world2, case, frozen, precision):
     """DP ranks holding different labels (rank 0's, rank 1's): the gate follows the global batch, so U on
-    one rank trains both regions and R + F freezes nothing; only F + F freezes Θ_R. Frozen params and
-    Adam moments stay bit-identical on every rank's shard; the others move (nearly) everywhere."""
+    one rank trains both regions and R + F freezes nothing; only F + F freezes Θ_R. U-labelled padding at
+    loss_mask 0 (rank 0's micro-batches in the `pad` cases) is not loss-bearing: F + F (R + R) beside it still
+    freezes Θ_R (Θ_F). Frozen params and Adam moments stay bit-identical on every rank's shard; the others move
+    (nearly) everywhere."""
     case = precision + case
     counts = world2[f"{case}/region_counts"]
     for row, region in enumerate(("retain", "forget")):
@@ -153,7 +156,7 @@ def test_step_gate_reads_the_labels_of_every_dp_rank(world2, case, frozen, preci
             assert same == total, f"{region}: {total - same} frozen elements moved"
         else:
             assert changed >= 0.9 * total, f"{region}: only {changed} of {total} elements moved"
-    assert world2[f"{case}/gated"].tolist() == [frozen == "retain", False]
+    assert world2[f"{case}/gated"].tolist() == [frozen == "retain", frozen == "forget"]
 
 
 def test_tp2_checkpoint_resumes_at_tp1(world1, tp2_saved):

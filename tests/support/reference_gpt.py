@@ -99,6 +99,13 @@ def _rule(x, labels, forget_cols, strategy):
 def forward(state, cfg, tokens, targets, labels, attn_mask, heads, units, layers, strategy="sgtm"):
     """Per-token cross entropy [b, s]. attn_mask: bool [b, 1, s, s], True = masked out (or None)."""
     b, s = tokens.shape
+    out = logits(state, cfg, tokens, labels, attn_mask, heads, units, layers, strategy)
+    return F.cross_entropy(out.reshape(b * s, -1), targets.reshape(-1), reduction="none").view(b, s)
+
+
+def logits(state, cfg, tokens, labels, attn_mask, heads, units, layers, strategy="sgtm"):
+    """The output layer's logits [b, s, vocab] (see `forward`)."""
+    b, s = tokens.shape
     hd = cfg.hidden_size // cfg.num_attention_heads
     nq, ng = cfg.num_attention_heads, cfg.num_query_groups
     per = nq // ng
@@ -143,8 +150,7 @@ def forward(state, cfg, tokens, targets, labels, attn_mask, heads, units, layers
         x = x + _linear(a, state, p + "mlp.linear_fc2")
     x = _norm(x, state, "decoder.final_layernorm", cfg)
     out_w = state["embedding.word_embeddings.weight"] if cfg.tie_embeddings else state["output_layer.weight"]
-    logits = F.linear(x, out_w)
-    return F.cross_entropy(logits.reshape(b * s, -1), targets.reshape(-1), reduction="none").view(b, s)
+    return F.linear(x, out_w)
 
 
 def sgtm_gradients(state, cfg, batch, heads, units, layers, strategy, embeddings, scale, joint_down=False):

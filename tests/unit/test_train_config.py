@@ -147,3 +147,27 @@ def test_old_checkpoints_recorded_sgtm_strategy_still_reads(method, strategy):
     config = recorded_config(meta)
     assert from_dict(config, "meta.json").sgtm.strategy == strategy
     assert recorded_sgtm(config).strategy == strategy
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], {"steps": 17, "alpha": 50.0, "beta": 20.0, "lr": 0.02}),  # the checkpoint's recorded values
+    (["--calibration-steps", "13", "--calibration-alpha", "7", "--calibration-beta", "0.5", "--calibration-lr", "0.03"],
+     {"steps": 13, "alpha": 7.0, "beta": 0.5, "lr": 0.03}),
+    (["--calibration-beta", "0.5"], {"steps": 17, "alpha": 50.0, "beta": 0.5, "lr": 0.02}),
+])
+def test_eval_calibration_flags_reach_the_fits_settings(shards, tmp_path, flags, expected):
+    """`eval --calibration-*` override the checkpoint's train.calibration_* one by one, and the fit's `Settings`
+    weigh the retain loss by α and the adjacent loss by β (tests/distributed/test_eval.py checks the fit itself)."""
+    from megatron_sgtm.cli import build_parser
+    from megatron_sgtm.evaluation.cli import eval_config
+    from megatron_sgtm.export.source import Source
+    from megatron_sgtm.training.calibration import Settings
+
+    recorded = _raw(shards, train={"calibration_steps": 17, "calibration_alpha": 50.0, "calibration_beta": 20.0,
+                                   "calibration_lr": 0.02})
+    source = Source(tmp_path / "ckpt", "megatron", recorded, "sgtm", 3, ablated=False, tokenizer=None)
+    args = build_parser().parse_args(["eval", "--checkpoint", str(source.path), "--data", str(shards), "--out",
+                                      str(tmp_path / "out"), *flags])
+    settings = Settings.of(eval_config(source, args, 1, tmp_path / "run"))
+    assert settings == Settings(**expected)
+    assert [settings.weight(g) for g in ("forget", "adjacent", "retain")] == [1.0, expected["beta"], expected["alpha"]]

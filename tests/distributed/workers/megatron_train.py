@@ -33,17 +33,23 @@ from megatron_sgtm.training.loop import evaluation_metrics, train  # noqa: E402
 UNLABELED, RETAIN, FORGET = TokenLabel
 
 
-def hand_batches(cfg, step: int, labels: list[int]) -> list[dict]:
-    """This DP rank's micro-batches of one step; `labels` gives one label per sequence, in order."""
+def hand_batches(cfg, step: int, labels: list[int], padded: bool = False) -> list[dict]:
+    """This DP rank's micro-batches of one step; `labels` gives one label per sequence, in order. `padded`: each
+    sequence ends in U-labelled padding at loss_mask 0 (1 to seq/2 positions; one sequence all padding)."""
     mbs, seq = cfg.optim.micro_batch_size, cfg.model.seq_length
     gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
     batches = []
     for i in range(0, len(labels), mbs):
         tokens = torch.randint(0, cfg.model.vocab_size, (mbs, seq + 1), generator=gen)
+        token_labels = torch.tensor(labels[i:i + mbs], dtype=torch.uint8)[:, None].expand(mbs, seq).clone()
+        loss_mask = torch.ones(mbs, seq)
+        if padded:
+            for row in range(mbs):
+                start = 0 if i == row == 0 else seq - int(torch.randint(1, seq // 2 + 1, (), generator=gen))
+                token_labels[row, start:], loss_mask[row, start:] = UNLABELED, 0.0
         batches.append({
-            "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "token_labels": torch.tensor(labels[i:i + mbs], dtype=torch.uint8)[:, None].expand(mbs, seq).clone(),
-            "loss_mask": torch.ones(mbs, seq), "position_ids": torch.arange(seq).expand(mbs, seq).clone(),
+            "tokens": tokens[:, :-1], "targets": tokens[:, 1:], "token_labels": token_labels,
+            "loss_mask": loss_mask, "position_ids": torch.arange(seq).expand(mbs, seq).clone(),
         })
     return batches
 
@@ -63,6 +69,9 @@ def shard_states(engine) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]
 # Steps whose DP ranks hold different labels: (rank 0's label, rank 1's label). The gate must read the
 # global batch's counts (all-reduced over DP): U trains both regions, so only F+F freezes one (Θ_R).
 RANK_MIXES = {"ranks_F_U": (FORGET, UNLABELED), "ranks_F_F": (FORGET, FORGET), "ranks_R_F": (RETAIN, FORGET)}
+# The same with U padding at loss_mask 0 on rank 0 (its loss-bearing tokens all F, resp. all R): padding is not
+# loss-bearing, so the step is still all-F (all-R) and freezes Θ_R (Θ_F).
+PADDED_MIXES = {"ranks_Fpad_F": (FORGET, FORGET), "ranks_Rpad_R": (RETAIN, RETAIN)}
 
 
 def region_counts(before: list, after: list) -> torch.Tensor:
@@ -104,9 +113,10 @@ def gating(raw: dict, prefix: str = "") -> dict:
         for key in before_params:
             results[f"{name}/before/{key}"] = before_params[key]
             results[f"{name}/after/{key}"] = after_params[key]
-    for step, (name, labels) in enumerate(RANK_MIXES.items(), start=20):
+    for step, (name, labels) in enumerate({**RANK_MIXES, **PADDED_MIXES}.items(), start=20):
         before_shards = shard_states(engine)
-        metrics = engine.train_step(hand_batches(cfg, step, [labels[engine.dp_rank]] * per_rank))
+        padded = name in PADDED_MIXES and engine.dp_rank == 0
+        metrics = engine.train_step(hand_batches(cfg, step, [labels[engine.dp_rank]] * per_rank, padded))
         results[f"{name}/region_counts"] = region_counts(before_shards, shard_states(engine))
         results[f"{name}/gated"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
     engine.shutdown()
