@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,9 @@ class ShardDoc:
 
     @staticmethod
     def from_meta(key: str, meta: dict, tokens_npy: bytes) -> ShardDoc:
-        return ShardDoc(key, json.dumps(meta, ensure_ascii=False).encode(), tokens_npy)
+        doc = ShardDoc(key, json.dumps(meta, ensure_ascii=False).encode(), tokens_npy)
+        doc.__dict__["meta"] = meta  # prime the cached_property: parsing it back would cost as much as dumping
+        return doc
 
     @cached_property
     def meta(self) -> dict:
@@ -71,6 +73,41 @@ class ShardDoc:
                        self.tokens_npy)
         doc.__dict__["meta"] = meta  # prime the cached_property: parsing it back would cost as much as dumping
         return doc
+
+
+@dataclass(frozen=True)
+class TarredDoc:
+    """A document in the form its shard stores it: its two tar members (header and padded payload each) and
+    what the manifest counts of it. Build workers make these, so the process that writes shards only joins
+    bytes."""
+
+    members: bytes
+    num_tokens: int
+    category: str | None
+
+
+def tarred(docs: Iterable[ShardDoc]) -> list[TarredDoc]:
+    """Each document's members exactly as webdataset's `TarWriter` writes them (mtime 0: the same documents
+    give the same bytes): one writer for all of them, its output cut at each document's member sizes."""
+    from webdataset.writer import TarWriter  # here: importing webdataset imports torch (~1 s)
+
+    docs = list(docs)
+    buffer = io.BytesIO()
+    with TarWriter(buffer, encoder=False, mtime=0) as writer:
+        for doc in docs:
+            writer.write({"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy})
+    data, start, out = buffer.getvalue(), 0, []
+    for doc in docs:
+        end = start + sum(BLOCK + len(p) + -len(p) % BLOCK for p in (doc.meta_json, doc.tokens_npy))
+        out.append(TarredDoc(data[start:end], doc.meta["num_tokens"], doc.meta.get("category")))
+        start = end
+    return out
+
+
+def end_of_archive(size: int) -> bytes:
+    """What `tarfile` writes on closing an archive of ``size`` bytes of members: two zero blocks, then zeros
+    up to a whole record."""
+    return bytes(2 * BLOCK + -(size + 2 * BLOCK) % tarfile.RECORDSIZE)
 
 
 def encode_tokens(tokens: np.ndarray) -> bytes:
@@ -157,12 +194,11 @@ class ShardInfo:
     sha256: str = ""
     categories: dict[str, int] = field(default_factory=dict)
 
-    def add(self, doc: ShardDoc) -> None:
+    def add(self, doc: TarredDoc) -> None:
         self.num_docs += 1
-        self.num_tokens += doc.meta["num_tokens"]
-        category = doc.meta.get("category")
-        if category is not None:
-            self.categories[category] = self.categories.get(category, 0) + 1
+        self.num_tokens += doc.num_tokens
+        if doc.category is not None:
+            self.categories[doc.category] = self.categories.get(doc.category, 0) + 1
 
 
 @dataclass
@@ -261,32 +297,35 @@ class Progress:
               f"{self.done_docs / elapsed:,.0f} docs/s", file=sys.stderr, flush=True)
 
 
-def write_shards(docs: Iterable[ShardDoc], directory: Path, docs_per_shard: int,
+def write_shards(docs: Iterable[TarredDoc], directory: Path, docs_per_shard: int,
                  progress: Progress | None = None) -> list[ShardInfo]:
     """Write documents into shards of ``docs_per_shard`` (`write_shard`); returns the manifest entries."""
     infos: list[ShardInfo] = []
     docs = iter(docs)
-    while chunk := list(islice(docs, docs_per_shard)):
-        infos.append(write_shard(directory / (SHARD_PATTERN % len(infos)), chunk))
+    while (first := next(docs, None)) is not None:  # each shard streams to disk as its documents arrive
+        infos.append(write_shard(directory / (SHARD_PATTERN % len(infos)),
+                                 chain([first], islice(docs, docs_per_shard - 1))))
         if progress:
-            progress.shard_done(infos[-1].name, len(chunk))
+            progress.shard_done(infos[-1].name, infos[-1].num_docs)
     return infos
 
 
-def write_shard(path: Path, docs: Iterable[ShardDoc]) -> ShardInfo:
-    """Write one shard with webdataset's `TarWriter` (mtime 0: the same documents give the same bytes),
-    atomically (``.tmp`` then rename), so an interrupted run leaves no partial shard."""
-    from webdataset.writer import TarWriter  # here: importing webdataset imports torch (~1 s)
-
+def write_shard(path: Path, docs: Iterable[TarredDoc]) -> ShardInfo:
+    """Write one shard: the documents' members as they arrive, then the end-of-archive blocks (the bytes
+    webdataset's `TarWriter` writes for them); atomically (``.tmp`` then rename), so an interrupted run
+    leaves no partial shard."""
     tmp = path.with_name(path.name + ".tmp")
     info = ShardInfo(path.name)
-    buffer = io.BytesIO()
-    with TarWriter(buffer, encoder=False, mtime=0) as writer:
+    digest, size = hashlib.sha256(), 0
+    with open(tmp, "wb") as f:
         for doc in docs:
-            writer.write({"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy})
             info.add(doc)
-    data = buffer.getvalue()
-    info.sha256 = hashlib.sha256(data).hexdigest()
-    tmp.write_bytes(data)
+            f.write(doc.members)
+            digest.update(doc.members)
+            size += len(doc.members)
+        trailer = end_of_archive(size)
+        f.write(trailer)
+        digest.update(trailer)
+    info.sha256 = digest.hexdigest()
     os.replace(tmp, path)
     return info

@@ -38,6 +38,7 @@ from megatron_sgtm.data.shards import (
     read_shard,
     report_skipped,
     sha256_file,
+    tarred,
     write_shard,
 )
 from megatron_sgtm.data.sources import Document
@@ -151,7 +152,7 @@ def _tag_shard(task: tuple[ClassifierSpec, str, Path, Path, ShardInfo, bool]) ->
         if skip_bad:
             return {"name": info.name, "skipped": str(e)}
         raise
-    out_info = write_shard(out_dir / info.name, docs)
+    out_info = write_shard(out_dir / info.name, tarred(docs))
     record = {"name": info.name, "source_sha256": info.sha256, "classifier": fingerprint, "info": vars(out_info),
               "scores": [d.meta["score"] for d in docs], "categories": [d.meta.get("category") for d in docs]}
     (out_dir / PROGRESS_DIR / f"{info.name}.json").write_text(json.dumps(record))

@@ -1,5 +1,6 @@
 """WebDataset shards: build, manifest, read back, and loud failures on damaged or untagged data."""
 
+import io
 import json
 import shutil
 import tarfile
@@ -11,7 +12,7 @@ import webdataset as wds
 
 from megatron_sgtm.cli import main
 from megatron_sgtm.data.corpus import heldout_split, load_corpus
-from megatron_sgtm.data.shards import Manifest, ShardDoc, ShardError, read_shard, write_shard
+from megatron_sgtm.data.shards import Manifest, ShardDoc, ShardError, read_shard, tarred, write_shard
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import load_tokenizer
 
@@ -51,10 +52,25 @@ def test_shards_are_plain_webdataset(built, tmp_path):
     assert all(np.array_equal(s["tokens.npy"], d.tokens()) for s, d in zip(decoded, stored, strict=True))
     # Shards we write ourselves (tagging) read back through webdataset too.
     docs = list(read_shard(built / "shard-000001.tar"))
-    write_shard(tmp_path / "copy.tar", docs)
+    write_shard(tmp_path / "copy.tar", tarred(docs))
     again = list(wds.WebDataset(str(tmp_path / "copy.tar"), shardshuffle=False))
     assert [s["__key__"] for s in again] == [d.key for d in docs]
     assert [s["tokens.npy"] for s in again] == [d.tokens_npy for d in docs]
+
+
+def test_shards_are_the_bytes_webdatasets_tarwriter_writes(built, tmp_path):
+    """Build workers hand over each document's tar members and the writer only joins them and closes the
+    archive; the result must be byte for byte what `TarWriter` writes for the same documents (whatever the
+    number of documents, so the end-of-archive padding lands at every offset within a record)."""
+    docs = [d.with_score(0.25) for i in range(4) for d in read_shard(built / f"shard-{i:06d}.tar")]
+    for n in (1, 2, 3, 7, 40, len(docs)):
+        reference = io.BytesIO()
+        with wds.TarWriter(reference, encoder=False, mtime=0) as writer:
+            for doc in docs[:n]:
+                writer.write({"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy})
+        info = write_shard(tmp_path / f"{n}.tar", tarred(docs[:n]))
+        assert (tmp_path / f"{n}.tar").read_bytes() == reference.getvalue(), n
+        assert (info.num_docs, info.num_tokens) == (n, sum(len(d.tokens()) for d in docs[:n]))
 
 
 def test_corpus_loads_every_token(built):
@@ -136,7 +152,7 @@ def _with_meta(built, tmp_path, edit):
             edit(meta)
             docs[7] = ShardDoc.from_meta(docs[7].key, meta, docs[7].tokens_npy)
             victim = meta["id"]
-        manifest.shards[i] = write_shard(shards / info.name, docs)
+        manifest.shards[i] = write_shard(shards / info.name, tarred(docs))
     manifest.write(shards)
     return shards, victim
 
