@@ -76,7 +76,7 @@ class Evaluated:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> Evaluated:
     out = tmp_path_factory.mktemp("eval_values")
-    train_docs = list(generate(150, seed=0))
+    train_docs = list(generate(100, seed=0))
     tokenizer = train_bpe((d.text for d in train_docs), 300)
     build_shards(train_docs, tokenizer, out / "shards")
     docs = _eval_documents()

@@ -18,7 +18,7 @@ if __name__ == "__main__":
 
 from megatron_sgtm.cli import main  # noqa: E402
 
-GRAD_NORM_DOCS = 3
+GRAD_NORM_DOCS = 2
 RUNS = {
     "dp2": [],
     "tp2": ["--tensor-model-parallel-size", "2", "--categories", "poetry"],
