@@ -309,10 +309,15 @@ class SGTMSampler(MicroBatchStream):
 
 
 def eval_batches(corpus: Corpus, documents: np.ndarray, doc_labels: np.ndarray, *, seq_length: int,
-                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """One deterministic pass over ``documents`` in order (no shuffling), sequences dealt to DP ranks
-    in blocks of ``micro_batch_size``; for held-out evaluation streams."""
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """One deterministic pass over ``documents`` in order (no shuffling), its first `limit` micro-batches (all
+    without) dealt to the DP ranks in turn; for held-out evaluation streams. Every rank yields the same count: a
+    rank the pass leaves one short gets a micro-batch of padding (no loss-bearing token), so every DP size
+    evaluates the same sequences."""
     stream = PackedStream(corpus, np.asarray(documents, np.int64), seq_length, seed=None)
-    stride = micro_batch_size * dp_size
-    for first in range(dp_rank * micro_batch_size, stream.num_sequences, stride):
+    blocks = math.ceil(stream.num_sequences / micro_batch_size)
+    blocks = blocks if limit is None else min(blocks, limit)
+    for block in range(dp_rank, math.ceil(blocks / dp_size) * dp_size, dp_size):
+        first = block * micro_batch_size if block < blocks else stream.num_sequences  # past the end: padding
         yield _to_torch(stream.sequences(0, np.arange(first, first + micro_batch_size), doc_labels))

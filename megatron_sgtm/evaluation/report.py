@@ -9,6 +9,8 @@ import numpy as np
 
 from megatron_sgtm.evaluation.measure import MODELS
 
+HISTOGRAM_BINS = 60
+
 
 def _plt():
     import matplotlib
@@ -23,16 +25,29 @@ def _file_name(group: str) -> str:
     return group.replace(":", "_")
 
 
-def histograms(out: Path, values: dict) -> list[str]:
+def histogram_data(values: dict) -> dict[str, dict]:
+    """Per group: 60 bins from 0 to the largest 99.5th percentile of its models' per-token losses (shared by its
+    models) and each model's density (`np.histogram`), as eval.json records them and the PNGs draw them."""
+    data: dict[str, dict] = {}
+    for group in dict.fromkeys(g for g, _ in values):
+        found = {m: values[(group, m)] for m in MODELS if (group, m) in values and len(values[(group, m)])}
+        if not found:
+            continue
+        top = max(float(np.quantile(v, 0.995)) for v in found.values())
+        edges = np.histogram_bin_edges([], bins=HISTOGRAM_BINS, range=(0.0, top))
+        data[group] = {"edges": edges.tolist(),
+                       "density": {m: np.histogram(v, bins=edges, density=True)[0].tolist() for m, v in found.items()}}
+    return data
+
+
+def histograms(out: Path, data: dict[str, dict]) -> list[str]:
     """One PNG per group: the per-token loss distributions of the live, ablated and calibrated model."""
     plt = _plt()
     written = []
-    for group in dict.fromkeys(g for g, _ in values):
+    for group, h in data.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        found = {m: values[(group, m)] for m in MODELS if (group, m) in values}
-        top = max(float(np.quantile(v, 0.995)) for v in found.values() if len(v)) if found else 1.0
-        for model, losses in found.items():
-            ax.hist(losses, bins=60, range=(0, top), histtype="step", density=True, label=model)
+        for model, density in h["density"].items():
+            ax.stairs(density, h["edges"], label=model)
         ax.set_xlabel("per-token loss, nats")
         ax.set_ylabel("density")
         ax.set_title(f"{group}: per-token losses")
@@ -99,7 +114,8 @@ def markdown(result: dict, images: list[str]) -> str:
 
 
 def write(out: Path, result: dict, values: dict, absorption: dict | None) -> None:
-    images = histograms(out, values)
+    result = {**result, "histograms": histogram_data(values)}
+    images = histograms(out, result["histograms"])
     if absorption:
         images.append(absorption_plot(out, absorption))
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -71,7 +71,7 @@ class MegatronEngine(Engine):
 
     # -- micro-batches through megatron's schedule -------------------------------------------
     def _run(self, batches: list[dict], forward_only: bool, use_labels: bool,
-             token_losses: list | None = None) -> tuple[float, float]:
+             token_losses: list | None = None, force_all_reduce: bool = False) -> tuple[float, float]:
         micro = iter(batches)
 
         def forward_step(_data_iterator, model):
@@ -98,6 +98,7 @@ class MegatronEngine(Engine):
             seq_length=seq_length,  # of the [s, b, h] activations between pipeline stages
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
+            force_all_reduce=force_all_reduce,
         )
         total = torch.zeros(2, dtype=torch.float64)
         if self.is_last_stage:
@@ -123,7 +124,13 @@ class MegatronEngine(Engine):
         gradient of its mean token loss; every DP rank passes the same micro-batch. Nothing is updated."""
         self.ddp.zero_grad_buffer()
         self.wrapped.eval()
-        self._run(self._to_device([mb]), forward_only=False, use_labels=False)  # finalize: ÷ tokens over DP ranks
+        # finalize: ÷ tokens over DP ranks, all-reduced (a DistributedOptimizer's reduce-scatter would leave every
+        # rank the reduced gradient only in its own shard, the rest its local share)
+        self.ddp.force_all_reduce = True
+        try:
+            self._run(self._to_device([mb]), forward_only=False, use_labels=False, force_all_reduce=True)
+        finally:
+            self.ddp.force_all_reduce = False
         self.wrapped.train()
         sums = torch.zeros(4, dtype=torch.float64)  # Σ grad² and Σ θ² over Θ_F, then over Θ_R
         for (_, region), param in zip(param_regions(self.model).items(), self.model.parameters()):

@@ -200,16 +200,11 @@ class IndexTokens:
 
 
 def evaluation_batches(cfg: TrainConfig, engine: Engine, data: RunData, docs: np.ndarray) -> list[dict]:
-    """This rank's share of the first `train.eval_batches` micro-batches over `docs` (the same
-    sequences at every layout), the same count on every rank (collective)."""
-    stream = eval_batches(data.corpus, docs, data.doc_labels, seq_length=cfg.model.seq_length,
-                          micro_batch_size=cfg.optim.micro_batch_size, dp_rank=engine.dp_rank,
-                          dp_size=engine.dp_size)
-    per_rank = cfg.train.eval_batches // engine.dp_size if cfg.train.eval_batches else 10**9
-    batches = [b for _, b in zip(range(per_rank), stream)]
-    count = torch.tensor([len(batches)])
-    dist.all_reduce(count, op=dist.ReduceOp.MIN)
-    return batches[: int(count)]
+    """This rank's share of the first `train.eval_batches` micro-batches over `docs` (all with 0): the same
+    sequences at every layout, the same count on every rank (`eval_batches` pads)."""
+    return list(eval_batches(data.corpus, docs, data.doc_labels, seq_length=cfg.model.seq_length,
+                             micro_batch_size=cfg.optim.micro_batch_size, dp_rank=engine.dp_rank,
+                             dp_size=engine.dp_size, limit=cfg.train.eval_batches or None))
 
 
 def evaluation_groups(cfg: TrainConfig) -> dict[str, tuple[str, ...]]:

@@ -211,3 +211,23 @@ def test_heldout_eval_streams_per_category(corpus, labels):
     sampler = SGTMSampler(corpus, labels, documents=train, seed=0, **SETTINGS)
     counts = _token_counts(corpus, _epoch(sampler))
     assert counts[np.concatenate([np.arange(corpus.offsets[d], corpus.offsets[d + 1]) for d in held])].sum() == 0
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_eval_streams_hold_the_same_sequences_at_every_dp_size(corpus, labels, limit):
+    """The first `limit` micro-batches (all without), dealt to the DP ranks in turn, are DP=1's in the same order
+    (micro-batch i of rank r is number i·DP + r); a rank left short gets padding, so every rank runs as many.
+    Seen failing when the ranks' counts were cut to the smallest (DP=2 dropped the tail micro-batch)."""
+    settings = {"seq_length": 64, "micro_batch_size": 2, "limit": limit}
+    docs = next(np.arange(n) for n in range(1, 50)  # the first documents that make an odd number of micro-batches
+                if len(list(eval_batches(corpus, np.arange(n), labels, **settings))) % 2)
+    single = list(eval_batches(corpus, docs, labels, **settings))
+    assert len(single) % 2 == 1 and len(single) == (limit or len(single))  # an odd count: DP=2 needs padding
+    for dp in (2, 3):
+        ranks = [list(eval_batches(corpus, docs, labels, dp_rank=r, dp_size=dp, **settings)) for r in range(dp)]
+        assert len({len(batches) for batches in ranks}) == 1, dp
+        dealt = [ranks[r][i] for i in range(len(ranks[0])) for r in range(dp)]
+        assert len(single) <= len(dealt) < len(single) + dp, dp
+        for mb, expected in zip(dealt, single):
+            assert all(torch.equal(mb[k], expected[k]) for k in expected), dp
+        assert all(float(mb["loss_mask"].sum()) == 0 for mb in dealt[len(single):]), dp
