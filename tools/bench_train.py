@@ -2,7 +2,7 @@
 
     python tools/bench_train.py [--hidden 256] [--layers 4] [--heads 4] [--seq 256] [--micro-batch 4]
         [--global-batch 8] [--steps 20] [--warmup 4] [--nproc 1] [--engines megatron,deepspeed]
-        [--zero-stage 1] [--repeats 3] [--clock cpu|wall] [--json PATH]
+        [--zero-stage 1] [--repeats 5] [--clock cpu|wall] [--[no-]concurrent] [--json PATH]
 
 What it measures: for each engine (``megatron``, and ``deepspeed`` at ZeRO stage ``--zero-stage``)
 and each method (``sgtm``: the SGTM layers with step gating; ``none``: the same model and data with
@@ -19,22 +19,26 @@ Reported per job:
 - tokens/s (wall): the median of the trainer's per-step ``tokens_per_s`` (``metrics.jsonl``, records of
   kind ``train``), leaving out the first ``--warmup`` steps; plus the job's wall time
   (``summary.json``'s ``time_s``, which includes the final evaluation).
-- CPU tokens/s: the same steps' tokens over the CPU seconds rank 0's process spent on them (``step_cpu_s``,
-  all its threads). Other processes on a shared machine stretch a step's wall time but not its CPU time, so
-  this rate judges a few percent where wall rates swing by tens of percent. It is the default clock of the
-  ratio on CPU (``--clock cpu``), where each rank then runs one thread unless ``OMP_NUM_THREADS`` is set
-  (idle OpenMP threads spin, and spinning counts as CPU time); on a GPU the CPU only launches kernels, so
-  the default there is ``--clock wall``.
+- CPU tokens/s: the median over the same steps of a step's tokens over the CPU seconds rank 0's process spent
+  on it (``step_cpu_s``, all its threads). Both methods train on the same batches in the same order, so
+  the two medians are over the same steps' work. Other processes on a shared machine stretch a step's wall
+  time but hardly its CPU time, so this rate judges a few percent where wall rates swing by tens of percent.
+  It is the default clock of the ratio on CPU (``--clock cpu``), where each rank then runs one thread
+  unless ``OMP_NUM_THREADS`` is set (idle OpenMP threads spin, and spinning counts as CPU time); on a GPU
+  the CPU only launches kernels, so the default there is ``--clock wall``.
 - MFU: tokens/s x the trainer's FLOPs per token (``logging.model_flops_per_token``) / (the GPU's dense
   bf16 peak x world size), only where ``logging.peak_tflops`` knows the GPU; otherwise ``n/a``.
 - peak memory: the peak RSS of the job's whole process tree (launcher + ranks, RSS summed, sampled
   with psutil every ~50 ms); on a GPU also ``torch.cuda.max_memory_allocated`` (max over ranks).
 
 and per engine the SGTM/none ratio of tokens/s on both clocks, the ``--clock`` one first. Each engine runs
-``--repeats`` rounds of the two jobs, in alternating order (sgtm, none; none, sgtm; ...) so that drifts
-hit both alike; the ratio is the median of the rounds' ratios, and its spread the largest distance of a
-round's ratio from that median, in percent of it. Progress goes to stderr, the table to stdout. Both
-methods run the same optimizer implementation (`SGTMAdamW`: ZeroSGTMAdamW under DeepSpeed) with the same
+``--repeats`` rounds of the two jobs: with ``--concurrent`` (the default with the CPU clock) both at the
+same time, each on its own core of an idle machine, so that whatever else runs slows both alike (a
+process's CPU seconds still grow under contention, through cold caches: by up to ~20% at load 30-50);
+else one after the other, in alternating order (sgtm, none; none, sgtm; ...) so that drifts hit both
+alike. The ratio is the median of the rounds' ratios, and its spread the largest distance of a round's
+ratio from that median, in percent of it. Progress goes to stderr, the table to stdout. Both methods run
+the same optimizer implementation (`SGTMAdamW`: ZeroSGTMAdamW under DeepSpeed) with the same
 partitioning; only `sgtm` gives it region codes.
 """
 
@@ -51,6 +55,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -170,8 +175,7 @@ def run_job(args: argparse.Namespace, cfg: dict, work: Path, name: str) -> dict:
     train = [r for r in records if r.get("kind") == "train"]
     measured = [r for r in train if r["step"] > args.warmup] or train
     tps = statistics.median(r["tokens_per_s"] for r in measured)
-    tokens = sum(r["tokens_per_s"] * r["step_s"] for r in measured)
-    cpu_tps = tokens / sum(r["step_cpu_s"] for r in measured)
+    cpu_tps = statistics.median(r["tokens_per_s"] * r["step_s"] / r["step_cpu_s"] for r in measured)
     summary = json.loads((run_dir / "summary.json").read_text())
     flops = model_flops_per_token(parsed)
     peak = peak_tflops()
@@ -282,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=2000, help="synthetic documents in the shard directory")
     p.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the synthetic data")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job before it is killed")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of (sgtm, none) per engine, order alternating")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds of (sgtm, none) per engine (one after the other: order alternating)")
+    p.add_argument("--concurrent", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a round's sgtm and none jobs at the same time, so that load from other processes "
+                        "hits both alike (default: with --clock cpu)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default=None,
                    help="the clock of the headline SGTM/none ratio: process CPU seconds (default without CUDA) or "
                         "wall seconds (default with CUDA)")
@@ -305,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         args.clock = "wall" if torch.cuda.is_available() else "cpu"
     if args.clock == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # idle OpenMP threads spin, and spinning is CPU time
+    if args.concurrent is None:
+        args.concurrent = args.clock == "cpu"
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
@@ -316,10 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for engine in engines:
             for round_ in range(args.repeats):
+                jobs = []
                 for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
                     name = f"{engine}-{method}-r{round_}"
-                    cfg = make_config(args, data, vocab_size, engine, method, work / "runs" / name)
-                    results.append({**run_job(args, cfg, work, name), "round": round_})
+                    jobs.append((make_config(args, data, vocab_size, engine, method, work / "runs" / name), name))
+                with ThreadPoolExecutor(len(jobs) if args.concurrent else 1) as pool:
+                    done = pool.map(lambda job: run_job(args, job[0], work, job[1]), jobs)
+                    results.extend({**result, "round": round_, "concurrent": args.concurrent} for result in done)
 
     print_table(results, args.clock)
     if args.json:
