@@ -22,7 +22,7 @@ Reported per job:
 - CPU tokens/s: the median over the same steps of a step's tokens over the CPU seconds rank 0's process spent
   on it (``step_cpu_s``, all its threads). Both methods train on the same batches in the same order, so
   the two medians are over the same steps' work. Other processes on a shared machine stretch a step's wall
-  time but hardly its CPU time, so this rate judges a few percent where wall rates swing by tens of percent.
+  time many times more than its CPU time (at load 50-90: wall 10-30x, CPU seconds +10-60%).
   It is the default clock of the ratio on CPU (``--clock cpu``), where each rank then runs one thread
   unless ``OMP_NUM_THREADS`` is set (idle OpenMP threads spin, and spinning counts as CPU time); on a GPU
   the CPU only launches kernels, so the default there is ``--clock wall``.
