@@ -1,8 +1,8 @@
 """End-to-end training throughput: SGTM against no masking, through the real trainer, per engine.
 
     python tools/bench_train.py [--hidden 256] [--layers 4] [--heads 4] [--seq 256] [--micro-batch 4]
-        [--global-batch 8] [--steps 30] [--warmup 5] [--nproc 1] [--engines megatron,deepspeed]
-        [--zero-stage 1] [--repeats 1] [--json PATH]
+        [--global-batch 8] [--steps 20] [--warmup 4] [--nproc 1] [--engines megatron,deepspeed]
+        [--zero-stage 1] [--repeats 5] [--clock cpu|wall] [--[no-]concurrent] [--json PATH]
 
 What it measures: for each engine (``megatron``, and ``deepspeed`` at ZeRO stage ``--zero-stage``)
 and each method (``sgtm``: the SGTM layers with step gating; ``none``: the same model and data with
@@ -16,18 +16,31 @@ into a temporary directory and shared by all jobs.
 
 Reported per job:
 
-- tokens/s: the median of the trainer's per-step ``tokens_per_s`` (``metrics.jsonl``, records of
+- tokens/s (wall): the median of the trainer's per-step ``tokens_per_s`` (``metrics.jsonl``, records of
   kind ``train``), leaving out the first ``--warmup`` steps; plus the job's wall time
   (``summary.json``'s ``time_s``, which includes the final evaluation).
+- CPU tokens/s: the median over the same steps of a step's tokens over the CPU seconds rank 0's process spent
+  on it (``step_cpu_s``, all its threads). Both methods train on the same batches in the same order, so
+  the two medians are over the same steps' work. Other processes on a shared machine stretch a step's wall
+  time many times more than its CPU time (at load 50-90: wall 10-30x, CPU seconds +10-60%).
+  It is the default clock of the ratio on CPU (``--clock cpu``), where each rank then runs one thread
+  unless ``OMP_NUM_THREADS`` is set (idle OpenMP threads spin, and spinning counts as CPU time); on a GPU
+  the CPU only launches kernels, so the default there is ``--clock wall``.
 - MFU: tokens/s x the trainer's FLOPs per token (``logging.model_flops_per_token``) / (the GPU's dense
   bf16 peak x world size), only where ``logging.peak_tflops`` knows the GPU; otherwise ``n/a``.
 - peak memory: the peak RSS of the job's whole process tree (launcher + ranks, RSS summed, sampled
   with psutil every ~50 ms); on a GPU also ``torch.cuda.max_memory_allocated`` (max over ranks).
 
-and per engine the SGTM/none tokens/s ratio. With ``--repeats N`` each engine runs N rounds of the two
-jobs, in alternating order (sgtm, none; none, sgtm; ...) so that background load drifts hit both alike;
-the ratio is then the median of the rounds' ratios, with their range as the noise. Progress goes to
-stderr, the table to stdout.
+and per engine the SGTM/none ratio of tokens/s on both clocks, the ``--clock`` one first. Each engine runs
+``--repeats`` rounds of the two jobs: with ``--concurrent`` (the default with the CPU clock) both at the
+same time, each on its own core of an idle machine, so that whatever else runs slows both alike (a
+process's CPU seconds still grow under contention, through cold caches: by up to ~20% at load 30-50);
+else one after the other, in alternating order (sgtm, none; none, sgtm; ...) so that drifts hit both
+alike. The ratio is the median of the rounds' ratios, and its spread the largest distance of a round's
+ratio from that median, in percent of it. A second figure takes each measured step's fastest round for
+each method (contention only ever slows a step down). Progress goes to stderr, the table to stdout. Both methods run
+the same optimizer implementation (`SGTMAdamW`: ZeroSGTMAdamW under DeepSpeed) with the same
+partitioning; only `sgtm` gives it region codes.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -152,7 +166,7 @@ def run_job(args: argparse.Namespace, cfg: dict, work: Path, name: str) -> dict:
         peak_rss = sampler.stop()
     wall = time.time() - start
     result = {"name": name, "engine": cfg["parallel"]["engine"], "method": cfg["method"], "rc": rc,
-              "wall_s": wall, "peak_rss_mib": peak_rss / 2**20}
+              "wall_s": wall, "peak_rss_mib": peak_rss / 2**20, "loadavg_1m_after": os.getloadavg()[0]}
     if rc != 0:
         tail = log_path.read_text()[-3000:]
         progress(f"{name}: FAILED (exit {rc}); log tail:\n{tail}")
@@ -162,20 +176,23 @@ def run_job(args: argparse.Namespace, cfg: dict, work: Path, name: str) -> dict:
     train = [r for r in records if r.get("kind") == "train"]
     measured = [r for r in train if r["step"] > args.warmup] or train
     tps = statistics.median(r["tokens_per_s"] for r in measured)
+    cpu_tps = statistics.median(r["tokens_per_s"] * r["step_s"] / r["step_cpu_s"] for r in measured)
     summary = json.loads((run_dir / "summary.json").read_text())
     flops = model_flops_per_token(parsed)
     peak = peak_tflops()
     mfu = tps * flops / (peak * 1e12 * args.nproc) if peak else None
     cuda = [json.loads(p.read_text())["max_memory_allocated"] for p in sorted(run_dir.glob("cuda_mem_rank*.json"))]
     result.update(
-        tokens_per_s=tps, tokens_per_s_min=min(r["tokens_per_s"] for r in measured),
+        tokens_per_s=tps, cpu_tokens_per_s=cpu_tps, tokens_per_s_min=min(r["tokens_per_s"] for r in measured),
         tokens_per_s_max=max(r["tokens_per_s"] for r in measured), measured_steps=len(measured),
+        steps={r["step"]: {"tokens": r["tokens_per_s"] * r["step_s"], "step_s": r["step_s"],
+                           "step_cpu_s": r["step_cpu_s"]} for r in measured},
         mfu=mfu, flops_per_token=flops, job_time_s=summary.get("time_s"),
         final_loss=train[-1]["loss"] if train else None, gated=summary.get("gated"),
         cuda_max_allocated_mib=max(cuda) / 2**20 if cuda else None,
     )
-    progress(f"{name}: {tps:,.0f} tok/s (median of {len(measured)} steps), peak RSS {result['peak_rss_mib']:,.0f} MiB, "
-             f"wall {wall:.0f}s")
+    progress(f"{name}: {tps:,.0f} tok/s (median of {len(measured)} steps), {cpu_tps:,.0f} tok per CPU s, "
+             f"peak RSS {result['peak_rss_mib']:,.0f} MiB, wall {wall:.0f}s, load {result['loadavg_1m_after']:.1f}")
     return result
 
 
@@ -201,50 +218,78 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_table(results: list[dict]) -> None:
+CLOCKS = {"cpu": "cpu_tokens_per_s", "wall": "tokens_per_s"}
+
+
+def print_table(results: list[dict], clock: str) -> None:
     gpu = any(r.get("cuda_max_allocated_mib") is not None for r in results)
-    header = ["engine", "method", "tokens/s", "MFU", "peak RSS MiB"] + (["CUDA max alloc MiB"] if gpu else [])
+    header = ["engine", "method", "round", "tokens/s", "CPU tokens/s", "MFU", "peak RSS MiB"] + (
+        ["CUDA max alloc MiB"] if gpu else [])
     rows = []
     for r in results:
         if r["rc"] != 0:
-            rows.append([r["engine"], r["method"], f"FAILED (exit {r['rc']})", "", fmt(r["peak_rss_mib"], ",.0f")])
+            rows.append([r["engine"], r["method"], str(r["round"]), f"FAILED (exit {r['rc']})", "", "",
+                         fmt(r["peak_rss_mib"], ",.0f")])
             continue
-        row = [r["engine"], r["method"], fmt(r["tokens_per_s"], ",.0f"), fmt(r["mfu"], ".2%"),
-               fmt(r["peak_rss_mib"], ",.0f")]
+        row = [r["engine"], r["method"], str(r["round"]), fmt(r["tokens_per_s"], ",.0f"),
+               fmt(r["cpu_tokens_per_s"], ",.0f"), fmt(r["mfu"], ".2%"), fmt(r["peak_rss_mib"], ",.0f")]
         if gpu:
             row.append(fmt(r["cuda_max_allocated_mib"], ",.0f"))
         rows.append(row)
-    if any(r.get("round", 0) for r in results):
-        header.insert(2, "round")
-        for row, r in zip(rows, results):
-            row.insert(2, str(r.get("round", 0)))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
     print()
-    for engine, per_round in round_ratios(results).items():
-        ratio = statistics.median(per_round) if per_round else None
-        spread = f" (median of {len(per_round)} rounds, range {min(per_round):.3f}-{max(per_round):.3f})" \
-            if len(per_round) > 1 else ""
-        print(f"{engine}: SGTM/none tokens/s = {fmt(ratio, '.3f')}{spread}")
+    for engine in dict.fromkeys(r["engine"] for r in results):
+        for name in (clock, *(c for c in CLOCKS if c != clock)):
+            per_round = round_ratios(results, CLOCKS[name])[engine]
+            figure = ratio_summary(per_round)
+            rounds = ", ".join(f"{x:.3f}" for x in per_round)
+            text = "n/a" if figure is None else (f"{figure['ratio']:.3f} +-{figure['spread_pct']:.1f}% "
+                                                 f"(median of {len(per_round)} rounds: {rounds})")
+            print(f"{engine}: SGTM/none {'CPU ' if name == 'cpu' else ''}tokens/s = {text}"
+                  + ("" if name == clock else "  [not the --clock]"))
+        best = best_of_rounds(results, clock).get(engine)
+        print(f"{engine}: SGTM/none from each step's fastest round = {fmt(best, '.3f')}")
 
 
-def round_ratios(results: list[dict]) -> dict[str, list[float]]:
-    """Per engine, the SGTM/none tokens/s ratio of each round where both jobs ran."""
+def round_ratios(results: list[dict], field: str = "cpu_tokens_per_s") -> dict[str, list[float]]:
+    """Per engine, the SGTM/none ratio of `field` in each round where both jobs ran."""
     out: dict[str, list[float]] = {}
     for engine in dict.fromkeys(r["engine"] for r in results):
         out[engine] = []
-        for round_ in sorted({r.get("round", 0) for r in results}):
-            by = {r["method"]: r.get("tokens_per_s") for r in results
-                  if r["engine"] == engine and r.get("round", 0) == round_}
+        for round_ in sorted({r["round"] for r in results}):
+            by = {r["method"]: r.get(field) for r in results if r["engine"] == engine and r["round"] == round_}
             if by.get("sgtm") and by.get("none"):
                 out[engine].append(by["sgtm"] / by["none"])
     return out
 
 
-def ratios(results: list[dict]) -> dict[str, float | None]:
-    return {engine: statistics.median(per_round) if per_round else None
-            for engine, per_round in round_ratios(results).items()}
+def best_of_rounds(results: list[dict], clock: str) -> dict[str, float]:
+    """Per engine, SGTM/none tokens/s from each measured step's fastest round: both methods train on the same
+    steps, and contention only ever slows a step down, so the fastest of several rounds filters it out."""
+    field = {"cpu": "step_cpu_s", "wall": "step_s"}[clock]
+    out = {}
+    for engine in dict.fromkeys(r["engine"] for r in results):
+        fastest: dict[str, dict[int, float]] = {}
+        for r in results:
+            if r["engine"] == engine and r["rc"] == 0:
+                own = fastest.setdefault(r["method"], {})
+                for step, figures in r["steps"].items():
+                    own[step] = min(own.get(step, float("inf")), figures[field])
+        steps = sorted(set(fastest.get("sgtm", {})) & set(fastest.get("none", {})))
+        if steps:
+            out[engine] = sum(fastest["none"][s] for s in steps) / sum(fastest["sgtm"][s] for s in steps)
+    return out
+
+
+def ratio_summary(per_round: list[float]) -> dict | None:
+    """The median of the rounds' ratios and its spread: the largest distance of a round from it, in %."""
+    if not per_round:
+        return None
+    ratio = statistics.median(per_round)
+    return {"ratio": ratio, "spread_pct": 100 * max(abs(x - ratio) for x in per_round) / ratio,
+            "min": min(per_round), "max": max(per_round)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the tokens/s median")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=4, help="first steps left out of the tokens/s figures")
     p.add_argument("--nproc", type=int, default=1, help="ranks per job (torchrun --nproc-per-node)")
     p.add_argument("--engines", default="megatron,deepspeed")
     p.add_argument("--zero-stage", type=int, default=1, choices=(1, 2, 3))
@@ -264,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=2000, help="synthetic documents in the shard directory")
     p.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the synthetic data")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job before it is killed")
-    p.add_argument("--repeats", type=int, default=1, help="rounds of (sgtm, none) per engine, order alternating")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds of (sgtm, none) per engine (one after the other: order alternating)")
+    p.add_argument("--concurrent", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a round's sgtm and none jobs at the same time, so that load from other processes "
+                        "hits both alike (default: with --clock cpu)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default=None,
+                   help="the clock of the headline SGTM/none ratio: process CPU seconds (default without CUDA) or "
+                        "wall seconds (default with CUDA)")
     p.add_argument("--keep", help="keep the data, configs, logs and run directories here (default: a temp dir)")
     p.add_argument("--json", help="write all results as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -278,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - {"megatron", "deepspeed"}:
         p.error(f"--engines {args.engines!r}: expected a comma list of megatron, deepspeed")
+    if args.clock is None:
+        import torch
+
+        args.clock = "wall" if torch.cuda.is_available() else "cpu"
+    if args.clock == "cpu":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # idle OpenMP threads spin, and spinning is CPU time
+    if args.concurrent is None:
+        args.concurrent = args.clock == "cpu"
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
@@ -289,17 +349,28 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for engine in engines:
             for round_ in range(args.repeats):
+                jobs = []
                 for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
-                    name = f"{engine}-{method}" + (f"-r{round_}" if args.repeats > 1 else "")
-                    cfg = make_config(args, data, vocab_size, engine, method, work / "runs" / name)
-                    results.append({**run_job(args, cfg, work, name), "round": round_})
+                    name = f"{engine}-{method}-r{round_}"
+                    jobs.append((make_config(args, data, vocab_size, engine, method, work / "runs" / name), name))
+                with ThreadPoolExecutor(len(jobs) if args.concurrent else 1) as pool:
+                    done = pool.map(lambda job: run_job(args, job[0], work, job[1]), jobs)
+                    results.extend({**result, "round": round_, "concurrent": args.concurrent} for result in done)
 
-    print_table(results)
+    print_table(results, args.clock)
     if args.json:
+        per_round = {name: round_ratios(results, field) for name, field in CLOCKS.items()}
         out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results,
-               "sgtm_over_none": ratios(results),
-               "sgtm_over_none_per_round": round_ratios(results), "cpu_count": os.cpu_count(),
-               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+               "clock": args.clock,
+               "sgtm_over_none": {e: (ratio_summary(x) or {}).get("ratio") for e, x in per_round[args.clock].items()},
+               "sgtm_over_none_per_round": per_round[args.clock],
+               "sgtm_over_none_spread_pct": {e: (ratio_summary(x) or {}).get("spread_pct")
+                                             for e, x in per_round[args.clock].items()},
+               "sgtm_over_none_best_of_rounds": best_of_rounds(results, args.clock),
+               "sgtm_over_none_by_clock": {name: {e: ratio_summary(x) for e, x in ratios.items()}
+                                           for name, ratios in per_round.items()},
+               "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+               "loadavg": os.getloadavg()}
         Path(args.json).write_text(json.dumps(out, indent=2))
         progress(f"wrote {args.json}")
     return 0 if all(r["rc"] == 0 for r in results) else 1

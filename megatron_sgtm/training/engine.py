@@ -97,9 +97,14 @@ class Engine(abc.ABC):
         self.scheduler = lr_scheduler(self.optimizer, self.cfg)
 
     # -- what every framework shares ---------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """This rank's device: where micro-batches, activations and the step's loss sums live."""
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
     def _to_device(self, batches: list[dict]) -> list[dict]:
         """The micro-batches on this rank's device, with their `label_flags` read on the host first."""
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = self.device
         out = []
         for mb in batches:
             moved = {k: v.to(device) for k, v in mb.items()}
@@ -175,10 +180,12 @@ class Engine(abc.ABC):
 
     # -- what each framework does its own way ------------------------------------------------
     @abc.abstractmethod
-    def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[float, float, float | None]:
+    def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float
+                        ) -> tuple[float | torch.Tensor, float, float | None]:
         """Forward/backward of every micro-batch and the optimizer step gated by `gate` (`set_step_gate` on the
         optimizers of `install_step_gating`); (loss sum, tokens, grad norm) over the global batch. `loss_weight`
-        is the global batch's loss-mask sum."""
+        is the global batch's loss-mask sum. The loss sum is summed on the device and may be returned there:
+        `step_metrics` reads it once per step, never once per micro-batch (a host sync each)."""
 
     @abc.abstractmethod
     def _forward_only(self, batches: list[dict], token_losses: list | None = None) -> tuple[float, float]:

@@ -158,26 +158,27 @@ class DeepSpeedEngine(Engine):
         set_step_gate([self.optimizer], gate)
         # DeepSpeed averages gradients over DP; the per-token normalisation wants their sum.
         scale = self.dp_size / max(loss_weight, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # read on the host once per step
         for mb in batches:
             per_token = self._forward(self.engine, mb, use_labels=True)
             weighted = (per_token.float() * mb["loss_mask"]).sum()
-            loss_sum += weighted.detach().double().cpu()
+            loss_sum += weighted.detach().double()
             self.engine.backward(weighted * scale, scale_wrt_gas=False)
             self.engine.step()
         dist.all_reduce(loss_sum, group=self.dp_group)
         return loss_sum, loss_weight, self.engine.get_global_grad_norm()
 
     def _forward_only(self, batches: list[dict], token_losses: list | None = None) -> tuple[float, float]:
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # read on the host once
         for mb in batches:
             per_token = self._forward(self.engine, mb, use_labels=False)
             if token_losses is not None:
                 token_losses.append(per_token.detach().float()[mb["loss_mask"] > 0].cpu())
-            total[0] += (per_token.float() * mb["loss_mask"]).sum().double().cpu()
-            total[1] += mb["loss_mask"].double().sum().cpu()
+            total[0] += (per_token.float() * mb["loss_mask"]).sum().double()
+            total[1] += mb["loss_mask"].double().sum()
         dist.all_reduce(total, group=self.dp_group)
-        return float(total[0]), float(total[1])
+        loss_sum, tokens = total.tolist()
+        return loss_sum, tokens
 
     @contextlib.contextmanager
     def _ablated(self):

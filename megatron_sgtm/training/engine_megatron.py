@@ -100,13 +100,14 @@ class MegatronEngine(Engine):
             forward_only=forward_only,
             force_all_reduce=force_all_reduce,
         )
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed on the device, read once
         if self.is_last_stage:
             for item in out:
-                total += item["lm loss"].double().cpu()
+                total += item["lm loss"].double()
         dist.all_reduce(total)  # every rank: (loss sum, tokens) over DP replicas, counted once per TP/PP
         tp = ps.get_tensor_model_parallel_world_size()
-        return float(total[0]) / tp, float(total[1]) / tp
+        loss_sum, tokens = total.tolist()
+        return loss_sum / tp, tokens / tp
 
     def _optimizer_step(self, batches: list[dict], gate: Gate, loss_weight: float) -> tuple[float, float, float]:
         set_step_gate(self.inner_optimizers, gate)

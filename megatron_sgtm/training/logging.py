@@ -54,6 +54,7 @@ class RunLogger:
         self.peak = peak_tflops()
         self.start = time.time()
         self._last_time = time.time()
+        self._last_cpu = time.process_time()
         self.wandb = None
         if not self.enabled:
             return
@@ -109,13 +110,17 @@ class RunLogger:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, int | float)}, step=step)
 
     def train_step(self, step: int, total_steps: int, m: dict, gated: dict) -> None:
-        now = time.time()
+        now, cpu = time.time(), time.process_time()
         elapsed, self._last_time = now - self._last_time, now
+        cpu_elapsed, self._last_cpu = cpu - self._last_cpu, cpu
         tps = m["tokens"] / elapsed if elapsed > 0 else 0.0
         u, r, f = m["label_counts"]
         total = max(u + r + f, 1.0)
         values = {
             "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tps,
+            # since the previous record: wall seconds, and this process's CPU seconds (all its threads), which other
+            # processes on a shared machine do not inflate (tools/bench_train.py's CPU clock)
+            "step_s": elapsed, "step_cpu_s": cpu_elapsed,
             "label_mix_U": u / total, "label_mix_R": r / total, "label_mix_F": f / total,
             "gated_retain_steps": gated["retain"], "gated_forget_steps": gated["forget"],
         }

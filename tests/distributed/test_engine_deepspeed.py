@@ -17,7 +17,14 @@ import torch
 
 from megatron_sgtm.core.gating import Gate
 from tests.distributed.launch import torchrun
-from tests.distributed.workers.deepspeed_gating import BF16_LAYOUTS, LAYOUTS, MIX_LAYOUTS, MODEL, SCHEDULE
+from tests.distributed.workers.deepspeed_gating import (
+    BF16_LAYOUTS,
+    LAYOUTS,
+    MIX_LAYOUTS,
+    MODEL,
+    RECOMPUTED,
+    SCHEDULE,
+)
 
 KEYS = [layout[0] for layout in LAYOUTS]
 # fp32 layouts, and the bf16 ones for every property that does not compare values across layouts
@@ -128,6 +135,16 @@ def test_losses_match_across_layouts_and_engines(results, key):
     ref = results["zero1/losses"]
     assert len(ref) == len(SCHEDULE)
     torch.testing.assert_close(results[f"{key}/losses"], ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("key", [*RECOMPUTED, "megatron"])
+def test_logged_step_loss_is_the_recomputed_sum_of_its_micro_batches(results, key):
+    """Both engines keep the step's loss sum on the device (one host read per step): the logged loss is still,
+    bit for bit, the sum of every micro-batch's masked loss read on the host, over the DP ranks, recomputed
+    from the micro-batches through the model before each step."""
+    logged, recomputed = results[f"{key}/losses"], results[f"{key}/recomputed_losses"]
+    assert len(logged) == len(SCHEDULE)
+    assert logged.tolist() == recomputed.tolist()
 
 
 @pytest.mark.parametrize("key", KEYS[1:] + ["megatron"])

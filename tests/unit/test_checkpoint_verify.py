@@ -1,9 +1,11 @@
 """Checkpoint checksums (model-only checkpoints), the resume identity check, the optimizer settings a
-resume ignores, and metrics.jsonl rewound to the resumed step."""
+resume ignores, metrics.jsonl rewound to the resumed step, and its per-step wall and CPU seconds."""
 
 from __future__ import annotations
 
 import json
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,31 @@ def test_checkpoint_resume_given_a_root_continues_its_newest_complete_checkpoint
     assert checkpoint.resolve_resume(str(root), None) == root / "iter_0000004"
     assert "checkpoint.resume " + str(root) + ": using iter_0000004" in capsys.readouterr().err
     assert checkpoint.resolve_resume(str(root / "iter_0000002"), None) == root / "iter_0000002"
+
+
+def test_train_records_carry_the_steps_wall_and_cpu_seconds(cfg):
+    """tools/bench_train.py's CPU clock: a train record's `step_cpu_s` is this process's CPU time since the previous
+    record (getrusage's user + system time), to which time off the CPU (a sleep here, other processes holding the
+    cores on a shared machine) adds nothing; `step_s` is the wall time, to which it does."""
+    log = RunLogger(cfg, rank=0, world_size=1)
+    log.rewind(0)
+    metrics = {"loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens": 100.0, "label_counts": [1.0, 1.0, 1.0]}
+    gated = {"retain": 0, "forget": 0}
+    log.train_step(1, 2, metrics, gated)
+
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    start_cpu, start_wall = cpu_seconds(), time.time()
+    while cpu_seconds() - start_cpu < 0.3:  # busy
+        sum(range(1000))
+    time.sleep(0.4)  # off the CPU
+    burned, waited = cpu_seconds() - start_cpu, time.time() - start_wall
+    log.train_step(2, 2, metrics, gated)
+    log.close()
+    record = [json.loads(line) for line in (Path(cfg.logging.run_dir) / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 2
+    assert abs(record["step_cpu_s"] - burned) < 0.05, (record["step_cpu_s"], burned)
+    assert record["step_s"] >= waited and record["step_s"] - record["step_cpu_s"] >= 0.35
+    assert record["tokens_per_s"] == pytest.approx(100.0 / record["step_s"])

@@ -26,13 +26,15 @@ if __name__ == "__main__":  # the tests import this module's constants without s
     init_distributed()  # CPU shims before megatron modules are imported and built
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
 
 from megatron_sgtm.compat.deepspeed import layout_partitions  # noqa: E402
-from megatron_sgtm.core.labels import TokenLabel  # noqa: E402
+from megatron_sgtm.core.labels import TokenLabel, token_labels  # noqa: E402
 from megatron_sgtm.core.partition import SGTMConfig  # noqa: E402
 from megatron_sgtm.core.regions import param_regions  # noqa: E402
 from megatron_sgtm.layout import gather_global  # noqa: E402
 from megatron_sgtm.model import ModelConfig  # noqa: E402
+from megatron_sgtm.training.batch_geometry import model_inputs  # noqa: E402
 from megatron_sgtm.training.config import (  # noqa: E402
     DataConfig,
     OptimConfig,
@@ -62,6 +64,8 @@ LAYOUTS = [
 ]
 BF16_LAYOUTS = [("zero2_bf16", 2, 1, False, {})]
 SCHEDULE = ["mixed", "mixed", "mixed", "forget", "retain"]
+# Layouts whose logged step losses are checked against `recomputed_loss` (as is the megatron engine's).
+RECOMPUTED = ("zero1", "zero1_tp2")
 # Steps whose DP ranks hold different labels, after one mixed step: (rank 0's label, rank 1's label).
 RANK_MIXES = {"F_U": (FORGET, UNLABELED), "F_F": (FORGET, FORGET), "R_F": (RETAIN, FORGET)}
 MIX_LAYOUTS = [("mix_zero2", 2, {}), ("mix_zero3", 3, Z3)]  # (key, zero stage, zero_optimization section)
@@ -149,6 +153,24 @@ def rank_mixes(out_dir: str, results: dict) -> None:
         dist.barrier()
 
 
+@torch.no_grad()
+def recomputed_loss(engine, batch: list[dict], global_loss_mask: float) -> float:
+    """The step's loss as the engines logged it while they read every micro-batch's loss on the host: each
+    micro-batch of this rank through the model before the step (with its labels), its masked fp32 loss sum
+    read as a float, summed in float64 over the micro-batches and then over the DP ranks, divided by the
+    global batch's loss-mask sum."""
+    local = 0.0
+    for mb in batch:
+        inputs, attention = model_inputs(mb, True, engine.packs_sequences)
+        with token_labels(inputs["token_labels"]):
+            per_token = engine.model(inputs["tokens"], inputs["position_ids"], labels=inputs["targets"], **attention)
+        local += float((per_token.reshape(mb["tokens"].shape).float() * mb["loss_mask"]).sum())
+    shares: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (engine.dp_rank, ps.get_tensor_model_parallel_rank(), local))
+    per_dp = {dp: value for dp, tp, value in shares if tp == 0}
+    return sum(per_dp[r] for r in range(engine.dp_size)) / global_loss_mask
+
+
 def full_state(engine: DeepSpeedEngine) -> dict[str, dict[str, torch.Tensor]]:
     """fp32 params and Adam moments in global space, through DeepSpeed's gather helpers (and, in bf16, the
     model's bf16 params as `model`)."""
@@ -208,7 +230,7 @@ def main(out_dir: str) -> None:
         results[f"{key}/regions"] = region_masks(engine)
         results[f"{key}/model_bf16"] = torch.tensor(all(p.dtype == torch.bfloat16 for p in engine.model.parameters()))
         dp_rank, dp_size = engine.dp_rank, engine.dp_size
-        losses, norms, states = [], [], {}
+        losses, norms, states, recomputed = [], [], {}, []
         ckpt = Path(out_dir) / f"ckpt_{key}"
         for step, kind in enumerate(SCHEDULE, start=1):
             batch = global_batch(step, kind)
@@ -219,7 +241,10 @@ def main(out_dir: str) -> None:
                 sched = engine.scheduler_state()
             if step == 5:
                 states["before_retain"] = full_state(engine)
-            metrics = engine.train_step(batch[dp_rank * per_rank:(dp_rank + 1) * per_rank])
+            mine = batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            if key in RECOMPUTED:
+                recomputed.append(recomputed_loss(engine, mine, sum(float(mb["loss_mask"].sum()) for mb in batch)))
+            metrics = engine.train_step(mine)
             losses.append(metrics["loss"])
             norms.append(metrics["grad_norm"])
             results[f"{key}/gated/{step}"] = torch.tensor([metrics["gated_retain"], metrics["gated_forget"]])
@@ -231,6 +256,8 @@ def main(out_dir: str) -> None:
         results[f"{key}/gated_elements"] = torch.tensor(engine.optimizer.gated_elements)
         results[f"{key}/losses"] = torch.tensor(losses, dtype=torch.float64)
         results[f"{key}/grad_norms"] = torch.tensor(norms, dtype=torch.float64)
+        if key in RECOMPUTED:
+            results[f"{key}/recomputed_losses"] = torch.tensor(recomputed, dtype=torch.float64)
         # evaluation of the live and ablated model; the live model must come back intact
         eval_batch = global_batch(99, "mixed")
         per_rank = len(eval_batch) // dp_size
@@ -268,14 +295,17 @@ def main(out_dir: str) -> None:
     cfg = make_cfg(1, 1, None)
     cfg.parallel.engine = "megatron"
     engine = MegatronEngine(cfg, cfg.sgtm.resolve(MODEL.dims()), on_gpu=False)
-    losses, norms = [], []
+    losses, norms, recomputed = [], [], []
     for step, kind in enumerate(SCHEDULE, start=1):
         batch = global_batch(step, kind)
         per_rank = len(batch) // engine.dp_size
-        metrics = engine.train_step(batch[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank])
+        mine = batch[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
+        recomputed.append(recomputed_loss(engine, mine, sum(float(mb["loss_mask"].sum()) for mb in batch)))
+        metrics = engine.train_step(mine)
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
     results["megatron/losses"] = torch.tensor(losses, dtype=torch.float64)
+    results["megatron/recomputed_losses"] = torch.tensor(recomputed, dtype=torch.float64)
     results["megatron/grad_norms"] = torch.tensor(norms, dtype=torch.float64)
     for name, value in gather_global(engine.model).items():
         results[f"megatron/after_retain/param/{name}"] = value
