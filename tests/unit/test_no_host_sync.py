@@ -148,13 +148,35 @@ def host_reads() -> Iterator[list[tuple[str, str]]]:
 
 
 def _self_check() -> list[str]:
-    """The probe's own reads of each kind, from a function of ours (attributed to megatron_sgtm via its name)."""
+    """The kind of read the probe records for each of a list of reads. A meta tensor stands in for a device
+    one: its copy to the CPU is recorded before ATen refuses it."""
     import torch
 
     x = torch.tensor([0.0, 1.0, 2.0])
+
+    def to_host():
+        with contextlib.suppress(NotImplementedError):
+            torch.empty(2, device="meta").to("cpu")
+
+    def assign():
+        x[x > 1] = x[:1]
+
+    class ReadInBackward(torch.autograd.Function):  # as a planted read in `masked_wgrad` would be
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * grad.sum().item()
+
+    def backward():
+        t = torch.ones(2, requires_grad=True)
+        ReadInBackward.apply(t * 2).sum().backward()
+
     reads = [lambda: x.sum().item(), lambda: bool(x[1]), lambda: x.nonzero(), lambda: torch.equal(x, x),
-             lambda: x[x > 0], lambda: x.masked_select(x > 0), lambda: x.unique(), lambda: x.tolist(),
-             lambda: x.numpy(), lambda: x.cpu()]
+             lambda: x[x > 0], assign, lambda: x.masked_select(x > 0), lambda: x.unique(), lambda: x.tolist(),
+             lambda: x.numpy(), lambda: x.cpu(), to_host, backward]
     kinds = []
     for read in reads:
         with host_reads() as found:
@@ -191,7 +213,8 @@ def test_training_step_reads_device_values_on_the_host_only_where_known():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     # The probe sees each kind of read (the lambdas above, in order).
     assert out["self_check"] == ["_local_scalar_dense", "_local_scalar_dense", "nonzero", "equal", "bool index",
-                                 "masked_select", "unique", "tolist", "numpy", "cpu"]
+                                 "bool index", "masked_select", "unique", "tolist", "numpy", "cpu",
+                                 "device-to-host copy", "_local_scalar_dense"]
     assert out["gpu_is_local"], "the gpu backend builds other modules here: probe it too"
     seen = set()
     for arch, attention in CASES:
