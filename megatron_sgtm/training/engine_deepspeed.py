@@ -158,11 +158,11 @@ class DeepSpeedEngine(Engine):
         set_step_gate([self.optimizer], gate)
         # DeepSpeed averages gradients over DP; the per-token normalisation wants their sum.
         scale = self.dp_size / max(loss_weight, 1.0)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = None  # on the device: a copy to the host per micro-batch would wait for its forward
         for mb in batches:
             per_token = self._forward(self.engine, mb, use_labels=True)
             weighted = (per_token.float() * mb["loss_mask"]).sum()
-            loss_sum += weighted.detach().double().cpu()
+            loss_sum = weighted.detach().double() if loss_sum is None else loss_sum + weighted.detach().double()
             self.engine.backward(weighted * scale, scale_wrt_gas=False)
             self.engine.step()
         dist.all_reduce(loss_sum, group=self.dp_group)

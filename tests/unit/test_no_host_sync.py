@@ -12,11 +12,11 @@ device-to-host copies (``_to_copy``/``copy_`` from a non-CPU tensor to the CPU, 
 It runs one whole `MegatronEngine.train_step` (host batch counts and gate, forward, backward with SGTM's
 masked wgrad, megatron DDP, the clipped, gated DistributedOptimizer step) on mixed R/F/U labels, gpt2 (MHA,
 tied embeddings) and llama (GQA, SwiGLU, masked embeddings), with the dense document mask and with
-`PackedSeqParams` (THD). The ``gpu`` backend builds the same modules as ``local`` on a machine without
-Transformer Engine or apex (checked), so the step covers both here; TE's attention runs only on a GPU.
-Each recorded read is attributed to the innermost frame of megatron_sgtm (not its CPU shims), megatron or
-torch.optim code.
-It runs in a subprocess (this file as a script): the engine needs megatron's parallel state and the CPU shims.
+`PackedSeqParams` (THD), and one `DeepSpeedEngine.train_step` (ZeRO, SGTM's gated optimizer; llama, THD).
+The ``gpu`` backend builds the same modules as ``local`` on a machine without Transformer Engine or apex
+(checked), so the step covers both here; TE's attention runs only on a GPU. Each recorded read is attributed
+to the innermost frame of megatron_sgtm (not its CPU shims), megatron, DeepSpeed or torch.optim code. It runs
+in a subprocess (this file as a script): the engine needs megatron's parallel state and the CPU shims.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ KNOWN = {
         HOST_BATCH + ": the label flags and, packed, the longest document",
     ("nonzero", "megatron_sgtm/training/engine.py:_to_device"): HOST_BATCH + ": packed, the document starts",
     ("tolist", "megatron_sgtm/training/engine.py:step_metrics"): "the host counts, for the log",
+    ("_local_scalar_dense", "megatron_sgtm/training/engine.py:step_metrics"):
+        "DeepSpeed: the step's loss sum and grad norm for the log, after the optimizer step",
+    ("_local_scalar_dense", "deepspeed/runtime/utils.py:is_invalid_grad_norm"):
+        "DeepSpeed's own check of the grad norm in its step, once per step",
     ("cpu", "megatron_sgtm/training/engine_megatron.py:_run"):
         "the step's (loss, tokens) for the log, after the last backward (megatron's trainer reads its loss too)",
     ("_local_scalar_dense", "megatron_sgtm/training/engine_megatron.py:_run"): "the same, copied to the host",
@@ -66,11 +70,12 @@ KNOWN = {
     ("unique", "megatron_sgtm/core/layers/attention.py:_packed"): "the same grouping by document length",
     ("tolist", "megatron_sgtm/core/layers/attention.py:_packed"): "the same grouping by document length",
 }
-CASES = [(arch, attention) for arch in ("gpt2", "llama") for attention in ("dense", "packed")]
+CASES = [("megatron", arch, attention) for arch in ("gpt2", "llama") for attention in ("dense", "packed")]
+CASES.append(("deepspeed", "llama", "packed"))  # its own step: ZeRO with SGTM's gated optimizer
 ATEN_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique", "_unique2",
               "unique_dim", "unique_consecutive"}
 METHOD_READS = ("cpu", "numpy", "tolist")  # no dispatch at all for a CPU tensor
-OWNERS = ("megatron_sgtm/", "megatron/", "torch/optim/")
+OWNERS = ("megatron_sgtm/", "megatron/", "deepspeed/", "torch/optim/")
 SHIMS = "megatron_sgtm/compat/"  # the CPU shims' TorchFunctionMode forwards every call: its caller owns it
 # Functions that see only the host batch (`train_step` hands them the sampler's CPU tensors): on CPU a moved
 # tensor is the host one, so what they read is told apart by where it is read, and listed under their name.
@@ -189,20 +194,22 @@ def probe() -> dict:
     from megatron_sgtm.training.distributed import init_distributed
 
     init_distributed()  # a world of one, with the CPU shims
+    from megatron_sgtm.training.engine_deepspeed import DeepSpeedEngine
     from megatron_sgtm.training.engine_megatron import MegatronEngine
     from tests.distributed.workers.packed_attention import config, gpu_backend_is_local, make_batches
 
     out: dict = {"self_check": _self_check(), "gpu_is_local": gpu_backend_is_local()}
-    for arch, attention in CASES:
+    for name, arch, attention in CASES:
         cfg = config(arch, 1, 1, False)
-        cfg.data.attention = attention
-        engine = MegatronEngine(cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
+        cfg.data.attention, cfg.parallel.engine = attention, name
+        engine = {"megatron": MegatronEngine, "deepspeed": DeepSpeedEngine}[name](
+            cfg, cfg.sgtm.resolve(cfg.model.dims()), on_gpu=False)
         batches = make_batches(cfg.model.vocab_size)
         engine.train_step(batches)  # the first step builds the optimizer state
         with host_reads() as found:
             metrics = engine.train_step(batches)
-        out[f"{arch}/{attention}"] = sorted(set(found))
-        out[f"{arch}/{attention}/grad_norm"] = metrics["grad_norm"]
+        out[f"{name}/{arch}/{attention}"] = sorted(set(found))
+        out[f"{name}/{arch}/{attention}/grad_norm"] = metrics["grad_norm"]
         engine.shutdown()
     return out
 
@@ -217,11 +224,11 @@ def test_training_step_reads_device_values_on_the_host_only_where_known():
                                  "device-to-host copy", "_local_scalar_dense"]
     assert out["gpu_is_local"], "the gpu backend builds other modules here: probe it too"
     seen = set()
-    for arch, attention in CASES:
-        assert out[f"{arch}/{attention}/grad_norm"] > 0  # a real, clipped step ran under the probe
-        found = {tuple(read) for read in out[f"{arch}/{attention}"]}
+    for case in map("/".join, CASES):
+        assert out[f"{case}/grad_norm"] > 0  # a real, clipped step ran under the probe
+        found = {tuple(read) for read in out[case]}
         unknown = sorted(found - set(KNOWN))
-        assert not unknown, f"{arch}/{attention}: host reads in the training step: {unknown}"
+        assert not unknown, f"{case}: host reads in the training step: {unknown}"
         seen |= found
     assert set(KNOWN) <= seen, f"listed but no longer seen (remove them): {sorted(set(KNOWN) - seen)}"
 
