@@ -2,7 +2,9 @@
 megatron's dense document mask or THD ``cu_seqlens``, and the model's inputs and attention arguments.
 
 The engines and the unlearning baselines build a forward's arguments here, so every path
-attends within the same documents.
+attends within the same documents. The engines build the THD parameters from the host batch before moving it
+(`PACKED_PARAMS`): found on the device, the document starts (``nonzero``) and the longest document would be
+read back to the host in every micro-batch's forward.
 """
 
 from __future__ import annotations
@@ -37,11 +39,18 @@ def document_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 MODEL_INPUTS = ("tokens", "position_ids", "targets", "token_labels", "loss_mask")
 
 
-def packed_document_params(position_ids: torch.Tensor) -> PackedSeqParams:
+# The key under which a moved micro-batch carries the `PackedSeqParams` built from its host positions.
+PACKED_PARAMS = "packed_seq_params"
+
+
+def packed_document_params(position_ids: torch.Tensor, device: torch.device | str | None = None) -> PackedSeqParams:
     """megatron's THD `PackedSeqParams` for the [b, s] micro-batch read as one row of b*s tokens, one
     sequence per document (positions restart at document starts): TE's varlen attention on GPU,
-    `SDPACoreAttention` on CPU, and RoPE restarting per document."""
+    `SDPACoreAttention` on CPU, and RoPE restarting per document. With `device`, from host positions:
+    ``cu_seqlens`` is copied there and nothing is read back."""
     cu_seqlens, longest = document_cu_seqlens(position_ids)
+    if device is not None:
+        cu_seqlens = cu_seqlens.to(device)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 
@@ -49,9 +58,10 @@ def packed_document_params(position_ids: torch.Tensor) -> PackedSeqParams:
 def model_inputs(mb: dict, document_attention: bool, packed: bool) -> tuple[dict, dict]:
     """(the micro-batch's model inputs, the model's attention arguments). Packed: the b rows as one THD row
     of b*s tokens (documents never cross rows) with `PackedSeqParams`; dense: the [b, 1, s, s] document
-    mask; neither: plain causal attention."""
+    mask; neither: plain causal attention. A micro-batch's own `PACKED_PARAMS` are used when it has them."""
     if document_attention and packed:
         inputs = {k: mb[k].reshape(1, -1) for k in MODEL_INPUTS}
-        return inputs, {"attention_mask": None, "packed_seq_params": packed_document_params(mb["position_ids"])}
+        params = mb[PACKED_PARAMS] if PACKED_PARAMS in mb else packed_document_params(mb["position_ids"])
+        return inputs, {"attention_mask": None, "packed_seq_params": params}
     mask = document_attention_mask(mb["position_ids"]) if document_attention else None
     return {k: mb[k] for k in MODEL_INPUTS}, {"attention_mask": mask}

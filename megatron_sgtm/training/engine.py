@@ -22,7 +22,7 @@ from megatron_sgtm.core.labels import label_flags, token_labels
 from megatron_sgtm.core.partition import Partition
 from megatron_sgtm.core.regions import ablated
 from megatron_sgtm.model import build_gpt_model
-from megatron_sgtm.training.batch_geometry import model_inputs
+from megatron_sgtm.training.batch_geometry import PACKED_PARAMS, model_inputs, packed_document_params
 from megatron_sgtm.training.checkpoint import init_weights
 from megatron_sgtm.training.config import TrainConfig
 
@@ -103,13 +103,16 @@ class Engine(abc.ABC):
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def _to_device(self, batches: list[dict]) -> list[dict]:
-        """The micro-batches on this rank's device, with their `label_flags` read on the host first."""
+        """The micro-batches on this rank's device, with their `label_flags` (and, packed, their THD
+        `PACKED_PARAMS`) read on the host first: the forward then reads nothing back from the device."""
         device = self.device
         out = []
         for mb in batches:
             moved = {k: v.to(device) for k, v in mb.items()}
             if "token_labels" in mb:
                 moved["label_flags"] = label_flags(mb["token_labels"])
+            if self.packs_sequences:
+                moved[PACKED_PARAMS] = packed_document_params(mb["position_ids"], device)
             out.append(moved)
         return out
 
