@@ -47,9 +47,9 @@ KNOWN = {
         "DeepSpeed: the step's loss sum and grad norm for the log, after the optimizer step",
     ("_local_scalar_dense", "deepspeed/runtime/utils.py:is_invalid_grad_norm"):
         "DeepSpeed's own check of the grad norm in its step, once per step",
-    ("cpu", "megatron_sgtm/training/engine_megatron.py:_run"):
-        "the step's (loss, tokens) for the log, after the last backward (megatron's trainer reads its loss too)",
-    ("_local_scalar_dense", "megatron_sgtm/training/engine_megatron.py:_run"): "the same, copied to the host",
+    ("tolist", "megatron_sgtm/training/engine_megatron.py:_run"):
+        "the step's (loss, tokens) for the log, summed on the device and read once after the last backward "
+        "(megatron's trainer reads its loss too)",
     ("_local_scalar_dense", "megatron/core/distributed/finalize_model_grads.py:finalize_model_grads"):
         MEGATRON + "`if num_tokens > 0` before the per-token gradient scaling",
     ("_local_scalar_dense", "megatron/core/optimizer/clip_grads.py:get_grad_norm_fp32"):
