@@ -10,7 +10,8 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
+from functools import cache
 from pathlib import Path
 
 DEBUG_ENV = "MEGATRON_SGTM_DEBUG"  # =1: tracebacks instead of the one-line report (as `megatron-sgtm --debug`)
@@ -74,12 +75,43 @@ def yaml_problem(err: Exception) -> str:
     return text if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {text}"
 
 
+@cache
+def _unique_key_loader():
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently: a config or grid would run with a value other than the one its reader sees first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the safe loader's own error names it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def parse_yaml(text: str):
+    """YAML text's content, duplicate keys refused: the one YAML reader of configs, grids and recipes."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
+
+
 def load_yaml(path: Path, error: type[UserError] = UserError):
-    """A YAML file's content; `error` naming the file (and the line) when it cannot be read or parsed."""
+    """A YAML file's content; `error` naming the file (and the line) when it cannot be read or parsed, or
+    gives a key twice."""
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text())
+        return parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML: {yaml_problem(err)}") from err
     except (OSError, UnicodeDecodeError) as err:
