@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +18,10 @@ DEBUG_ENV = "MEGATRON_SGTM_DEBUG"  # =1: tracebacks instead of the one-line repo
 # How long a rank other than 0 waits before exiting on a user error: torchrun stops every rank as soon as
 # one exits, so a rank 1 that fails first would otherwise kill rank 0 before it prints the line.
 OTHER_RANKS_WAIT_S = 10.0
+# Under a process group (`training.distributed.init_distributed` sets it): claims the launch's one error report,
+# True for the first rank that asks. An error met by one rank only (rank 0 may be waiting in a collective) is
+# then printed by that rank, and an error every rank meets still once.
+_claim_report: Callable[[], bool] | None = None
 
 
 class UserError(Exception):
@@ -32,6 +36,23 @@ class StepGatingError(UserError, ValueError):
 
 def debug_requested(flag: bool) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def share_reports(claim: Callable[[], bool] | None) -> None:
+    """Let the ranks of a launch agree through `claim` which one prints a user error (None: rank 0)."""
+    global _claim_report
+    _claim_report = claim
+
+
+def _reports() -> bool:
+    """Whether this process prints the error line: the first rank to claim it, else (no process group yet,
+    when every rank checks the same input, or a claim that fails) rank 0."""
+    if _claim_report is not None:
+        try:
+            return _claim_report()
+        except Exception:  # the store is gone (its host exited): the plain rule
+            pass
+    return is_first_rank()
 
 
 def is_first_rank() -> bool:
@@ -49,8 +70,8 @@ def report(err: BaseException, command: str, debug: bool) -> int:
     """Print a user error (the traceback with `debug`, on every rank) and return the exit status."""
     if debug:
         traceback.print_exception(err)
-    elif is_first_rank():
-        print(f"megatron-sgtm {command}: {one_line(err)}", file=sys.stderr)
+    elif _reports():
+        print(f"megatron-sgtm {command}: {one_line(err)}", file=sys.stderr, flush=True)
     else:
         time.sleep(OTHER_RANKS_WAIT_S)
     return getattr(err, "exit_status", UserError.exit_status)

@@ -26,7 +26,7 @@ from megatron_sgtm.core.partition import PartitionError, SGTMConfig
 from megatron_sgtm.core.strategy import METHODS, SGTM
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.data.sampler import MODES
-from megatron_sgtm.data.shards import Manifest
+from megatron_sgtm.data.shards import Manifest, ShardError
 from megatron_sgtm.errors import UserError, load_yaml, yaml_problem
 from megatron_sgtm.model import ModelConfig
 
@@ -422,7 +422,8 @@ def from_dict(raw: dict, source: str = "<config>", flags: dict[str, str] | None 
     unknown = sorted(map(str, set(raw) - set(SECTIONS) - {"method"}))
     if unknown:
         by_flag = [flag for key, flag in flags.items() if key.split(".")[0] == unknown[0]]
-        raise ConfigError(f"{f'override {by_flag[0]!r}' if by_flag else source}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['method']}")
+        raise ConfigError(f"{f'override {by_flag[0]!r}' if by_flag else source}: unknown section(s) {unknown}; "
+                          f"known: {sorted(SECTIONS) + ['method']}")
     if "model" not in raw:
         raise ConfigError(f"{source}: section 'model' is required")
     method = raw.pop("method", SGTM.name)
@@ -569,6 +570,8 @@ def data_category_counts(cfg: TrainConfig) -> dict[str, int]:
         return dict(read_labels(data.indexed_prefix, data.indexed_labels).header["category_counts"])
     try:
         return Manifest.read(Path(data.path)).categories()
+    except ShardError:
+        raise  # names the manifest and the field itself
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"data.path={data.path}: unreadable manifest.json ({err})") from err
 

@@ -74,7 +74,10 @@ def test_training_sample_is_drawn_from_the_whole_corpus(sorted_shards):
     assert {d.category for d in sample} == set(PER_CATEGORY)
     assert sample == ground_truth_sample(sorted_shards, 30, seed=0)
     assert sample != ground_truth_sample(sorted_shards, 30, seed=1)
-    assert len(ground_truth_sample(sorted_shards, 10_000, seed=0)) == sum(PER_CATEGORY.values())
+    total = sum(PER_CATEGORY.values())
+    assert len(ground_truth_sample(sorted_shards, total, seed=0)) == total  # all of them: allowed
+    with pytest.raises(ValueError, match=f"--train-from-truth {total + 1}: .* holds only {total} documents"):
+        ground_truth_sample(sorted_shards, total + 1, seed=0)  # more than there are: refused, not capped
 
 
 def test_tag_trains_from_truth_on_a_category_sorted_corpus(sorted_shards, tmp_path, capsys):
