@@ -409,7 +409,10 @@ def _section(cls, values: Any, source: str, name: str, flags: dict[str, str]):
             converted[f.name] = nested_cls(**{k: converted.pop(k) for k in _flat_keys(nested_cls) if k in converted})
         return cls(**converted)
     except (TypeError, ValueError) as err:  # the dataclass's own checks; some name the key as `section.key`
-        raise ConfigError(f"{source}: {err}" if str(err).startswith(f"{name}.") else f"{where}: {err}") from err
+        blamed = next((key for key in values if f"{name}.{key}" in flags and key in str(err)), None)
+        origin = source if blamed is None else _origin(source, flags, f"{name}.{blamed}")
+        message = f"{origin}: {err}" if str(err).startswith(f"{name}.") else f"{origin}: {name}: {err}"
+        raise ConfigError(message) from err
 
 
 def from_dict(raw: dict, source: str = "<config>", flags: dict[str, str] | None = None) -> TrainConfig:
@@ -436,7 +439,8 @@ def from_dict(raw: dict, source: str = "<config>", flags: dict[str, str] | None 
     cfg = TrainConfig(method=method, **sections)
     cfg.sgtm.strategy = METHODS[method].strategy.name
     if cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(f"{source}: optim.min_lr={cfg.optim.min_lr}: must be <= optim.lr={cfg.optim.lr}")
+        raise ConfigError(f"{_origin(source, flags, 'optim.min_lr')}: optim.min_lr={cfg.optim.min_lr}: must be <= "
+                          f"optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_init_lr > cfg.optim.lr:
         raise ConfigError(f"{source}: optim.warmup_init_lr={cfg.optim.warmup_init_lr}: must be <= "
                           f"optim.lr={cfg.optim.lr}")
