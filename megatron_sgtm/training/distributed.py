@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from megatron_sgtm.compat.cpu import enable_cpu_execution
 from megatron_sgtm.errors import share_reports
 
 REPORT_CLAIM_TIMEOUT_S = 5  # a store that does not answer: fall back to rank 0 reporting
+_REPORTS_MADE = itertools.count()  # this process's user-error reports so far: the claim key of the next one
 
 
 def _from_slurm() -> None:
@@ -71,6 +73,8 @@ def init_distributed() -> tuple[int, int, bool]:
 
 def _first_to_report(store: dist.Store) -> bool:
     """True for the first rank of this launch (and torchrun restart) to report a user error: a counter in the
-    rendezvous store, which torchrun's agent (or rank 0) serves while ranks wait in collectives."""
+    rendezvous store, which torchrun's agent (or rank 0) serves while ranks wait in collectives. A process
+    reports at most once before it exits; one that runs several commands (tests) counts its own reports."""
     store.set_timeout(datetime.timedelta(seconds=REPORT_CLAIM_TIMEOUT_S))
-    return store.add(f"megatron_sgtm/error_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return store.add(f"megatron_sgtm/error_reported/{restart}/{next(_REPORTS_MADE)}", 1) == 1
