@@ -67,9 +67,10 @@ def prepare_data(out: Path, num_docs: int, seed: int) -> Path:
         _say("building shards with a 512-token BPE tokenizer")
         _run(_cli("data", "build", "--input", str(raw), "--train-tokenizer", "512", "--out", str(shards)),
              out / "build.log")
-    _say("tagging with the linear classifier (trained on 500 ground-truth documents)")
+    truth = min(500, num_docs)
+    _say(f"tagging with the linear classifier (trained on {truth} ground-truth documents)")
     _run(_cli("data", "tag", "--shards", str(shards), "--out", str(tagged), "--classifier", "linear",
-              "--train-from-truth", "500", "--seed", str(seed)), out / "tag.log")
+              "--train-from-truth", str(truth), "--seed", str(seed)), out / "tag.log")
     return tagged
 
 

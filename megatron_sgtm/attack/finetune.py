@@ -56,7 +56,7 @@ def attack_config(meta: dict, released: Path, out: Path, *, data: str | None, fo
                   overrides: list[str]):
     """The fine-tuning run's TrainConfig: the checkpoint's own config (model, data, labeling, batch, seed),
     method none at the default layout, the attack's optimizer and schedule, then the user's overrides."""
-    from megatron_sgtm.training.config import apply_overrides, from_dict, recorded_config
+    from megatron_sgtm.training.config import apply_overrides, from_dict, override_flags, recorded_config
 
     raw = recorded_config(meta)
     raw.pop("sgtm", None)
@@ -70,7 +70,8 @@ def attack_config(meta: dict, released: Path, out: Path, *, data: str | None, fo
     for name, values in ATTACK_DEFAULTS.items():
         raw.setdefault(name, {}).update(values)
     raw.setdefault("logging", {})["run_dir"] = str(out / "finetune")
-    return from_dict(apply_overrides(raw, list(overrides)), "attack config (the checkpoint's config + flags)")
+    return from_dict(apply_overrides(raw, list(overrides)), "attack config (the checkpoint's config + flags)",
+                     override_flags(list(overrides)))
 
 
 def check_tokenizer(checkpoint: Path, meta: dict, data_path: str) -> None:

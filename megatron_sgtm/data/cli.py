@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from itertools import islice
@@ -14,6 +13,7 @@ from megatron_sgtm.data.synthetic import DEFAULT_MIX, FORGET_CATEGORY
 from megatron_sgtm.errors import check_positive
 
 SYNTH_CHUNK = 50_000
+SYNTH_FILE = "synthetic.jsonl"
 # Options holding a count of something; zero or negative is a user error, not "use the default".
 COUNT_OPTIONS = ("num_docs", "docs_per_shard", "train_tokenizer", "tokenizer_docs", "train_from_truth", "workers",
                  "limit")
@@ -27,25 +27,22 @@ def _mix(text: str) -> dict[str, float]:
 
 
 def synth(args: argparse.Namespace) -> int:
+    """Written into ``OUT.partial`` and renamed when complete: a failed run (an unknown --mix category, an
+    interrupt) leaves no output directory."""
+    from megatron_sgtm.atomic import building
+    from megatron_sgtm.data.shards import check_new_output
     from megatron_sgtm.data.synthetic import generate, write_jsonl
 
     check_positive(args, COUNT_OPTIONS)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "synthetic.jsonl"
-    partial = path.with_name(path.name + ".partial")
+    check_new_output(args.out)
     start, written = time.perf_counter(), 0
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            for first in range(0, args.num_docs, SYNTH_CHUNK):
-                count = min(SYNTH_CHUNK, args.num_docs - first)
-                written += write_jsonl(f, generate(count, seed=args.seed, mix=args.mix, start=first))
-                print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} "
-                      "docs/s", file=sys.stderr, flush=True)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.replace(partial, path)
-    print(path)
+    with building(args.out) as work, open(work / SYNTH_FILE, "w", encoding="utf-8") as f:
+        for first in range(0, args.num_docs, SYNTH_CHUNK):
+            count = min(SYNTH_CHUNK, args.num_docs - first)
+            written += write_jsonl(f, generate(count, seed=args.seed, mix=args.mix, start=first))
+            print(f"[synth] {written}/{args.num_docs} docs, {written / (time.perf_counter() - start):,.0f} "
+                  "docs/s", file=sys.stderr, flush=True)
+    print(args.out / SYNTH_FILE)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_sgtm.data.shards import Manifest, ShardDoc, ShardError, read_good_shards
+from megatron_sgtm.data.shards import MANIFEST, Manifest, ManifestError, ShardDoc, ShardError, read_good_shards
 
 NO_CATEGORY = -1
 
@@ -69,9 +69,13 @@ def load_corpus(directory: Path, require_scores: bool = False, skip_bad_shards: 
             if score is None and require_scores:
                 raise ShardError(f"{where}: field 'score' is missing (tagged data is required; run "
                                  "`megatron-sgtm data tag`)")
+            tokens = doc.tokens()
+            if tokens.size and int(tokens.max()) >= manifest.vocab_size:
+                raise ManifestError(f"{directory / MANIFEST}: vocab_size is {manifest.vocab_size} but {where} holds "
+                                    f"token id {int(tokens.max())} (the manifest was edited; rebuild the shards)")
             category = doc.meta.get("category")
             code = NO_CATEGORY if category is None else names.setdefault(category, len(names))
-            shard.append((doc.tokens(), doc.id, code, math.nan if score is None else check_score(score, where)))
+            shard.append((tokens, doc.id, code, math.nan if score is None else check_score(score, where)))
         rows.extend(shard)
 
     skipped = read_good_shards(directory, manifest, skip_bad_shards, consume)

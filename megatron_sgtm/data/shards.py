@@ -38,6 +38,11 @@ class ShardError(UserError, ValueError):
     """A shard (or a document in it) is unreadable or inconsistent; the message names it."""
 
 
+class ManifestError(ShardError):
+    """A manifest.json whose counts, categories or vocabulary disagree with its shards (edited after it was
+    written: the shards' checksums do not cover it); never skipped by ``skip_bad_shards``."""
+
+
 @dataclass(frozen=True)
 class ShardDoc:
     """One stored document, kept in its encoded form (``meta_json``, ``tokens_npy``) so tagging can
@@ -245,9 +250,40 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
         known = {"format", "tokenizer", "eod_id", "vocab_size", "num_docs", "num_tokens", "categories", "shards"}
-        return Manifest(shards=[ShardInfo(**s) for s in data["shards"]], eod_id=data["eod_id"],
-                        vocab_size=data["vocab_size"], tokenizer=data["tokenizer"],
-                        extra={k: v for k, v in data.items() if k not in known})
+        manifest = Manifest(shards=[ShardInfo(**s) for s in data["shards"]], eod_id=data["eod_id"],
+                            vocab_size=data["vocab_size"], tokenizer=data["tokenizer"],
+                            extra={k: v for k, v in data.items() if k not in known})
+        manifest.check_totals(path, data)
+        return manifest
+
+    def check_totals(self, path: Path, data: dict) -> None:
+        """The totals `data` (the file's JSON) states are its shards' sums, and the vocabulary holds eod_id."""
+        vocab = self.vocab_size
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+            raise ManifestError(f"{path}: vocab_size={vocab!r}: expected a positive integer")
+        if isinstance(self.eod_id, bool) or not isinstance(self.eod_id, int) or not 0 <= self.eod_id < vocab:
+            raise ManifestError(f"{path}: eod_id={self.eod_id!r}: expected a token id below vocab_size={vocab}")
+        for key, total in (("num_docs", self.num_docs), ("num_tokens", self.num_tokens),
+                           ("categories", self.categories())):
+            if key in data and data[key] != total:
+                raise ManifestError(f"{path}: {key} is {data[key]} but its shards' entries sum to {total} (edited "
+                                    "after `data build`/`data tag` wrote it; rebuild the shards)")
+
+
+def check_entry(directory: Path, info: ShardInfo, found: ShardInfo) -> None:
+    """A shard's manifest entry describes what the shard holds (`found`): the checksum covers the shard, not
+    the entry's counts."""
+    for key in ("num_docs", "num_tokens", "categories"):
+        if getattr(info, key) != getattr(found, key):
+            raise ManifestError(f"{directory / MANIFEST}: shard {info.name}: {key} is {getattr(info, key)} but the "
+                                f"shard holds {getattr(found, key)} (the manifest was edited; rebuild the shards)")
+
+
+def counted(docs: Iterable[ShardDoc], into: ShardInfo) -> Iterator[ShardDoc]:
+    """`docs`, each added to `into`'s counts as it passes (for `check_entry` once all are read)."""
+    for doc in docs:
+        into.add(doc)
+        yield doc
 
 
 def check_new_output(out: Path) -> None:
@@ -266,17 +302,21 @@ def report_skipped(reasons: list[str], total: int, where: Path) -> None:
 
 def read_good_shards(directory: Path, manifest: Manifest, skip_bad: bool,
                      consume: Callable[[Path, Iterator[ShardDoc]], None]) -> int:
-    """Feed each listed shard's path and documents (checksum-verified) to ``consume``. Without ``skip_bad`` the
-    first bad shard raises; with it, bad shards are reported and their number returned. ``consume``
-    should keep a shard's documents only once it has read them all."""
+    """Feed each listed shard's path and documents (checksum-verified) to ``consume``, which reads them all. Without
+    ``skip_bad`` the first bad shard raises; with it, bad shards are reported and their number returned. ``consume``
+    should keep a shard's documents only once it has read them all. A manifest entry that disagrees with its
+    shard is always an error (`ManifestError`)."""
     bad = []
     for info in manifest.shards:
+        found = ShardInfo(info.name)
         try:
-            consume(directory / info.name, read_shard(directory / info.name, info.sha256))
+            consume(directory / info.name, counted(read_shard(directory / info.name, info.sha256), found))
         except ShardError as e:
             if not skip_bad:
                 raise
             bad.append(str(e))
+            continue
+        check_entry(directory, info, found)
     report_skipped(bad, len(manifest.shards), directory)
     return len(bad)
 

@@ -17,6 +17,8 @@ from dataclasses import fields as dataclass_fields
 from itertools import islice
 from pathlib import Path
 
+from megatron_sgtm.errors import load_yaml
+
 
 @dataclass(frozen=True)
 class Document:
@@ -216,11 +218,9 @@ def read_hub(source: HubSource) -> Iterator[Document]:
 
 def load_recipe(path: Path) -> list[HubSource]:
     """A data recipe: YAML ``sources:``, a list of `HubSource` fields (``dataset`` required)."""
-    import yaml
-
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path) or {}
     entries = raw.get("sources") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected 'sources:', a non-empty list of load_dataset sources")

@@ -34,7 +34,9 @@ from megatron_sgtm.data.shards import (
     ShardDoc,
     ShardError,
     ShardInfo,
+    check_entry,
     check_new_output,
+    counted,
     read_shard,
     report_skipped,
     sha256_file,
@@ -101,18 +103,23 @@ def forget_targets(docs: list[Document], forget_categories: tuple[str, ...], sou
 
 
 def ground_truth_sample(directory: Path, num_docs: int, seed: int) -> list[Document]:
-    """Up to ``num_docs`` documents drawn uniformly without replacement (seeded) from the whole corpus,
-    in corpus order. Whole shards would not do: on a corpus sorted by category a shard holds one class."""
+    """``num_docs`` documents drawn uniformly without replacement (seeded) from the whole corpus, in corpus
+    order; more than the corpus holds is refused (`--train-from-truth`). Whole shards would not do: on a corpus
+    sorted by category a shard holds one class."""
     manifest = Manifest.read(directory)
     total = manifest.num_docs
-    chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(num_docs, total), replace=False))
+    if num_docs > total:
+        raise ValueError(f"--train-from-truth {num_docs}: {directory} holds only {total} documents")
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=num_docs, replace=False))
     docs: list[Document] = []
     first = 0
     for info in manifest.shards:
         local = chosen[(chosen >= first) & (chosen < first + info.num_docs)] - first
         first += info.num_docs
         if len(local):
-            shard = list(read_shard(directory / info.name, info.sha256))
+            found = ShardInfo(info.name)
+            shard = list(counted(read_shard(directory / info.name, info.sha256), found))
+            check_entry(directory, info, found)
             docs += [Document(shard[i].id, shard[i].meta["text"], shard[i].meta.get("category")) for i in local]
     return docs
 

@@ -21,14 +21,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def _from_file(path: Path) -> Tokenizer:
+    """`Tokenizer.from_file`, whose plain `Exception` for a file that is not a tokenizer becomes a one-line
+    `ValueError` naming it."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except OSError:
+        raise
+    except Exception as err:  # the Rust side raises a bare Exception ("expected value at line 1 column 1")
+        raise ValueError(f"tokenizer {path} is not a tokenizers JSON file ({err})") from err
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     """A `tokenizer.json` file, or a directory holding one or any local HF tokenizer files."""
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist")
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        return _from_file(path)
     if (path / "tokenizer.json").exists():
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
+        return _from_file(path / "tokenizer.json")
     from transformers import AutoTokenizer
 
     try:

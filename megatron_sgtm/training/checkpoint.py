@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sgtm.atomic import building, partial_dir, publish
 from megatron_sgtm.data.shards import Manifest, sha256_file
 from megatron_sgtm.errors import UserError, is_first_rank
+from megatron_sgtm.training.disk import disk_full, free_bytes, human
 
 _ITER = re.compile(r"^iter_(\d{7})$")
 META = "meta.json"
@@ -156,18 +158,27 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    engine.save(str(partial))
-    (partial / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    files = [_files(partial) if rank == 0 else None]
-    dist.broadcast_object_list(files, src=0)  # one listing: a shared filesystem may show ranks different ones
-    checksums = _checksums(partial, files[0])
-    if rank == 0:
-        _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
-                                            CHECKSUMS: checksums})
-        publish(partial, final)
-        _write_json_atomic(root / LATEST, {"step": step, "path": final.name})
+    try:
+        engine.save(str(partial))
+        (partial / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
+        dist.barrier()
+        files = [_files(partial) if rank == 0 else None]
+        dist.broadcast_object_list(files, src=0)  # one listing: a shared filesystem may show ranks different ones
+        checksums = _checksums(partial, files[0])
+        if rank == 0:
+            _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
+                                                CHECKSUMS: checksums})
+            publish(partial, final)
+            _write_json_atomic(root / LATEST, {"step": step, "path": final.name})
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException (a BaseException) wraps the rest
+        if disk_full(err, partial):
+            kept = complete_checkpoints(root)
+            raise CheckpointError(
+                f"disk full: saving {final} failed with {human(free_bytes(root))} free in {root}; "
+                f"{kept[-1].name if kept else 'no checkpoint'} is the newest complete one there (free space, remove "
+                f"{partial.name}, then continue with checkpoint.resume=auto)") from err
+        raise
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -26,7 +26,7 @@ from megatron_sgtm.core.partition import PartitionError, SGTMConfig
 from megatron_sgtm.core.strategy import METHODS, SGTM
 from megatron_sgtm.data.labeling import LabelingConfig
 from megatron_sgtm.data.sampler import MODES
-from megatron_sgtm.data.shards import Manifest
+from megatron_sgtm.data.shards import Manifest, ShardError
 from megatron_sgtm.errors import UserError, load_yaml, yaml_problem
 from megatron_sgtm.model import ModelConfig
 
@@ -197,6 +197,17 @@ def _parse_value(item: str, text: str) -> Any:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})") from err
 
 
+def override_flags(overrides: list[str]) -> dict[str, str]:
+    """The flag that set each dotted key (``optim.lr`` -> ``--optim.lr=abc``): an error about that key names
+    the flag, not the YAML file, which does not hold the value."""
+    return {item.removeprefix("--").split("=", 1)[0]: item for item in overrides if "=" in item}
+
+
+def _origin(source: str, flags: dict[str, str], key: str) -> str:
+    """What an error about `key` (dotted) blames: the override flag that set it, else the config file."""
+    return f"override {flags[key]!r}" if key in flags else source
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``section.key=value`` (or ``--section.key=value``) overrides; values parse as YAML."""
     for item in overrides:
@@ -365,7 +376,7 @@ def _key_types(cls) -> dict[str, Any]:
     return found
 
 
-def _section(cls, values: Any, source: str, name: str):
+def _section(cls, values: Any, source: str, name: str, flags: dict[str, str]):
     where = f"{source}: {name}"
     if values is None:
         values = {}
@@ -376,7 +387,8 @@ def _section(cls, values: Any, source: str, name: str):
         raise ConfigError(f"{source}: {name}.{key} was removed; use {name}.{_REPLACED[name][key]}")
     unknown = sorted(map(str, set(values) - set(key_types)))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(key_types)}")
+        raise ConfigError(f"{_origin(source, flags, f'{name}.{unknown[0]}')}: {name}: unknown key(s) {unknown}; "
+                          f"known: {sorted(key_types)}")
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -386,39 +398,49 @@ def _section(cls, values: Any, source: str, name: str):
         try:
             converted[key] = _convert(value, key_types[key])
         except _Mismatch:
-            raise ConfigError(f"{source}: {name}.{key}={value!r}: expected {_describe(key_types[key])}") from None
+            raise ConfigError(f"{_origin(source, flags, f'{name}.{key}')}: {name}.{key}={value!r}: expected "
+                              f"{_describe(key_types[key])}") from None
         rule = _RULES.get(name, {}).get(key)
         if rule is not None and converted[key] is not None and not rule[0](converted[key]):
-            raise ConfigError(f"{source}: {name}.{key}={value!r}: {rule[1]}")
+            raise ConfigError(f"{_origin(source, flags, f'{name}.{key}')}: {name}.{key}={value!r}: {rule[1]}")
     try:
         for f in _flat_fields(cls):
             nested_cls = f.metadata[_FLAT]
             converted[f.name] = nested_cls(**{k: converted.pop(k) for k in _flat_keys(nested_cls) if k in converted})
         return cls(**converted)
     except (TypeError, ValueError) as err:  # the dataclass's own checks; some name the key as `section.key`
-        raise ConfigError(f"{source}: {err}" if str(err).startswith(f"{name}.") else f"{where}: {err}") from err
+        blamed = next((key for key in values if f"{name}.{key}" in flags and key in str(err)), None)
+        origin = source if blamed is None else _origin(source, flags, f"{name}.{blamed}")
+        message = f"{origin}: {err}" if str(err).startswith(f"{name}.") else f"{origin}: {name}: {err}"
+        raise ConfigError(message) from err
 
 
-def from_dict(raw: dict, source: str = "<config>") -> TrainConfig:
+def from_dict(raw: dict, source: str = "<config>", flags: dict[str, str] | None = None) -> TrainConfig:
+    """A validated config from its YAML form; `flags` (`override_flags`) are named in the errors about the keys
+    they set."""
+    flags = flags or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     raw = dict(raw)
     unknown = sorted(map(str, set(raw) - set(SECTIONS) - {"method"}))
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['method']}")
+        by_flag = [flag for key, flag in flags.items() if key.split(".")[0] == unknown[0]]
+        raise ConfigError(f"{f'override {by_flag[0]!r}' if by_flag else source}: unknown section(s) {unknown}; "
+                          f"known: {sorted(SECTIONS) + ['method']}")
     if "model" not in raw:
         raise ConfigError(f"{source}: section 'model' is required")
     method = raw.pop("method", SGTM.name)
     if not isinstance(method, str) or method not in METHODS:
-        raise ConfigError(f"{source}: method={method!r}: expected one of {sorted(METHODS)}")
+        raise ConfigError(f"{_origin(source, flags, 'method')}: method={method!r}: expected one of {sorted(METHODS)}")
     if isinstance(raw.get("sgtm"), dict) and "strategy" in raw["sgtm"]:
         raise ConfigError(f"{source}: sgtm.strategy was removed; the top-level `method` decides it (one of "
                           f"{sorted(METHODS)})")
-    sections = {name: _section(cls, raw.get(name), source, name) for name, cls in SECTIONS.items()}
+    sections = {name: _section(cls, raw.get(name), source, name, flags) for name, cls in SECTIONS.items()}
     cfg = TrainConfig(method=method, **sections)
     cfg.sgtm.strategy = METHODS[method].strategy.name
     if cfg.optim.min_lr > cfg.optim.lr:
-        raise ConfigError(f"{source}: optim.min_lr={cfg.optim.min_lr}: must be <= optim.lr={cfg.optim.lr}")
+        raise ConfigError(f"{_origin(source, flags, 'optim.min_lr')}: optim.min_lr={cfg.optim.min_lr}: must be <= "
+                          f"optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_init_lr > cfg.optim.lr:
         raise ConfigError(f"{source}: optim.warmup_init_lr={cfg.optim.warmup_init_lr}: must be <= "
                           f"optim.lr={cfg.optim.lr}")
@@ -441,7 +463,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         source = str(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
-    return from_dict(apply_overrides(raw, list(overrides)), source)
+    return from_dict(apply_overrides(raw, list(overrides)), source, override_flags(list(overrides)))
 
 
 def validate(cfg: TrainConfig, world_size: int) -> None:
@@ -552,6 +574,8 @@ def data_category_counts(cfg: TrainConfig) -> dict[str, int]:
         return dict(read_labels(data.indexed_prefix, data.indexed_labels).header["category_counts"])
     try:
         return Manifest.read(Path(data.path)).categories()
+    except ShardError:
+        raise  # names the manifest and the field itself
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"data.path={data.path}: unreadable manifest.json ({err})") from err
 

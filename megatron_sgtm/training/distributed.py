@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import socket
 import subprocess
@@ -11,6 +12,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_sgtm.compat.cpu import enable_cpu_execution
+from megatron_sgtm.errors import share_reports
+
+REPORT_CLAIM_TIMEOUT_S = 5  # a store that does not answer: fall back to rank 0 reporting
+_REPORTS_MADE = itertools.count()  # this process's user-error reports so far: the claim key of the next one
 
 
 def _from_slurm() -> None:
@@ -58,5 +63,18 @@ def init_distributed() -> tuple[int, int, bool]:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))  # what env:// init does, store kept
+        dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+        share_reports(lambda: _first_to_report(store))
     return dist.get_rank(), dist.get_world_size(), on_gpu
+
+
+def _first_to_report(store: dist.Store) -> bool:
+    """True for the first rank of this launch (and torchrun restart) to report a user error: a counter in the
+    rendezvous store, which torchrun's agent (or rank 0) serves while ranks wait in collectives. A process
+    reports at most once before it exits; one that runs several commands (tests) counts its own reports."""
+    store.set_timeout(datetime.timedelta(seconds=REPORT_CLAIM_TIMEOUT_S))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return store.add(f"megatron_sgtm/error_reported/{restart}/{next(_REPORTS_MADE)}", 1) == 1

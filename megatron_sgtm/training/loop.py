@@ -21,6 +21,7 @@ from megatron_sgtm.training.config import TrainConfig, validate
 from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
 from megatron_sgtm.training.engine import Engine
 from megatron_sgtm.training.logging import RunLogger
+from megatron_sgtm.training.preflight import preflight
 from megatron_sgtm.training.run_data import (
     RunData,
     TokenCounts,
@@ -119,6 +120,7 @@ def check_resumable(cfg: TrainConfig, data: RunData, path: Path, world: int) -> 
 def train(cfg: TrainConfig) -> dict:
     """Run one training job (collective over the whole world); returns the final metrics."""
     validate(cfg, world_size_from_env())  # before any distributed work
+    preflight(cfg)  # output directories, free space, data: before hours of training depend on them
     rank, world, on_gpu = init_distributed()
     torch.manual_seed(cfg.train.seed)
     data = load_data(cfg)

@@ -1,5 +1,6 @@
-"""Under torchrun every rank meets the same bad input; the one-line error appears once (rank 0's), before
-the process groups exist (a bad config) and after (a resume path that is not a checkpoint)."""
+"""Under torchrun the one-line error appears once, whichever ranks meet the bad input: all of them before the
+process groups exist (a bad config) and after (a resume path that is not a checkpoint), or rank 1 alone while
+rank 0 waits in a collective (printed by rank 1; torchrun reports its exit status 2)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from tests.support import ROOT
 from tests.support.train_fixtures import build_tiny_shards, tiny_config
 
 
-def _torchrun_train(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _torchrun_train(config: Path, *overrides: str, program: tuple[str, ...] = ("-m", "megatron_sgtm.cli"),
+                    ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTHONWARNINGS")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "megatron_sgtm.cli", "train", "--config", str(config), *overrides]
+           *program, "train", "--config", str(config), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -29,12 +31,17 @@ def shards(tmp_path_factory) -> Path:
     return build_tiny_shards(tmp_path_factory.mktemp("data") / "shards", num_docs=100)
 
 
-@pytest.mark.parametrize("case", ["bad config", "resume from a non-checkpoint"])
+@pytest.mark.parametrize("case", ["bad config", "resume from a non-checkpoint", "rank 1 alone"])
 def test_the_error_line_appears_once_and_no_traceback_of_ours(case, shards, tmp_path):
     if case == "bad config":
         config = tmp_path / "bad.yaml"
         config.write_text("model: {bogus: 1}\n")
         proc, needle = _torchrun_train(config), f"megatron-sgtm train: {config}: model: unknown key(s) ['bogus']"
+    elif case == "rank 1 alone":
+        config = tmp_path / "cfg.yaml"
+        config.write_text(json.dumps(tiny_config(shards, tmp_path / "run")))
+        proc = _torchrun_train(config, program=(str(ROOT / "tests/distributed/workers/rank_one_error.py"),))
+        needle = f"megatron-sgtm train: shard {shards}/shard-000000.tar: cannot be read (Input/output error on rank 1)"
     else:  # checked in train(), after init_distributed
         config = tmp_path / "cfg.yaml"
         config.write_text(json.dumps(tiny_config(shards, tmp_path / "run")))

@@ -1,5 +1,6 @@
 """Typed configuration: every value is checked against its field's type and range when the config loads, category
-names against the data, and each refusal is one line naming the file, the key and the value."""
+names against the data, and each refusal is one line naming the file (or the override flag), the key and the
+value."""
 
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ def _config_file(tmp_path: Path, shards: Path, text: str | None = None, **sectio
         ("model.tie_embeddings=maybe", "model.tie_embeddings='maybe': expected true or false or null"),
     ],
 )
-def test_a_value_of_the_wrong_type_is_refused_naming_file_key_value_and_type(shards, tmp_path, override, needle):
-    path = _config_file(tmp_path, shards)
+def test_a_value_of_the_wrong_type_is_refused_naming_flag_key_value_and_type(shards, tmp_path, override, needle):
+    """Given as a flag, the error names the flag: the YAML file does not hold the value."""
     with pytest.raises(ConfigError) as err:
-        load_config(path, [f"--{override}"])
-    assert str(err.value) == f"{path}: {needle}"
+        load_config(_config_file(tmp_path, shards), [f"--{override}"])
+    assert str(err.value) == f"override '--{override}': {needle}"
 
 
 def test_numbers_yaml_reads_as_strings_are_numbers(shards, tmp_path):
@@ -97,7 +98,7 @@ def test_a_value_out_of_range_is_refused_naming_the_key_and_the_rule(shards, tmp
     path = _config_file(tmp_path, shards)
     with pytest.raises(ConfigError) as err:
         load_config(path, [f"--{override}"])
-    assert str(err.value) == f"{path}: {needle}"
+    assert str(err.value) == f"override '--{override}': {needle}"
 
 
 def test_broken_yaml_names_the_file_and_line(shards, tmp_path):

@@ -2,13 +2,15 @@
 a classifier sample that sees every class on a category-sorted corpus, and one-line errors for bad input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from megatron_sgtm.cli import main
 from megatron_sgtm.data import build, tagging
-from megatron_sgtm.data.shards import Manifest
+from megatron_sgtm.data.corpus import load_corpus
+from megatron_sgtm.data.shards import MANIFEST, Manifest, ManifestError, ShardInfo
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tagging import ground_truth_sample
 
@@ -74,7 +76,10 @@ def test_training_sample_is_drawn_from_the_whole_corpus(sorted_shards):
     assert {d.category for d in sample} == set(PER_CATEGORY)
     assert sample == ground_truth_sample(sorted_shards, 30, seed=0)
     assert sample != ground_truth_sample(sorted_shards, 30, seed=1)
-    assert len(ground_truth_sample(sorted_shards, 10_000, seed=0)) == sum(PER_CATEGORY.values())
+    total = sum(PER_CATEGORY.values())
+    assert len(ground_truth_sample(sorted_shards, total, seed=0)) == total  # all of them: allowed
+    with pytest.raises(ValueError, match=f"--train-from-truth {total + 1}: .* holds only {total} documents"):
+        ground_truth_sample(sorted_shards, total + 1, seed=0)  # more than there are: refused, not capped
 
 
 def test_tag_trains_from_truth_on_a_category_sorted_corpus(sorted_shards, tmp_path, capsys):
@@ -174,3 +179,28 @@ def test_garbage_linear_model_names_path_and_format(sorted_shards, tmp_path, cap
     assert err.startswith(f"megatron-sgtm data tag: linear classifier model {model} {problem}")
     assert "expected the .npz (arrays weights, bias, ngram_sizes)" in err and err.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+@pytest.mark.parametrize("field, value", [("num_docs", 41), ("num_tokens", 1), ("categories", {"klingon": 40})])
+def test_a_manifest_entry_that_lies_about_its_shard_is_refused(sorted_shards, tmp_path, field, value):
+    """The shard's checksum covers the shard, not its manifest entry: an edited count or category is caught
+    by reading the shard (skip_bad_shards does not skip it), the totals kept consistent so the lie is in the entry."""
+    data = tmp_path / "data"
+    shutil.copytree(sorted_shards, data)
+    manifest = json.loads((data / MANIFEST).read_text())
+    manifest["shards"][0][field] = value
+    entries = Manifest(shards=[ShardInfo(**e) for e in manifest["shards"]], eod_id=0, vocab_size=1)
+    manifest.update(num_docs=entries.num_docs, num_tokens=entries.num_tokens, categories=entries.categories())
+    (data / MANIFEST).write_text(json.dumps(manifest))
+    name = manifest["shards"][0]["name"]
+    with pytest.raises(ManifestError, match=f"shard {name}: {field} is .* but the shard holds"):
+        load_corpus(data, skip_bad_shards=True)
+
+
+def test_a_manifest_vocab_size_below_the_token_ids_is_refused(sorted_shards, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sorted_shards, data)
+    manifest = json.loads((data / MANIFEST).read_text())
+    (data / MANIFEST).write_text(json.dumps({**manifest, "vocab_size": 5}))
+    with pytest.raises(ManifestError, match=r"vocab_size is 5 but shard .* holds token id \d+"):
+        load_corpus(data)
