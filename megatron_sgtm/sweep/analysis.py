@@ -4,7 +4,7 @@
   forget loss as a function of N. A run's *equivalent forget tokens* are that curve read backwards at
   the run's forget loss, by interpolation between the two curve points around it, linear in tokens (the
   paper's choice) or in log tokens (loss falls about linearly in log tokens, so a linear reading between
-  points far apart understates the tokens); leakage = equivalent tokens / undiscovered forget tokens the
+  points far apart overstates the tokens); leakage = equivalent tokens / undiscovered forget tokens the
   run saw. Outside the curve's range the answer is a bound ("<" or ">" the curve's end), never an
   extrapolation. The curve is itself a mean over seeds: `reading_band` reads the loss on the curve moved
   up and down by each point's standard error, the range the curve's own noise allows.
