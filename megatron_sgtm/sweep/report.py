@@ -126,7 +126,8 @@ def _penalties(rows: list[dict], params: str) -> str:
 
 def leakage_curves(rows: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     """Per size: (forget tokens trained on, live forget loss, its standard error), each the mean over the seeds
-    of one setting of the standard models (standard error 0 for a single seed)."""
+    of one setting of the standard models (standard error NaN for a single seed: unknown; the resolution check
+    names the segments next to it, the band takes it as 0)."""
     curves = {}
     for size, runs in group([r for r in rows if _standard(r) and r["train_tokens_forget"] != ""],
                             lambda r: r["size"]).items():
@@ -134,8 +135,8 @@ def leakage_curves(rows: list[dict]) -> dict[str, list[tuple[float, float, float
         for same in group(runs, lambda r: (r["method"], r["forget_keep_fraction"])).values():
             loss, std, n = mean_std(value(r["forget_loss"]) for r in same)
             points.append((mean_std(value(r["train_tokens_forget"]) for r in same)[0], loss,
-                           std / math.sqrt(n) if n else math.nan))
-        curves[size] = sorted(p for p in points if all(math.isfinite(v) for v in p))
+                           std / math.sqrt(n) if n > 1 else math.nan))
+        curves[size] = sorted(p for p in points if all(math.isfinite(v) for v in p[:2]))
     return curves
 
 
@@ -179,7 +180,8 @@ def run_leakage(rows: list[dict]) -> tuple[dict[str, list[tuple[float, float, fl
     for key, same in read.items():
         loss = mean_std(_leakage_loss(r) for r in same)[0]
         undiscovered = mean_std(value(r["train_tokens_forget_undiscovered"]) for r in same)[0]
-        low, high = reading_band(curves[key[2]], loss, log_tokens=True)
+        known = [(t, v, e if math.isfinite(e) else 0.0) for t, v, e in curves[key[2]]]
+        low, high = reading_band(known, loss, log_tokens=True)
         results[key].band = (low.scaled(1 / undiscovered), high.scaled(1 / undiscovered))
     return curves, results, problems
 
@@ -210,7 +212,7 @@ def _leakage(rows: list[dict], out: Path) -> str:
             "curve moved down and up by its standard errors (the range the curve's own noise allows). A filter's "
             "leakage is 1 by definition; its measured value checks the instrument."]
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    curve_lines = [[size, f"{tokens:,.0f}", f"{loss:.4f}", f"{sem:.4f}"]
+    curve_lines = [[size, f"{tokens:,.0f}", f"{loss:.4f}", f"{sem:.4f}" if math.isfinite(sem) else "– (1 seed)"]
                    for size in sizes for tokens, loss, sem in curves.get(size, [])]
     text.append(_table(["size", "forget tokens", "forget loss", "std error"], curve_lines) if curve_lines else
                 "No leakage curve: no `none`/`oracle` run without a variant has `train_tokens` in summary.json.")
@@ -219,7 +221,8 @@ def _leakage(rows: list[dict], out: Path) -> str:
         if flat:
             text.append(f"**{size}: the curve does not resolve** " + ", ".join(
                 f"{t0:,.0f}–{t1:,.0f}" for t0, t1 in flat) + " forget tokens (the loss falls by no more than the "
-                "two points' standard errors together): readings there say little; more seeds or a larger budget.")
+                "two points' standard errors together, or a point has one seed): readings there say little; more "
+                "seeds or a larger budget.")
     if results:
         keys = list(dict.fromkeys(key[:2] for key in results))
         lines = [[name, f"{rate:g}", *(_leakage_cell(results.get((name, rate, size))) for size in sizes)]

@@ -96,6 +96,9 @@ def test_the_reading_band_is_the_reading_on_the_curve_moved_by_its_standard_erro
     flat = [(0.0, 4.0, 0.05), (1e5, 3.92, 0.05), (2e5, 3.0, 0.05)]  # first drop 0.08 < 0.05 + 0.05
     assert unresolved_segments(flat) == [(0.0, 1e5)]
     assert reading_band([(0.0, 4.0, 0.2), (1e5, 3.7, 0.2)], 3.85) == (Bounded(0.0, "<"), Bounded(1e5, ">"))
+    # a point of one seed has no standard error (NaN): nothing next to it is resolved
+    single = [(0.0, 4.0, 0.05), (1e5, 3.0, math.nan), (2e5, 2.0, 0.05)]
+    assert unresolved_segments(single) == [(0.0, 1e5), (1e5, 2e5)]
     # moved up by its errors this curve no longer falls (4.0 -> 4.1): only "more than its most tokens" is known
     assert reading_band([(0.0, 4.0, 0.0), (1e5, 3.9, 0.2)], 3.95)[1] == Bounded(1e5, ">")
 
