@@ -10,6 +10,7 @@ this module only picks the runs and losses each one is applied to, and says whic
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_sgtm.errors import UserError
@@ -21,7 +22,9 @@ from megatron_sgtm.sweep.analysis import (
     fit_power_law,
     leakage,
     mean_std,
+    reading_band,
     training_compute,
+    unresolved_segments,
 )
 from megatron_sgtm.sweep.collect import (
     CATEGORIES,
@@ -121,16 +124,19 @@ def _penalties(rows: list[dict], params: str) -> str:
     return "\n\n".join(text)
 
 
-def leakage_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """Per size: (forget tokens trained on, live forget loss), each the mean over the seeds of one
-    setting of the standard models."""
+def leakage_curves(rows: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """Per size: (forget tokens trained on, live forget loss, its standard error), each the mean over the seeds
+    of one setting of the standard models (standard error NaN for a single seed: unknown; the resolution check
+    names the segments next to it, the band takes it as 0)."""
     curves = {}
     for size, runs in group([r for r in rows if _standard(r) and r["train_tokens_forget"] != ""],
                             lambda r: r["size"]).items():
-        points = [(mean_std(value(r["train_tokens_forget"]) for r in same)[0],
-                   mean_std(value(r["forget_loss"]) for r in same)[0])
-                  for same in group(runs, lambda r: (r["method"], r["forget_keep_fraction"])).values()]
-        curves[size] = sorted(p for p in points if all(math.isfinite(v) for v in p))
+        points = []
+        for same in group(runs, lambda r: (r["method"], r["forget_keep_fraction"])).values():
+            loss, std, n = mean_std(value(r["forget_loss"]) for r in same)
+            points.append((mean_std(value(r["train_tokens_forget"]) for r in same)[0], loss,
+                           std / math.sqrt(n) if n > 1 else math.nan))
+        curves[size] = sorted(p for p in points if all(math.isfinite(v) for v in p[:2]))
     return curves
 
 
@@ -139,57 +145,91 @@ def _leakage_loss(row: dict) -> float:
     return value(row["forget_loss_ablated" if ablates(row["method"]) else "forget_loss"])
 
 
-def run_leakage(rows: list[dict]) -> tuple[dict[str, list[tuple[float, float]]], dict[tuple, list[Bounded]],
+@dataclass
+class Leakages:
+    """Per (series, undiscovered rate, size): each seed's leakage on the mean curve, and the band of the seeds'
+    mean loss over their mean undiscovered tokens on that curve moved by its standard errors."""
+
+    seeds: list[Bounded] = field(default_factory=list)
+    band: tuple[Bounded, Bounded] | None = None
+
+
+def run_leakage(rows: list[dict]) -> tuple[dict[str, list[tuple[float, float, float]]], dict[tuple, Leakages],
                                           dict[str, list[str]]]:
-    """(curves, each seed's leakage per (series, undiscovered rate, size), problem -> the runs it stopped).
-    Runs at undiscovered rate 0 saw no undiscovered forget tokens: they have no leakage."""
+    """(curves, the leakages per (series, undiscovered rate, size), problem -> the runs it stopped), read in log
+    tokens. Runs at undiscovered rate 0 saw no undiscovered forget tokens: they have no leakage."""
     curves = leakage_curves(rows)
-    results: dict[tuple, list[Bounded]] = {}
+    results: dict[tuple, Leakages] = {}
+    read: dict[tuple, list[dict]] = {}
     problems: dict[str, list[str]] = {}
     for row in rows:
         if row["method"] in RATE_FREE or not row["undiscovered_rate"]:
             continue
+        curve = [(t, v) for t, v, _ in curves.get(row["size"], [])]
         try:
             if row["train_tokens_forget_undiscovered"] == "":
                 raise AnalysisError("no train_tokens in summary.json")
-            result = leakage(curves.get(row["size"], []), _leakage_loss(row),
-                             value(row["train_tokens_forget_undiscovered"]))
+            result = leakage(curve, _leakage_loss(row), value(row["train_tokens_forget_undiscovered"]),
+                             log_tokens=True)
         except AnalysisError as err:
             problems.setdefault(f"{row['size']}: {err}", []).append(row["run"])
             continue
-        results.setdefault((series(row), row["undiscovered_rate"], row["size"]), []).append(result)
+        key = (series(row), row["undiscovered_rate"], row["size"])
+        results.setdefault(key, Leakages()).seeds.append(result)
+        read.setdefault(key, []).append(row)
+    for key, same in read.items():
+        loss = mean_std(_leakage_loss(r) for r in same)[0]
+        undiscovered = mean_std(value(r["train_tokens_forget_undiscovered"]) for r in same)[0]
+        known = [(t, v, e if math.isfinite(e) else 0.0) for t, v, e in curves[key[2]]]
+        low, high = reading_band(known, loss, log_tokens=True)
+        results[key].band = (low.scaled(1 / undiscovered), high.scaled(1 / undiscovered))
     return curves, results, problems
 
 
-def _leakage_cell(values: list[Bounded]) -> str:
-    if not values:
+def _leakage_cell(result: Leakages | None) -> str:
+    if result is None or not result.seeds:
         return "–"
+    values = result.seeds
     if any(v.bound for v in values):
-        return ", ".join(str(v) for v in values)
-    mean, std, n = mean_std(v.value for v in values)
-    return f"{mean:.3g}" if n == 1 else f"{mean:.3g} ± {std:.2g}"
+        text = ", ".join(str(v) for v in values)
+    else:
+        mean, std, n = mean_std(v.value for v in values)
+        text = f"{mean:.3g}" if n == 1 else f"{mean:.3g} ± {std:.2g}"
+    return text + (f" [{result.band[0]}, {result.band[1]}]" if result.band else "")
 
 
 def _leakage(rows: list[dict], out: Path) -> str:
     curves, results, problems = run_leakage(rows)
     text = ["## Leakage",
-            "Equivalent forget tokens per undiscovered forget token the run trained on. The curve of each size: "
-            "the standard models (`none` on all or a capped share of the forget documents, `oracle` at zero "
-            "forget tokens; runs without a variant), forget tokens trained on vs live forget loss, means over "
-            "seeds. A run's uncalibrated forget loss (ablated for methods with an active strategy, live for "
-            "filters) is read off the curve by linear interpolation between the two points around it, in "
-            "linear token space (the paper's choice). `<x`/`>x`: the loss lies outside the curve, so only a "
-            "bound is known. A filter's leakage is 1 by definition; its measured value checks the curve."]
+            "Equivalent forget tokens per undiscovered forget token the run trained on (forget documents the "
+            "labels missed: U, or R where the classifier scored them retain). The curve of each size: the standard "
+            "models (`none` on all or a capped share of the forget documents, `oracle` at zero forget tokens; runs "
+            "without a variant), forget tokens trained on vs live forget loss, means over seeds with their standard "
+            "errors. A run's uncalibrated forget loss (ablated for methods with an active strategy, live for "
+            "filters) is read off the curve between the two points around it, linearly in log tokens (linearly "
+            "in tokens from the point at zero). `<x`/`>x`: the loss lies outside the curve, so only a bound is "
+            "known. Cells: mean ± std over seeds, then in brackets the reading of the seeds' mean loss on the "
+            "curve moved down and up by its standard errors (the range the curve's own noise allows). A filter's "
+            "leakage is 1 by definition; its measured value checks the instrument."]
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    curve_lines = [[size, f"{tokens:,.0f}", f"{loss:.4f}"] for size in sizes for tokens, loss in curves.get(size, [])]
-    text.append(_table(["size", "forget tokens", "forget loss"], curve_lines) if curve_lines else
+    curve_lines = [[size, f"{tokens:,.0f}", f"{loss:.4f}", f"{sem:.4f}" if math.isfinite(sem) else "– (1 seed)"]
+                   for size in sizes for tokens, loss, sem in curves.get(size, [])]
+    text.append(_table(["size", "forget tokens", "forget loss", "std error"], curve_lines) if curve_lines else
                 "No leakage curve: no `none`/`oracle` run without a variant has `train_tokens` in summary.json.")
+    for size in sizes:
+        flat = unresolved_segments(curves.get(size, []))
+        if flat:
+            text.append(f"**{size}: the curve does not resolve** " + ", ".join(
+                f"{t0:,.0f}–{t1:,.0f}" for t0, t1 in flat) + " forget tokens (the loss falls by no more than the "
+                "two points' standard errors together, or a point has one seed): readings there say little; more "
+                "seeds or a larger budget.")
     if results:
         keys = list(dict.fromkeys(key[:2] for key in results))
-        lines = [[name, f"{rate:g}", *(_leakage_cell(results.get((name, rate, size), [])) for size in sizes)]
+        lines = [[name, f"{rate:g}", *(_leakage_cell(results.get((name, rate, size))) for size in sizes)]
                  for name, rate in keys]
         text.append(_table(["method", "undiscovered", *sizes], lines))
-        plot = _plot_leakage(rows, results, keys, sizes, out / "leakage_vs_size.png")
+        plot = _plot_leakage(rows, {key: r.seeds for key, r in results.items()}, keys, sizes,
+                             out / "leakage_vs_size.png")
         text.append(f"![leakage vs size]({plot.name})")
     for problem, runs in problems.items():
         text.append(f"Not computed ({problem}): " + ", ".join(f"`{r}`" for r in runs))

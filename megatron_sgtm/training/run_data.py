@@ -112,14 +112,16 @@ TOKEN_GROUPS = ("forget", "forget_undiscovered", "forget_labelled", "retain", "a
 class TokenCounts:
     """Tokens the run trained on per document group (summary.json's ``train_tokens``), counted exactly: each step's
     loss-bearing positions (``loss_mask > 0``) by the document they belong to (``doc_ids``). ``forget`` is the
-    ground-truth forget categories, ``forget_undiscovered`` / ``forget_labelled`` those of its documents labelled
-    U / F; ``retain`` and ``adjacent`` their categories; ``total`` every one. Each rank counts the micro-batches it
+    ground-truth forget categories, ``forget_labelled`` those of its documents labelled F and ``forget_undiscovered``
+    the others, the ones the labels missed (U, or R where the classifier scored them as retain: the weak filter
+    keeps both, SGTM confines neither to the forget partition); ``retain`` and ``adjacent`` their categories;
+    ``total`` every one. Each rank counts the micro-batches it
     trains on; `totals` sums them over the data-parallel group (the other ranks of a DP rank hold the same ones)."""
 
     def __init__(self, cfg: TrainConfig, data: RunData, saved: dict | None = None):
         corpus, labels = data.corpus, data.doc_labels
         forget = corpus.category_mask(cfg.data.labeling.forget_categories)
-        members = (forget, forget & (labels == TokenLabel.UNLABELED), forget & (labels == TokenLabel.FORGET),
+        members = (forget, forget & (labels != TokenLabel.FORGET), forget & (labels == TokenLabel.FORGET),
                    corpus.category_mask(cfg.data.retain_categories), corpus.category_mask(cfg.data.adjacent_categories),
                    np.ones(corpus.num_docs, dtype=bool))
         self._flags = sum(m.astype(np.uint8) << i for i, m in enumerate(members))  # bit i: the document is in group i

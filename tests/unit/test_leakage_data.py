@@ -12,7 +12,7 @@ from megatron_sgtm.data.build import build_shards
 from megatron_sgtm.data.synthetic import generate
 from megatron_sgtm.data.tokenizer import train_bpe
 from megatron_sgtm.training.config import from_dict
-from megatron_sgtm.training.run_data import TokenCounts, load_data, training_sampler
+from megatron_sgtm.training.run_data import RunData, TokenCounts, load_data, training_documents, training_sampler
 from tests.support.train_fixtures import tiny_config
 
 
@@ -23,9 +23,17 @@ def shards(tmp_path_factory):
     return out
 
 
-def _cfg(shards, fraction: float, seed: int = 1234, **data):
+def _cfg(shards, fraction: float, seed: int = 1234, method: str = "sgtm", **data):
     return from_dict(tiny_config(shards, shards.parent / "run", data={"forget_keep_fraction": fraction, **data},
-                                 train={"seed": seed}))
+                                 train={"seed": seed}, method=method))
+
+
+def _one_epoch(cfg, data: RunData) -> dict[str, int]:
+    counts = TokenCounts(cfg, data)
+    sampler = training_sampler(cfg, data, 0, 1)
+    for _ in range(sampler.steps_per_epoch()):
+        counts.add([next(sampler) for _ in range(sampler.num_micro_batches)])
+    return counts.local()
 
 
 def test_forget_keep_fraction_keeps_a_seeded_share_of_the_forget_training_documents(shards):
@@ -42,10 +50,7 @@ def test_forget_keep_fraction_keeps_a_seeded_share_of_the_forget_training_docume
 def test_train_tokens_of_one_epoch_are_every_training_documents_loss_positions(shards):
     cfg = _cfg(shards, 1.0, undiscovered_rate=0.5)
     data = load_data(cfg)
-    counts = TokenCounts(cfg, data)
-    sampler = training_sampler(cfg, data, 0, 1)
-    for _ in range(sampler.steps_per_epoch()):
-        counts.add([next(sampler) for _ in range(sampler.num_micro_batches)])
+    counts = _one_epoch(cfg, data)
     docs = data.train_docs
     loss_positions = data.corpus.lengths[docs] - 1  # the last token's target is the next document's first
 
@@ -54,13 +59,34 @@ def test_train_tokens_of_one_epoch_are_every_training_documents_loss_positions(s
 
     forget = data.corpus.category_mask(["spanish"])
     expected = {
-        "forget": tokens(forget), "forget_undiscovered": tokens(forget & (data.doc_labels == TokenLabel.UNLABELED)),
+        "forget": tokens(forget), "forget_undiscovered": tokens(forget & (data.doc_labels != TokenLabel.FORGET)),
         "forget_labelled": tokens(forget & (data.doc_labels == TokenLabel.FORGET)),
         "retain": tokens(data.corpus.category_mask(["english"])),
         "adjacent": tokens(data.corpus.category_mask(["italian"])), "total": int(loss_positions.sum()),
     }
-    assert counts.local() == expected
+    assert counts == expected
     assert 0 < expected["forget_undiscovered"] < expected["forget"]
+
+
+def test_the_weak_filters_forget_tokens_are_all_undiscovered_ones_even_those_the_classifier_scored_retain(shards):
+    """The leakage of the weak filter is 1 by definition only if its denominator, `forget_undiscovered`, counts
+    every forget token it trains on: forget documents labelled U *and* those labelled R (a classifier's misses
+    drawn into the retain set), which the filter keeps as well."""
+    cfg = _cfg(shards, 1.0, method="weak_filter", undiscovered_rate=0.3)
+    data = load_data(cfg)
+    corpus = data.corpus
+    forget = corpus.category_mask(["spanish"])
+    labels = data.doc_labels.copy()
+    missed = np.flatnonzero(forget & (labels == TokenLabel.FORGET))[::4]  # as a classifier scoring them retain
+    labels[missed] = TokenLabel.RETAIN
+    pool = np.setdiff1d(np.arange(corpus.num_docs), data.heldout_docs)
+    data = RunData(corpus, labels, training_documents(cfg, corpus, labels, pool), data.heldout_docs)
+    counts = _one_epoch(cfg, data)
+    kept = pool[forget[pool] & (labels[pool] != TokenLabel.FORGET)]  # by hand: the forget documents not labelled F
+    assert np.isin(missed, data.heldout_docs).sum() < len(missed) and set(kept) == set(
+        data.train_docs[forget[data.train_docs]])
+    assert counts["forget_undiscovered"] == counts["forget"] == int((corpus.lengths[kept] - 1).sum()) > 0
+    assert counts["forget_labelled"] == 0
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.5])

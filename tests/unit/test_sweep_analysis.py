@@ -14,7 +14,9 @@ from megatron_sgtm.sweep.analysis import (
     fit_power_law,
     leakage,
     mean_std,
+    reading_band,
     training_compute,
+    unresolved_segments,
 )
 
 
@@ -68,6 +70,37 @@ def test_interpolation_is_linear_in_tokens_between_the_two_points_around_the_los
     assert equivalent_tokens(curve, 4.0).value == pytest.approx(50_500)
     shuffled = [(1e5, 3.0), (1e3, 5.0), (1e4, 4.0)]
     assert equivalent_tokens(shuffled, 3.5).value == pytest.approx(55_000)
+
+
+def test_log_token_interpolation_recovers_a_loss_linear_in_log_tokens():
+    # loss = 6 - 0.5 ln(t): exactly linear in log tokens, so the log reading is exact between points far apart
+    # where the linear reading is not (at loss 6 - 0.5 ln(3e4) the linear one says 1e3 + 99e3 * share).
+    curve = [(0.0, 6.5), *((t, 6 - 0.5 * math.log(t)) for t in (1e3, 1e4, 1e5))]
+    loss = 6 - 0.5 * math.log(3e4)
+    assert equivalent_tokens(curve, loss, log_tokens=True).value == pytest.approx(3e4, rel=1e-9)
+    share = (loss - curve[2][1]) / (curve[3][1] - curve[2][1])  # on the segment 1e4 .. 1e5
+    assert equivalent_tokens(curve, loss).value == pytest.approx(1e4 + 9e4 * share)
+    assert equivalent_tokens(curve, loss).value > 3e4 * 1.2  # linear overstates inside a convex segment
+    # a segment from 0 tokens has no log: it stays linear (halfway in loss is halfway in tokens)
+    assert equivalent_tokens(curve, (6.5 + curve[1][1]) / 2, log_tokens=True).value == pytest.approx(500)
+    assert leakage(curve, loss, 6e4, log_tokens=True).value == pytest.approx(0.5)
+
+
+def test_the_reading_band_is_the_reading_on_the_curve_moved_by_its_standard_errors():
+    # Linear curve 4.0 -> 2.0 over 1e6 tokens, every point's standard error 0.1 nat: the loss 3.0 reads 5e5
+    # tokens on the curve, 4.5e5 on the curve 0.1 lower (it reaches 3.0 sooner) and 5.5e5 on the one 0.1 higher.
+    curve = [(t, v, 0.1) for t, v in LINEAR]
+    assert reading_band(curve, 3.0) == (Bounded(pytest.approx(4.5e5)), Bounded(pytest.approx(5.5e5)))
+    assert reading_band(curve, 3.95)[0] == Bounded(0.0, "<")  # above the lowered curve's start: only a bound
+    assert unresolved_segments(curve) == []
+    flat = [(0.0, 4.0, 0.05), (1e5, 3.92, 0.05), (2e5, 3.0, 0.05)]  # first drop 0.08 < 0.05 + 0.05
+    assert unresolved_segments(flat) == [(0.0, 1e5)]
+    assert reading_band([(0.0, 4.0, 0.2), (1e5, 3.7, 0.2)], 3.85) == (Bounded(0.0, "<"), Bounded(1e5, ">"))
+    # a point of one seed has no standard error (NaN): nothing next to it is resolved
+    single = [(0.0, 4.0, 0.05), (1e5, 3.0, math.nan), (2e5, 2.0, 0.05)]
+    assert unresolved_segments(single) == [(0.0, 1e5), (1e5, 2e5)]
+    # moved up by its errors this curve no longer falls (4.0 -> 4.1): only "more than its most tokens" is known
+    assert reading_band([(0.0, 4.0, 0.0), (1e5, 3.9, 0.2)], 3.95)[1] == Bounded(1e5, ">")
 
 
 def test_outside_the_curve_only_a_bound_is_known():
