@@ -1,7 +1,7 @@
 """Resume across layouts, processes and signals, on both engines.
 
 Elastic (megatron): a DP=2 run checkpoints every 2 of 6 steps; its step-2 checkpoint resumes at DP=1, whose step-4
-checkpoint resumes at DP=4. Elastic (DeepSpeed ZeRO-2): the same DP=2 run's step-2 checkpoint resumes at DP=1 through
+checkpoint resumes at DP=4. Elastic (DeepSpeed ZeRO-2): the same DP=2 run's step-4 checkpoint resumes at DP=1 through
 DeepSpeed's universal checkpoint, converted on the fly. The global stream is counted in global steps, so each step
 delivers the same documents as the uninterrupted run (every token once), the losses continue it (within fp32
 round-off, as the DP reduction order changes), and `train_tokens` (summary.json) is the uninterrupted run's exactly.
@@ -62,10 +62,11 @@ def elastic(data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def deepspeed_elastic(data, tmp_path_factory) -> dict:
-    """ZeRO-2 at DP=2 for 6 steps; its step-2 checkpoint resumed at DP=1 (universal checkpoint) to step 6."""
+    """ZeRO-2 at DP=2 for 6 steps; its step-4 checkpoint (after a step that froze Θ_R, so the per-region step
+    counters differ) resumed at DP=1 (universal checkpoint) to step 6."""
     tmp = tmp_path_factory.mktemp("deepspeed_elastic")
     dp2 = _run(data, tmp, 2, "dp2", {"dir": str(tmp / "ckpt_dp2")}, parallel=DEEPSPEED)
-    dp1 = _run(data, tmp, 1, "dp1", {"dir": str(tmp / "ckpt_dp1"), "resume": str(tmp / "ckpt_dp2" / "iter_0000002")},
+    dp1 = _run(data, tmp, 1, "dp1", {"dir": str(tmp / "ckpt_dp1"), "resume": str(tmp / "ckpt_dp2" / "iter_0000004")},
                parallel=DEEPSPEED)
     return {**dp2, **dp1, "tmp": tmp}
 
@@ -126,16 +127,18 @@ def test_deepspeed_resumes_at_another_dp_size_through_a_universal_checkpoint(dee
     per-region Adam step counters carried over: at the end both runs' counters are [steps, steps - steps that froze
     Θ_R, steps - steps that froze Θ_F] by the loop's own count of gated steps (meta.json)."""
     results, tmp = deepspeed_elastic, deepspeed_elastic["tmp"]
-    assert (tmp / "ckpt_dp2" / "iter_0000002" / "deepspeed_universal" / "zero").is_dir()  # converted, then loaded
-    assert_same_stream(results, [("dp2", range(0, 2)), ("dp1", range(2, 6))])
-    assert_losses_continue(results, "dp2", {"dp1": 2})
+    resumed_from = tmp / "ckpt_dp2" / "iter_0000004"
+    assert (resumed_from / "deepspeed_universal" / "zero").is_dir()  # converted, then loaded
+    gated = json.loads((resumed_from / "meta.json").read_text())["gated"]
+    assert gated["retain"] + gated["forget"] > 0, "no step froze a region before the resume: counters all equal"
+    assert_same_stream(results, [("dp2", range(0, 4)), ("dp1", range(4, 6))])
+    assert_losses_continue(results, "dp2", {"dp1": 4})
     assert results["dp1/train_tokens"].tolist() == results["dp2/train_tokens"].tolist()
     for run in ("dp2", "dp1"):
         final = tmp / f"ckpt_{run}" / "iter_0000006"
         gated = json.loads((final / "meta.json").read_text())["gated"]
         expected = [6, 6 - gated["retain"], 6 - gated["forget"]]
         assert _sgtm_steps(final) == [expected] * len(_sgtm_steps(final)), run
-    assert gated["retain"] + gated["forget"] > 0, "no step was gated: the counters would agree without the regions"
 
 
 # -- Signals: a stop is not a success ----------------------------------------------------------------------
