@@ -191,7 +191,7 @@ def train(cfg: TrainConfig) -> dict:
             log.evaluation(step, evaluate(engine, cfg, data))
         if root and not bad_steps and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             save()
-        if received := signals.any_rank():
+        if step < total and (received := signals.any_rank()):  # at the last step the run finishes (exit 0)
             saved = save() if root and not bad_steps else None
             stopped = {"signal": received, "step": step, "checkpoint": str(saved) if saved else None}
             log.console(f"stopping at step {step} on a signal ({received}); exit status {STOPPED_EXIT_STATUS}")
