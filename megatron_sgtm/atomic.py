@@ -5,6 +5,7 @@ A failed run leaves at most ``OUT.partial``, which nothing mistakes for a finish
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,6 +16,13 @@ from pathlib import Path
 def partial_dir(out: Path) -> Path:
     out = Path(out).resolve()
     return out.with_name(out.name + ".partial")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as JSON at `path`, replacing it in one step: a reader sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def publish(work: Path, out: Path) -> None:

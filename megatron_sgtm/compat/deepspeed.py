@@ -1,5 +1,6 @@
-"""DeepSpeed 0.19 patches: no CPU shm op build, weights-only checkpoint reads, ZeRO-1/2 state re-linking, and the
-layout of ZeRO's flat fp32 partitions (where step gating finds each parameter's elements).
+"""DeepSpeed 0.19 patches: no CPU shm op build, weights-only checkpoint reads, universal-checkpoint conversion and
+loading, ZeRO-1/2 state re-linking, and the layout of ZeRO's flat fp32 partitions (where step gating finds each
+parameter's elements).
 
 ZeRO-1/2 (`stage_1_and_2.py`): per param group, the parameters in `round_robin_bit16_groups[i]` order at
 `round_robin_bit16_offsets[i]` in a flat buffer of `bit16_groups_flat[i].numel()` elements (alignment padding at
@@ -12,9 +13,14 @@ partition: elements [r*ps, (r+1)*ps) of the flattened parameter padded to a mult
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import io
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -86,6 +92,49 @@ def weights_only_torch_load() -> Iterator[None]:
         yield
     finally:
         torch.load = original
+
+
+def to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's own `ds_to_universal` conversion of the ZeRO-1/2 checkpoint `checkpoint` (a tag directory) into
+    `out`, in this process (one worker: no process pool next to a live process group), its loads weights-only.
+    Checkpoints saved without universal-checkpoint info get DeepSpeed's default one (`--inject_missing_state`),
+    which is complete for TP=1. The converter writes every module-state entry without a ZeRO fragment as a
+    parameter and fails on megatron-core's ``_extra_state`` entries (None): it reads model states without them
+    (the optimizer files linked), and `out` gets the original model states, which the engine loads."""
+    require("deepspeed", KNOWN, "to_universal")
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".universal_input_") as tmp, weights_only_torch_load():
+        source = Path(tmp)
+        for file in checkpoint.iterdir():
+            if file.name.endswith("model_states.pt"):
+                state = torch.load(file, map_location="cpu")
+                state["module"] = {k: v for k, v in state["module"].items() if v is not None}
+                torch.save(state, source / file.name)
+            else:
+                (source / file.name).symlink_to(file.resolve())
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress bars
+            convert(args)
+    for file in checkpoint.glob("*model_states.pt"):
+        shutil.copy2(file, out / file.name)
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # written next to `out`; we load by tag
+
+
+@contextlib.contextmanager
+def universal_loads(ds_engine) -> Iterator[None]:
+    """`load_checkpoint` reads a universal checkpoint, as with ``"checkpoint": {"load_universal": true}`` in
+    the config, for this load only (the engine was configured before it knew what it resumes from)."""
+    require("deepspeed", KNOWN, "universal_loads")
+    config = ds_engine._config
+    saved = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        with weights_only_torch_load():
+            yield
+    finally:
+        config.load_universal_checkpoint = saved
 
 
 def relink_optimizer_states(zero) -> None:

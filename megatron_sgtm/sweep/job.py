@@ -2,9 +2,9 @@
 ``checkpoint.resume=auto``, and a status line for the batch script.
 
 Only the trainer knows whether it reached ``train.train_steps`` or stopped early on SIGUSR1/SIGTERM
-(after saving a checkpoint), so rank 0 writes ``finished`` or ``stopped`` to ``$SGTM_STATUS_FILE``;
-the batch script requeues the job only for ``stopped``. A run whose ``summary.json`` exists is
-skipped, so a requeued or resubmitted finished run costs nothing.
+(after saving a checkpoint), so rank 0 writes ``finished`` or ``stopped`` to ``$SGTM_STATUS_FILE``, and a
+stopped run exits with status 75 (as `megatron-sgtm train`); the batch script requeues the job only for
+``stopped``. A run whose ``summary.json`` exists is skipped, so a requeued or resubmitted finished run costs nothing.
 
     python -m megatron_sgtm.sweep.job CONFIG [--section.key=value ...]
 """
@@ -34,19 +34,19 @@ def main(argv: list[str]) -> int:
         cfg = load_config(argv[0], [*argv[1:], "checkpoint.resume=auto"])
         if not cfg.checkpoint.dir:
             raise ConfigError("checkpoint.dir is required under SLURM: a preempted or requeued job resumes from it")
+        from megatron_sgtm.training.loop import STOPPED_EXIT_STATUS, train
+
         if (Path(cfg.logging.run_dir) / "summary.json").is_file():
             print(f"[sgtm] {cfg.logging.run_dir} already finished; nothing to do", file=sys.stderr)
-            finished = True
+            stopped = False
         else:
-            from megatron_sgtm.training.loop import train
-
-            finished = train(cfg)["step"] >= cfg.train.train_steps
+            stopped = "stopped" in train(cfg)
     except (UserError, OSError) as err:  # as `megatron-sgtm train` reports them
         return report(err, "train", debug)
     status = os.environ.get(STATUS_ENV)
     if status and is_first_rank():
-        Path(status).write_text("finished\n" if finished else "stopped\n")
-    return 0
+        Path(status).write_text("stopped\n" if stopped else "finished\n")
+    return STOPPED_EXIT_STATUS if stopped else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_sgtm.atomic import building, partial_dir, publish
+from megatron_sgtm.atomic import building, partial_dir, publish, write_json
 from megatron_sgtm.data.shards import Manifest, sha256_file
 from megatron_sgtm.errors import UserError, is_first_rank
 from megatron_sgtm.training.disk import disk_full, free_bytes, human
@@ -99,12 +98,6 @@ def resolve_resume(resume: str | None, root: Path | None) -> Path | None:
     return path
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict:
     """Torch RNG (dropout, init); the data order is a pure function of the sampler state."""
     state = {"torch": torch.get_rng_state()}
@@ -167,10 +160,10 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
         dist.broadcast_object_list(files, src=0)  # one listing: a shared filesystem may show ranks different ones
         checksums = _checksums(partial, files[0])
         if rank == 0:
-            _write_json_atomic(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
-                                                CHECKSUMS: checksums})
+            write_json(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
+                                        CHECKSUMS: checksums})
             publish(partial, final)
-            _write_json_atomic(root / LATEST, {"step": step, "path": final.name})
+            write_json(root / LATEST, {"step": step, "path": final.name})
     except (Exception, CheckpointException) as err:  # torch's CheckpointException (a BaseException) wraps the rest
         if disk_full(err, partial):
             kept = complete_checkpoints(root)
@@ -179,6 +172,7 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
                 f"{kept[-1].name if kept else 'no checkpoint'} is the newest complete one there (free space, remove "
                 f"{partial.name}, then continue with checkpoint.resume=auto)") from err
         raise
+    if rank == 0:
         for old in complete_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -307,7 +301,7 @@ def write_model_only(out: Path, state: dict[str, torch.Tensor], meta: dict, file
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial / MODEL_FILE))
         for file in files:
             shutil.copyfile(file, partial / file.name)
-        _write_json_atomic(partial / META, {**meta, "engine": "model-only", CHECKSUMS: _hash(partial, _files(partial))})
+        write_json(partial / META, {**meta, "engine": "model-only", CHECKSUMS: _hash(partial, _files(partial))})
     return out
 
 

@@ -10,12 +10,13 @@ def train(args: argparse.Namespace) -> int:
     from megatron_sgtm.training.config import load_config  # imports megatron: only when used
 
     cfg = load_config(args.config, args.overrides)
+    from megatron_sgtm.training.loop import STOPPED_EXIT_STATUS
     from megatron_sgtm.training.loop import train as run
 
     final = run(cfg)
     if args.print_summary:
         print(json.dumps({k: v for k, v in final.items() if k != "train_losses"}))
-    return 0
+    return STOPPED_EXIT_STATUS if "stopped" in final else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

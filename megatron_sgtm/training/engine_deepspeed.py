@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_sgtm.compat.deepspeed import skip_cpu_shm_comm_build, weights_only_loads
+from megatron_sgtm.atomic import building
+from megatron_sgtm.compat.deepspeed import skip_cpu_shm_comm_build, to_universal, universal_loads, weights_only_loads
 from megatron_sgtm.core.gating import Gate, ZeroSGTMAdamW
 from megatron_sgtm.core.optimizer_hooks import install_step_gating, set_step_gate
 from megatron_sgtm.core.partition import Partition
@@ -29,6 +31,7 @@ from megatron_sgtm.training.config import TrainConfig
 from megatron_sgtm.training.engine import Engine
 
 CHECKPOINT_TAG = "deepspeed"
+UNIVERSAL_TAG = "deepspeed_universal"  # its universal conversion, made in the checkpoint on resume at another DP size
 
 
 class _MegatronMPU:
@@ -94,21 +97,28 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool, dp_size: int) -> dict:
     }
 
 
+def saved_layout(meta: dict) -> tuple[int, int, int]:
+    """(data-parallel size, TP size, ZeRO stage) a DeepSpeed checkpoint was saved at, from its meta.json."""
+    par = meta["config"]["parallel"]
+    tp = par["tensor_model_parallel_size"]
+    return meta["world_size"] // (tp * par["pipeline_model_parallel_size"]), tp, par["zero_stage"]
+
+
 def check_resume_layout(path: Path, meta: dict, dp_size: int, tp_size: int) -> None:
-    """DeepSpeed 0.19 loads ZeRO optimizer state only at the DP size it was saved at (another one needs
-    an offline conversion to its universal format), and model states per TP rank: refuse any other
-    layout by the checkpoint's meta.json, before DeepSpeed is started."""
+    """Refuse, by the checkpoint's meta.json and before DeepSpeed is started, a layout DeepSpeed 0.19 cannot
+    continue: model states are per TP rank, so only the saved TP size; another data-parallel size only through
+    DeepSpeed's universal checkpoint (`load`), which we convert to for ZeRO-1/2 at TP=1 (its TP reshaping needs
+    parameter patterns megatron-core's layers do not declare, and ZeRO-3's conversion is not tested here)."""
     from megatron_sgtm.training.checkpoint import CheckpointError
 
-    par = meta["config"]["parallel"]
-    saved_tp = par["tensor_model_parallel_size"]
-    saved_dp = meta["world_size"] // (saved_tp * par["pipeline_model_parallel_size"])
     if meta.get("engine") != "deepspeed":
         raise CheckpointError(f"{path}: a {meta.get('engine')} engine checkpoint; engine=deepspeed resumes only "
                               "its own checkpoints")
-    if (saved_dp, saved_tp) != (dp_size, tp_size):
-        raise CheckpointError(f"{path}: saved by engine=deepspeed at data-parallel size {saved_dp} (TP {saved_tp}); "
-                              f"it resumes only at that layout, not at data-parallel size {dp_size} (TP {tp_size}) "
+    saved_dp, saved_tp, stage = saved_layout(meta)
+    if saved_tp != tp_size or (saved_dp != dp_size and (tp_size != 1 or stage not in (1, 2))):
+        raise CheckpointError(f"{path}: saved by engine=deepspeed at data-parallel size {saved_dp} (TP {saved_tp}, "
+                              f"ZeRO-{stage}); it resumes at another data-parallel size only with TP 1 and ZeRO-1/2, "
+                              f"and never at another TP size, so not at data-parallel size {dp_size} (TP {tp_size}) "
                               "(engine=megatron checkpoints resume at any layout)")
 
 
@@ -205,14 +215,32 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
 
     def load(self, directory: str) -> None:
-        with weights_only_loads(self.engine):
-            path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+        """At the saved data-parallel size DeepSpeed's own checkpoint; at another one its universal form (ZeRO
+        states merged per parameter, re-partitioned on load), converted once into ``UNIVERSAL_TAG`` next to it."""
+        saved_dp = saved_layout(json.loads((Path(directory) / "meta.json").read_text()))[0]
+        tag, loads = CHECKPOINT_TAG, weights_only_loads(self.engine)
+        if saved_dp != self.dp_size:
+            tag, loads = UNIVERSAL_TAG, universal_loads(self.engine)
+            self._convert_to_universal(Path(directory), saved_dp)
+        with loads:
+            path, _ = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {tag!r}")
         for group in self.optimizer.param_groups:  # the saved groups replace ours; older ones lack wd_mult
             group.setdefault("wd_mult", 1.0 if group["weight_decay"] else 0.0)
         install_step_gating(self.engine, self.model)
+
+    def _convert_to_universal(self, directory: Path, saved_dp: int) -> None:
+        """Rank 0 converts (unless done before: the conversion is kept, published whole), the others wait."""
+        out = directory / UNIVERSAL_TAG
+        if dist.get_rank() == 0 and not out.is_dir():
+            print(f"converting {directory / CHECKPOINT_TAG} (data-parallel size {saved_dp}) "
+                  f"to DeepSpeed's universal checkpoint {out} to resume at data-parallel size {self.dp_size}",
+                  file=sys.stderr, flush=True)
+            with building(out) as work:
+                to_universal(directory / CHECKPOINT_TAG, work)
+        dist.barrier()
 
     def shutdown(self) -> None:
         self.engine.destroy()

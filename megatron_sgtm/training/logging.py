@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_sgtm.atomic import write_json
 from megatron_sgtm.training.config import TrainConfig
 
 METRICS = "metrics.jsonl"  # one JSON record per line: {"kind": "train" | "eval", "step": ..., values}
@@ -148,6 +149,12 @@ class RunLogger:
         (self.run_dir / "summary.json").write_text(json.dumps(values, indent=2))
         if self.wandb is not None:
             self.wandb.summary.update(values)
+
+    def status(self, values: dict) -> None:
+        """status.json in the run directory, replaced atomically: ``running``, ``finished``, or ``stopped`` (on a
+        signal, after saving) with the signal, the step and the checkpoint a restart continues from."""
+        if self.enabled:
+            write_json(self.run_dir / "status.json", {**values, "time": time.time()})
 
     def close(self) -> None:
         if self.enabled:

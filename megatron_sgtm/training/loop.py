@@ -45,19 +45,27 @@ def _any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+# The exit status of a run stopped by a signal after saving: sysexits.h's EX_TEMPFAIL ("temporary failure, try
+# again later"), so a launcher or workflow engine sees an unfinished run (not success) that a restart continues.
+STOPPED_EXIT_STATUS = 75
+
+
 class _Signals:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask for a checkpoint and exit."""
 
     def __init__(self):
-        self.requested = False
+        self.received = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
-        self.requested = True
+        self.received = signum
 
-    def any_rank(self) -> bool:
-        return _any_rank(self.requested)
+    def any_rank(self) -> str | None:
+        """The name of a signal one of the ranks received (the same on every rank), or None."""
+        value = torch.tensor([float(self.received)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(value.item())).name if value.item() else None
 
 
 def _non_finite(cfg: TrainConfig, metrics: dict) -> bool:
@@ -151,16 +159,19 @@ def train(cfg: TrainConfig) -> dict:
     signals = _Signals()
     total = cfg.train.train_steps
     log.console(f"training {cfg.method} ({cfg.parallel.engine} engine, world {world}) for {total} steps")
+    log.status({"state": "running", "step": step})
 
-    def save() -> None:
+    def save() -> Path:
         meta = {"gated": gated, "sampler": sampler.state_dict(), "scheduler": engine.scheduler_state(),
                 "partition": engine.partition.to_dict(), "method": cfg.method, "config": cfg.to_dict(),
                 "engine": engine.name, "identity": identity, "train_tokens": tokens.totals(engine),
                 checkpoint.WANDB_RUN_ID: log.wandb_id}
         path = checkpoint.save(engine, root, step, meta, cfg.checkpoint.keep_last)
         log.console(f"saved checkpoint {path}")
+        return path
 
     losses: list[float] = []
+    stopped: dict | None = None  # the signal and step of a stop before train.train_steps
     bad_steps = 0  # consecutive steps with a non-finite loss or grad norm: no checkpoint of such a state
     while step < total:
         batches = [next(sampler) for _ in range(sampler.num_micro_batches)]
@@ -182,10 +193,10 @@ def train(cfg: TrainConfig) -> dict:
             log.evaluation(step, evaluate(engine, cfg, data))
         if root and not bad_steps and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             save()
-        if signals.any_rank():
-            if root and not bad_steps:
-                save()
-            log.console(f"stopping at step {step} on a signal")
+        if step < total and (received := signals.any_rank()):  # at the last step the run finishes (exit 0)
+            saved = save() if root and not bad_steps else None
+            stopped = {"signal": received, "step": step, "checkpoint": str(saved) if saved else None}
+            log.console(f"stopping at step {step} on a signal ({received}); exit status {STOPPED_EXIT_STATUS}")
             break
     final = {"step": step, "train_losses": losses, "gated": gated, "train_tokens": tokens.totals(engine)}
     if step >= total:
@@ -195,6 +206,11 @@ def train(cfg: TrainConfig) -> dict:
         log.evaluation(step, evaluation_metrics(final))
         log.summary({k: v for k, v in final.items() if k != "train_losses"} | {
             "method": cfg.method, "time_s": time.time() - log.start})
+        log.status({"state": "finished", "step": step})
+    if stopped is not None:
+        final["stopped"] = stopped
+        log.status({"state": "stopped", **stopped})
     log.close()
+    dist.barrier()  # no rank exits before all are done: a stopped rank's non-zero exit makes srun/torchrun end the rest
     engine.shutdown()
     return final

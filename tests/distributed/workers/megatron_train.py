@@ -3,7 +3,8 @@
 argv: OUT_DIR SPEC_JSON. The spec holds ``gating`` (a config for the DP=2 step-gating check, or null;
 ``gating_bf16`` the same check of a bf16 config, its results under ``bf16/``),
 ``runs`` (name -> config dict for `megatron_sgtm.training.loop.train`) and ``record_docs`` (record the
-documents each run's sampler delivers, as ``<name>/docs``). Rank 0 saves results.
+documents each run's sampler delivers, as ``<name>/docs``; each run's losses, evaluation and `train_tokens` (in
+`TOKEN_GROUPS` order) are saved too). Rank 0 saves results.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from megatron_sgtm.layout import gather_global  # noqa: E402
 from megatron_sgtm.training.config import from_dict  # noqa: E402
 from megatron_sgtm.training.engine_megatron import MegatronEngine  # noqa: E402
 from megatron_sgtm.training.loop import evaluation_metrics, train  # noqa: E402
+from megatron_sgtm.training.run_data import TOKEN_GROUPS  # noqa: E402
 
 UNLABELED, RETAIN, FORGET = TokenLabel
 
@@ -165,6 +167,7 @@ def main(out_dir: str, spec_json: str) -> None:
         if docs:
             results[f"{name}/docs"] = torch.cat(docs)
         results[f"{name}/losses"] = torch.tensor(final["train_losses"], dtype=torch.float64)
+        results[f"{name}/train_tokens"] = torch.tensor([final["train_tokens"][g] for g in TOKEN_GROUPS])
         for key, value in evaluation_metrics(final).items():
             results[f"{name}/{key}"] = torch.tensor(value, dtype=torch.float64)
     if dist.get_rank() == 0:
