@@ -186,3 +186,5 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_pa
     assert min(got) >= 5 and max(got) == 8
     for step, loss in got.items():
         assert loss == expected[step], f"step {step}: {loss!r} != {expected[step]!r}"
+    # keep_last=2: the older checkpoints were rotated away by the saves themselves
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("iter_???????")) == ["iter_0000006", "iter_0000008"]
