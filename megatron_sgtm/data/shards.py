@@ -66,6 +66,14 @@ class ShardDoc:
     def id(self) -> str:
         return self.meta["id"]
 
+    @property
+    def num_tokens(self) -> int:
+        return self.meta["num_tokens"]
+
+    @property
+    def category(self) -> str | None:
+        return self.meta.get("category")
+
     def tokens(self) -> np.ndarray:
         return np.load(io.BytesIO(self.tokens_npy), allow_pickle=False)
 
@@ -104,7 +112,7 @@ def tarred(docs: Iterable[ShardDoc]) -> list[TarredDoc]:
     data, start, out = buffer.getvalue(), 0, []
     for doc in docs:
         end = start + sum(BLOCK + len(p) + -len(p) % BLOCK for p in (doc.meta_json, doc.tokens_npy))
-        out.append(TarredDoc(data[start:end], doc.meta["num_tokens"], doc.meta.get("category")))
+        out.append(TarredDoc(data[start:end], doc.num_tokens, doc.category))
         start = end
     return out
 
@@ -199,7 +207,7 @@ class ShardInfo:
     sha256: str = ""
     categories: dict[str, int] = field(default_factory=dict)
 
-    def add(self, doc: TarredDoc) -> None:
+    def add(self, doc: ShardDoc | TarredDoc) -> None:
         self.num_docs += 1
         self.num_tokens += doc.num_tokens
         if doc.category is not None:
