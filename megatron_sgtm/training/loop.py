@@ -106,6 +106,9 @@ def check_resumable(cfg: TrainConfig, data: RunData, path: Path, world: int) -> 
     engine resumes at any TP x PP x DP (its distributed checkpoint reshards)."""
     meta = checkpoint.read_meta(path, verify=cfg.checkpoint.verify, files=False)  # its files: resolve_resume's
     checkpoint.check_identity(path, meta, checkpoint.run_identity(cfg, cfg.sgtm.resolve(cfg.model.dims())))
+    if missing := [key for key in ("step", "sampler", "scheduler", "gated") if key not in meta]:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.META}: no {', '.join(missing)} (not a training "
+                                         "checkpoint's meta.json)")
     par = cfg.parallel
     dp_size = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
     try:
