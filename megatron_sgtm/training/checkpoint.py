@@ -246,7 +246,7 @@ def read_meta(path: Path, *, verify: bool = True, files: bool = True, collective
         raise CheckpointError(f"checkpoint {path}: {META} does not match its SHA-256 in {META_DIGEST} (corrupt or "
                               "edited; a checkpoint's meta.json is not to be changed by hand)")
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_file}: not valid JSON ({err})") from err
     if not isinstance(meta, dict):

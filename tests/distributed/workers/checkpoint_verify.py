@@ -64,6 +64,10 @@ def flip_fc1_bit(checkpoint: Path) -> dict:
 
 def _train_cli(out: Path, name: str, cfg: dict) -> dict:
     """`megatron-sgtm train` of `cfg`; what it returned and said, and what its run directory holds after."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():  # an earlier command in this process read a checkpoint (world of one)
+        ps.destroy_model_parallel()
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = _cli("train", "--config", str(path))
