@@ -51,6 +51,23 @@ def test_a_missing_file_is_named_and_a_checkpoint_without_checksums_still_loads(
     assert checkpoint.load_model_only(model_only)[1]["w"].shape == (8, 8)
 
 
+def test_meta_json_is_checked_against_its_digest_and_the_digest_cannot_just_be_removed(model_only):
+    """meta.json edited (a value a reader acts on) is refused naming it; deleting meta.sha256 as well does not
+    pass for an older checkpoint, since meta.json names its digest file."""
+    meta_file = model_only / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "ablated": True}, indent=2))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_model_only(model_only)
+    assert str(err.value) == (f"checkpoint {model_only}: meta.json does not match its SHA-256 in meta.sha256 "
+                              "(corrupt or edited; a checkpoint's meta.json is not to be changed by hand)")
+    (model_only / "meta.sha256").unlink()
+    with pytest.raises(CheckpointError, match=r"meta.sha256 is missing \(the SHA-256 of its meta.json, which names "
+                                              r"it\)$"):
+        checkpoint.load_model_only(model_only)
+    assert checkpoint.load_model_only(model_only, verify=False)[0]["ablated"]  # checkpoint.verify: false
+
+
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cfg")
