@@ -262,10 +262,10 @@ def read_meta(path: Path, *, verify: bool = True, files: bool = True, collective
         return meta
     stats = _stats(path, names)
     unverified = stats is None or _VERIFIED.get(path.resolve()) != stats
-    if collective:  # every rank hashes, or none: each takes part in the collective
-        flag = torch.tensor([float(unverified)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        unverified = bool(flag.item())
+    if collective:  # every rank hashes, or none: each takes part in the collective (an object: NCCL or gloo)
+        flags: list = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, unverified)
+        unverified = any(flags)
     if unverified:
         check_checksums(path, meta, _checksums(path, names) if collective else _hash(path, names))
         _VERIFIED[path.resolve()] = stats
