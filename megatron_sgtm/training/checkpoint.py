@@ -242,7 +242,8 @@ def read_meta(path: Path, *, verify: bool = True, files: bool = True, collective
         raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META}; a .partial directory is "
                               "a save that did not finish)")
     raw = meta_file.read_bytes()
-    if verify and digest_file.is_file() and hashlib.sha256(raw).hexdigest() != digest_file.read_text().strip():
+    if verify and digest_file.is_file() and \
+            hashlib.sha256(raw).hexdigest().encode() != digest_file.read_bytes().strip():  # bytes: garbage too
         raise CheckpointError(f"checkpoint {path}: {META} does not match its SHA-256 in {META_DIGEST} (corrupt or "
                               "edited; a checkpoint's meta.json is not to be changed by hand)")
     try:
