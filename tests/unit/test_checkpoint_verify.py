@@ -61,6 +61,9 @@ def test_meta_json_is_checked_against_its_digest_and_the_digest_cannot_just_be_r
         checkpoint.load_model_only(model_only)
     assert str(err.value) == (f"checkpoint {model_only}: meta.json does not match its SHA-256 in meta.sha256 "
                               "(corrupt or edited; a checkpoint's meta.json is not to be changed by hand)")
+    (model_only / "meta.sha256").write_bytes(b"\xff\xfe not a digest")
+    with pytest.raises(CheckpointError, match=r"meta.json does not match its SHA-256 in meta.sha256 \(corrupt"):
+        checkpoint.load_model_only(model_only)
     (model_only / "meta.sha256").unlink()
     with pytest.raises(CheckpointError, match=r"meta.sha256 is missing \(the SHA-256 of its meta.json, which names "
                                               r"it\)$"):
