@@ -18,11 +18,16 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """`data` as JSON at `path`, replacing it in one step: a reader sees the old file or the new one."""
+def write_text(path: Path, text: str) -> None:
+    """`text` at `path`, replacing it in one step: a reader sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """`data` as JSON at `path`, replaced in one step (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def publish(work: Path, out: Path) -> None:

@@ -81,7 +81,8 @@ def open_source(path: Path, world: int) -> Source:
         raise SourceError(f"--checkpoint {path}: no such directory")
     if not (path / META).is_file() and (path / "config.json").is_file():
         return _open_hf(path)
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, collective=world > 1)
+    read_meta(path, collective=world > 1)  # checked once, each rank hashing its share; the reads below find it so
     meta = read_model_meta(path)[0]
     kind = meta["engine"]
     if kind == "deepspeed" and world != 1:
@@ -89,7 +90,7 @@ def open_source(path: Path, world: int) -> Source:
                           "torchrun/srun")
     source_meta = meta
     if "identity" not in meta and meta.get("source") and (Path(meta["source"]) / META).is_file():
-        source_meta = read_meta(Path(meta["source"]))  # model-only: its training run's
+        source_meta = read_meta(Path(meta["source"]), files=False)  # model-only: its training run's
     return Source(path, kind, recorded_config(meta), meta.get("method", "none"), meta.get("step"),
                   bool(meta.get("ablated", False)), _tokenizer_id(path, source_meta))
 
@@ -110,7 +111,7 @@ def _open_hf(path: Path) -> Source:
     except (ValueError, KeyError) as err:
         raise SourceError(f"--checkpoint {path}: unsupported HF config ({err})") from err
     origin = Path(manifest.get("source") or "/nonexistent")
-    meta = read_meta(origin) if (origin / META).is_file() else {}
+    meta = read_meta(origin, files=False) if (origin / META).is_file() else {}
     config = recorded_config(meta)
     config["model"] = dataclasses.asdict(model)
     return Source(path, "hf", config, manifest.get("method") or "none", manifest.get("step"),

@@ -6,7 +6,10 @@ partition, config, the run's identity and the SHA-256 of every other file). Ever
 into ``iter_0000100.partial`` first; rank 0 renames it after all ranks finished and then rewrites
 ``latest`` atomically, so a crash at any point leaves the previous checkpoint as the newest complete
 one. ``meta.json`` is the completeness marker; its checksums catch a file corrupted or changed
-afterwards (``checkpoint.verify``), and its identity refuses a resume by a different run.
+afterwards (``checkpoint.verify``), ``meta.sha256`` (the SHA-256 of meta.json) catches meta.json itself
+corrupted or edited, and its identity refuses a resume by a different run. `read_meta` is the one reader
+of both kinds of checkpoint (training and model-only): every command checks a checkpoint through it before
+it reads anything else of it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_sgtm.atomic import building, partial_dir, publish, write_json
+from megatron_sgtm.atomic import building, partial_dir, publish, write_json, write_text
 from megatron_sgtm.data.shards import Manifest, sha256_file
 from megatron_sgtm.errors import UserError, is_first_rank
 from megatron_sgtm.training.disk import disk_full, free_bytes, human
@@ -36,6 +39,8 @@ LATEST = "latest.json"  # in a checkpoint root: the step and directory of the ne
 # meta.json's key for the wandb run of the job that saved it (rank 0's id; None without wandb): a resume continues it
 WANDB_RUN_ID = "wandb_run_id"
 CHECKSUMS = "sha256"  # meta.json's key: {relative path: SHA-256} of every other file of the checkpoint
+META_DIGEST = "meta.sha256"  # the SHA-256 of meta.json's bytes, beside it: meta.json is covered too
+DIGESTED = "meta_digest"  # meta.json's key naming its digest file: without that file it is refused
 MODEL_FILE = "model.safetensors"  # model-only checkpoints: the global (TP=1, PP=1) weights
 
 
@@ -63,39 +68,71 @@ def incomplete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve_checkpoint(path: Path, flag: str = "--checkpoint") -> Path:
+def _say(line: str) -> None:
+    if is_first_rank():
+        print(line, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: Path, flag: str = "--checkpoint", *, verify: bool = True,
+                       collective: bool = False) -> Path:
     """The checkpoint a command reads for `path`: `path` itself when it is one (an iteration or a model-only
     checkpoint); for a checkpoint root (a run's ``checkpoint.dir``, what Megatron-LM's ``--load`` takes) the
-    newest complete iteration, as ``checkpoint.resume=auto`` picks it, said on stderr. Anything else is
-    returned as given, for the reader to refuse."""
+    newest complete iteration that passes `read_meta`'s checks (`newest_verified`), said on stderr.
+    Anything else is returned as given, for the reader to refuse."""
     if (path / META).is_file() or not path.is_dir():
         return path
     if not (path / LATEST).is_file() and not any(p.name.startswith("iter_") for p in path.iterdir()):
         return path
-    newest = resolve_resume("auto", path)
+    newest = newest_verified(path, flag, verify=verify, collective=collective)
     if newest is None:
         unfinished = ", ".join(p.name for p in incomplete_checkpoints(path)) or "none"
         raise CheckpointError(f"{flag} {path}: a checkpoint directory without a complete checkpoint (incomplete "
                               f"ones: {unfinished})")
-    if is_first_rank():
-        print(f"{flag} {path}: using {newest.name}, its newest complete checkpoint", file=sys.stderr, flush=True)
+    _say(f"{flag} {path}: using {newest.name}, its newest complete checkpoint")
     return newest
 
 
-def resolve_resume(resume: str | None, root: Path | None) -> Path | None:
-    """The checkpoint to resume from: None, the newest complete one ('auto'), or an explicit path (a checkpoint
-    root: its newest complete one)."""
+def newest_verified(root: Path, flag: str, *, verify: bool = True, collective: bool = False) -> Path | None:
+    """The newest complete checkpoint under `root` whose meta.json and files pass their checks (None when there
+    is no complete one). A newer one that fails is skipped with one line on stderr saying which and why; when
+    every one fails, the newest's error is raised (a run must not silently start over)."""
+    found = complete_checkpoints(root)
+    for older, path in enumerate(reversed(found)):
+        try:
+            read_meta(path, verify=verify, collective=collective)
+        except CheckpointError as err:
+            if older == len(found) - 1:
+                skipped = "" if older == 0 else f"; {older} newer one(s) failed too"
+                raise CheckpointError(f"{flag} {root}: no complete checkpoint passes its checks ({err}{skipped})") \
+                    from err
+            _say(f"{flag} {root}: skipping {path.name}, it fails its checks: {err}")
+            continue
+        return path
+    return None
+
+
+def resolve_resume(resume: str | None, root: Path | None, *, verify: bool = True,
+                   collective: bool = False) -> Path | None:
+    """The checkpoint to resume from: None, the newest verified one ('auto', `newest_verified`), or an explicit
+    path (a checkpoint root: its newest verified one), checked by `read_meta`."""
     if resume is None:
         return None
     if resume == "auto":
         if root is None:
             raise CheckpointError("checkpoint.resume=auto needs checkpoint.dir")
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
-    path = resolve_checkpoint(Path(resume), "checkpoint.resume")
+        return newest_verified(root, "checkpoint.resume=auto", verify=verify, collective=collective)
+    path = resolve_checkpoint(Path(resume), "checkpoint.resume", verify=verify, collective=collective)
     if not (path / META).is_file():
         raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {META} there)")
+    read_meta(path, verify=verify, collective=collective)
     return path
+
+
+def _write_meta(directory: Path, meta: dict) -> None:
+    """meta.json and its digest (``meta.sha256``), each written atomically."""
+    text = json.dumps({**meta, DIGESTED: META_DIGEST}, indent=2, default=str)
+    write_text(directory / META_DIGEST, hashlib.sha256(text.encode()).hexdigest() + "\n")
+    write_text(directory / META, text)
 
 
 def rng_state() -> dict:
@@ -113,9 +150,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def _files(directory: Path) -> list[str]:
-    """Every file of a checkpoint but meta.json, as sorted POSIX paths relative to it."""
+    """Every file of a checkpoint but meta.json and its digest, as sorted POSIX paths relative to it."""
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.relative_to(directory).as_posix() != META)
+                  if p.is_file() and p.relative_to(directory).as_posix() not in (META, META_DIGEST))
 
 
 def _hash(directory: Path, files: list[str]) -> dict[str, str | None]:
@@ -160,8 +197,7 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
         dist.broadcast_object_list(files, src=0)  # one listing: a shared filesystem may show ranks different ones
         checksums = _checksums(partial, files[0])
         if rank == 0:
-            write_json(partial / META, {**meta, "step": step, "world_size": dist.get_world_size(),
-                                        CHECKSUMS: checksums})
+            _write_meta(partial, {**meta, "step": step, "world_size": dist.get_world_size(), CHECKSUMS: checksums})
             publish(partial, final)
             write_json(root / LATEST, {"step": step, "path": final.name})
     except (Exception, CheckpointException) as err:  # torch's CheckpointException (a BaseException) wraps the rest
@@ -179,24 +215,70 @@ def save(engine, root: Path, step: int, meta: dict, keep_last: int) -> Path:
     return final
 
 
-def read_meta(path: Path) -> dict:
-    """meta.json of a complete checkpoint (training or model-only)."""
-    meta_file = path / META
+# Checkpoints whose files passed their checksums in this process, with the (size, mtime, inode) of each file
+# then: a command reads a checkpoint in several steps (its description, then its weights), and hashing a large
+# one once is enough unless a file has changed since.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _stats(path: Path, names: list[str]) -> tuple | None:
+    """(size, mtime, inode) of meta.json and `names`; None when one is missing."""
+    try:
+        stats = [(path / n).stat() for n in (META, *names)]
+    except FileNotFoundError:
+        return None
+    return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats)
+
+
+def read_meta(path: Path, *, verify: bool = True, files: bool = True, collective: bool = False) -> dict:
+    """meta.json of a complete checkpoint (training or model-only), checked before anything of it is read:
+    meta.json against ``meta.sha256`` and, with `files`, every other file against the SHA-256 meta.json
+    records (`collective`: every rank calls this, and each hashes its share of the files). `verify=False`
+    skips both (``checkpoint.verify: false``). A checkpoint written before these checks is read with what it
+    has: without a digest its meta.json unchecked, without checksums its files too."""
+    meta_file, digest_file = path / META, path / META_DIGEST
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: incomplete or not a checkpoint (no {META}; a .partial directory is "
                               "a save that did not finish)")
+    raw = meta_file.read_bytes()
+    if verify and digest_file.is_file() and \
+            hashlib.sha256(raw).hexdigest().encode() != digest_file.read_bytes().strip():  # bytes: garbage too
+        raise CheckpointError(f"checkpoint {path}: {META} does not match its SHA-256 in {META_DIGEST} (corrupt or "
+                              "edited; a checkpoint's meta.json is not to be changed by hand)")
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_file}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file}: not a checkpoint's meta.json (a JSON {type(meta).__name__}, not an "
+                              "object)")
+    if not verify:
+        return meta
+    if DIGESTED in meta and not digest_file.is_file():
+        raise CheckpointError(f"checkpoint {path}: {META_DIGEST} is missing (the SHA-256 of its {META}, which "
+                              "names it)")
+    names = sorted(meta.get(CHECKSUMS, {}))
+    if not files or not names:
+        return meta
+    stats = _stats(path, names)
+    unverified = stats is None or _VERIFIED.get(path.resolve()) != stats
+    if collective:  # every rank hashes, or none: each takes part in the collective (an object: NCCL or gloo)
+        flags: list = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, unverified)
+        unverified = any(flags)
+    if unverified:
+        check_checksums(path, meta, _checksums(path, names) if collective else _hash(path, names))
+        _VERIFIED[path.resolve()] = stats
+    return meta
 
 
 def run_identity(cfg, partition) -> dict:
     """What a resumed run must share with the checkpoint it continues, by the name an error gives it."""
     model = {f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "init_method_std"}  # init: no shape
-    identity = {"method": cfg.method, **model, **{f"partition.{k}": v for k, v in partition.to_dict().items()}}
+    identity = {"method": cfg.method, "parallel.engine": cfg.parallel.engine, **model,
+                **{f"partition.{k}": v for k, v in partition.to_dict().items()}}
     if cfg.data.indexed_prefix:
         from megatron_sgtm.data.indexed import read_labels
 
@@ -216,8 +298,10 @@ def run_identity(cfg, partition) -> dict:
 
 
 def check_identity(path: Path, meta: dict, identity: dict) -> None:
-    """Refuse to continue a checkpoint of another method, model, partition, tokenizer or data."""
-    saved = json.loads(json.dumps(meta.get("identity", {})))  # JSON both sides: tuples and lists compare
+    """Refuse to continue a checkpoint of another method, engine, model, partition, tokenizer or data (an older
+    checkpoint's identity lacks the engine: its meta.json's ``engine`` stands in)."""
+    engine = {"parallel.engine": meta["engine"]} if "engine" in meta else {}
+    saved = json.loads(json.dumps({**engine, **meta.get("identity", {})}))  # JSON both sides: tuples, lists compare
     mine = json.loads(json.dumps(identity))
     for name, value in mine.items():
         if name in saved and saved[name] != value:
@@ -244,14 +328,10 @@ def ignored_changes(meta: dict, cfg) -> list[str]:
     return found
 
 
-def load(engine, path: Path, *, verify: bool = True, identity: dict | None = None) -> dict:
-    """Collective. Checks the checkpoint (its identity against this run's, its files against their
-    checksums), then loads the engine state and this rank's RNG (`restore_rng`)."""
-    meta = read_meta(path)
-    if identity is not None:
-        check_identity(path, meta, identity)
-    if verify and CHECKSUMS in meta:
-        check_checksums(path, meta, _checksums(path, sorted(meta[CHECKSUMS])))
+def load(engine, path: Path, *, verify: bool = True) -> dict:
+    """Collective. Checks the checkpoint (`read_meta`; `resolve_resume` has, so its files are not hashed
+    again), then loads the engine state and this rank's RNG (`restore_rng`)."""
+    meta = read_meta(path, verify=verify, collective=True)
     engine.load(str(path))
     restore_rng(path)
     return meta
@@ -269,9 +349,10 @@ def restore_rng(path: Path) -> None:
             return
 
 
-def model_only_meta(path: Path) -> dict:
-    """meta.json of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`); refuses anything else."""
-    meta = read_meta(path)
+def model_only_meta(path: Path, verify: bool = True) -> dict:
+    """meta.json of a model-only checkpoint (`megatron-sgtm ablate` / `import-hf`), checked (`read_meta`);
+    refuses anything else."""
+    meta = read_meta(path, verify=verify)
     if meta.get("engine") != "model-only":
         raise CheckpointError(f"{path}: a {meta.get('engine')} training checkpoint, not a model-only one (resume "
                               "it with checkpoint.resume, or write one with `megatron-sgtm ablate`)")
@@ -279,11 +360,8 @@ def model_only_meta(path: Path) -> dict:
 
 
 def load_model_only(path: Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, global fp32 weights) of a model-only checkpoint; `verify` checks its files' checksums
-    (one process reads it: no collective)."""
-    meta, weights = model_only_meta(path), path / MODEL_FILE
-    if verify and CHECKSUMS in meta:
-        check_checksums(path, meta, _hash(path, sorted(meta[CHECKSUMS])))
+    """(meta, global fp32 weights) of a model-only checkpoint; `verify` checks it first (`read_meta`)."""
+    meta, weights = model_only_meta(path, verify), path / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (a model-only checkpoint keeps its weights there)")
     try:
@@ -301,7 +379,7 @@ def write_model_only(out: Path, state: dict[str, torch.Tensor], meta: dict, file
         save_file({k: v.contiguous() for k, v in state.items()}, str(partial / MODEL_FILE))
         for file in files:
             shutil.copyfile(file, partial / file.name)
-        write_json(partial / META, {**meta, "engine": "model-only", CHECKSUMS: _hash(partial, _files(partial))})
+        _write_meta(partial, {**meta, "engine": "model-only", CHECKSUMS: _hash(partial, _files(partial))})
     return out
 
 

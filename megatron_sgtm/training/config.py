@@ -630,7 +630,7 @@ def _check_pretrained(cfg: TrainConfig) -> None:
     from megatron_sgtm.training.checkpoint import CheckpointError, model_only_meta
 
     try:
-        meta = model_only_meta(Path(cfg.checkpoint.pretrained))
+        meta = model_only_meta(Path(cfg.checkpoint.pretrained), cfg.checkpoint.verify)
     except CheckpointError as err:
         raise ConfigError(f"checkpoint.pretrained: {err}") from err
     theirs = ModelConfig(**meta["config"]["model"])

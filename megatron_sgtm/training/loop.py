@@ -109,10 +109,15 @@ def evaluation_metrics(final: dict) -> dict[str, float]:
 
 
 def check_resumable(cfg: TrainConfig, data: RunData, path: Path, world: int) -> None:
-    """Refuse, before anything expensive is built, a checkpoint this run cannot continue: another global
-    stream (global batch size, data, labels, seed) or, with DeepSpeed, another data-parallel layout.
-    The megatron engine resumes at any TP x PP x DP (its distributed checkpoint reshards)."""
-    meta = checkpoint.read_meta(path)
+    """Refuse, before anything expensive is built, a checkpoint this run cannot continue: another run (method,
+    engine, model, partition, tokenizer, data: `checkpoint.run_identity`, named field by field), another global
+    stream (global batch size, labels, seed) or, with DeepSpeed, another data-parallel layout. The megatron
+    engine resumes at any TP x PP x DP (its distributed checkpoint reshards)."""
+    meta = checkpoint.read_meta(path, verify=cfg.checkpoint.verify, files=False)  # its files: resolve_resume's
+    checkpoint.check_identity(path, meta, checkpoint.run_identity(cfg, cfg.sgtm.resolve(cfg.model.dims())))
+    if missing := [key for key in ("step", "sampler", "scheduler", "gated") if key not in meta]:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.META}: no {', '.join(missing)} (not a training "
+                                         "checkpoint's meta.json)")
     par = cfg.parallel
     dp_size = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
     try:
@@ -133,7 +138,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     data = load_data(cfg)
     root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, root)
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, root, verify=cfg.checkpoint.verify,
+                                            collective=True)
     if resume_from is not None:
         check_resumable(cfg, data, resume_from, world)  # before the model is built
     engine = _make_engine(cfg, on_gpu)
@@ -142,7 +148,7 @@ def train(cfg: TrainConfig) -> dict:
     step, gated, saved_tokens = 0, {"retain": 0, "forget": 0}, None
     identity = checkpoint.run_identity(cfg, engine.partition)  # what a resume of this run's checkpoints must share
     if resume_from is not None:
-        meta = checkpoint.load(engine, resume_from, verify=cfg.checkpoint.verify, identity=identity)
+        meta = checkpoint.load(engine, resume_from, verify=cfg.checkpoint.verify)
         step, gated, saved_tokens = meta["step"], meta["gated"], meta.get("train_tokens")  # older: none counted
         sampler.load_state_dict(meta["sampler"])
         engine.load_scheduler_state(meta["scheduler"])

@@ -47,9 +47,30 @@ def test_a_missing_file_is_named_and_a_checkpoint_without_checksums_still_loads(
     with pytest.raises(CheckpointError, match=r"tokenizer.json is missing \(its SHA-256 is in meta.json\)$"):
         checkpoint.load_model_only(model_only)
     meta = json.loads((model_only / "meta.json").read_text())
-    del meta["sha256"]  # written before checksums existed
+    del meta["sha256"], meta["meta_digest"]  # written before checksums existed
     (model_only / "meta.json").write_text(json.dumps(meta))
+    (model_only / "meta.sha256").unlink()
     assert checkpoint.load_model_only(model_only)[1]["w"].shape == (8, 8)
+
+
+def test_meta_json_is_checked_against_its_digest_and_the_digest_cannot_just_be_removed(model_only):
+    """meta.json edited (a value a reader acts on) is refused naming it; deleting meta.sha256 as well does not
+    pass for an older checkpoint, since meta.json names its digest file."""
+    meta_file = model_only / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "ablated": True}, indent=2))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_model_only(model_only)
+    assert str(err.value) == (f"checkpoint {model_only}: meta.json does not match its SHA-256 in meta.sha256 "
+                              "(corrupt or edited; a checkpoint's meta.json is not to be changed by hand)")
+    (model_only / "meta.sha256").write_bytes(b"\xff\xfe not a digest")
+    with pytest.raises(CheckpointError, match=r"meta.json does not match its SHA-256 in meta.sha256 \(corrupt"):
+        checkpoint.load_model_only(model_only)
+    (model_only / "meta.sha256").unlink()
+    with pytest.raises(CheckpointError, match=r"meta.sha256 is missing \(the SHA-256 of its meta.json, which names "
+                                              r"it\)$"):
+        checkpoint.load_model_only(model_only)
+    assert checkpoint.load_model_only(model_only, verify=False)[0]["ablated"]  # checkpoint.verify: false
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,14 @@ def bad_inputs(spec: dict[str, str], out: Path) -> dict:
     cases: dict[str, Path] = {}
 
     def copy(source: str, case: str) -> Path:
+        """A copy without checksums (as one written before them, or by another tool), so that what a case breaks
+        reaches the reader's own check; with them, `read_meta` refuses each first (test_checkpoint_verify.py)."""
         cases[case] = shutil.copytree(spec[source], bad / case)
+        meta = json.loads((cases[case] / "meta.json").read_text())
+        for key in ("sha256", "meta_digest"):
+            meta.pop(key, None)
+        (cases[case] / "meta.json").write_text(json.dumps(meta))
+        (cases[case] / "meta.sha256").unlink()
         return cases[case]
 
     shard = sorted(copy("gpt2_tp2", "missing_shard").glob("*.distcp"))[0]
