@@ -86,7 +86,11 @@ def test_argparse_namespace_is_built_only_in_cli_modules():
     a Namespace to call `export-hf`'s entry point)."""
     found = {str(p.relative_to(ROOT)): lines for p, tree in _sources(PACKAGE).items()
              if not is_cli_module(p) and (lines := namespace_calls(tree))}
-    assert not found, f"argparse.Namespace built outside a cli.py: {found}"
+    # DeepSpeed's ds_to_universal has no entry point but its `main(args)`: the one Namespace we build for
+    # another project's code
+    third_party = {"megatron_sgtm/compat/deepspeed.py"}
+    assert set(found) <= third_party, f"argparse.Namespace built outside a cli.py: {found}"
+    assert all(len(found[p]) == 1 for p in found), found
 
 
 def test_no_module_imports_a_private_name_of_another():
