@@ -38,7 +38,7 @@ from megatron_sgtm.data.shards import (
 from megatron_sgtm.data.sources import Document
 from megatron_sgtm.data.tokenizer import eod_id
 
-ENCODE_BATCH = 256
+ENCODE_BATCH = 128  # small enough that 2 workers stay balanced on a 3,000-document corpus
 
 _worker_tokenizer: Tokenizer | None = None
 

@@ -100,20 +100,19 @@ class TarredDoc:
 
 
 def tarred(docs: Iterable[ShardDoc]) -> list[TarredDoc]:
-    """Each document's members exactly as webdataset's `TarWriter` writes them (mtime 0: the same documents
-    give the same bytes): one writer for all of them, its output cut at each document's member sizes."""
-    from webdataset.writer import TarWriter  # here: importing webdataset imports torch (~1 s)
-
-    docs = list(docs)
-    buffer = io.BytesIO()
-    with TarWriter(buffer, encoder=False, mtime=0) as writer:
-        for doc in docs:
-            writer.write({"__key__": doc.key, "json": doc.meta_json, "tokens.npy": doc.tokens_npy})
-    data, start, out = buffer.getvalue(), 0, []
+    """Each document's members exactly as webdataset's `TarWriter(encoder=False, mtime=0)` writes them (the
+    same documents give the same bytes): headers made by `tarfile` with the writer's settings, here rather than
+    through webdataset, whose import (torch, ~1 s of CPU) would cost each build worker more than a small
+    corpus's tokenizing. `tests/unit/test_data_shards.py` compares the bytes with `TarWriter`'s."""
+    out = []
     for doc in docs:
-        end = start + sum(BLOCK + len(p) + -len(p) % BLOCK for p in (doc.meta_json, doc.tokens_npy))
-        out.append(TarredDoc(data[start:end], doc.num_tokens, doc.category))
-        start = end
+        members = []
+        for extension, payload in (("json", doc.meta_json), ("tokens.npy", doc.tokens_npy)):  # TarWriter's order
+            info = tarfile.TarInfo(f"{doc.key}.{extension}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o444, "bigdata", "bigdata"
+            members += [info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape"), payload,
+                        bytes(-len(payload) % BLOCK)]
+        out.append(TarredDoc(b"".join(members), doc.num_tokens, doc.category))
     return out
 
 
