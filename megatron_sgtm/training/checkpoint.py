@@ -332,7 +332,7 @@ def load(engine, path: Path, *, verify: bool = True) -> dict:
     """Collective. Checks the checkpoint (`read_meta`; `resolve_resume` has, so its files are not hashed
     again), then loads the engine state and this rank's RNG (`restore_rng`)."""
     meta = read_meta(path, verify=verify, collective=True)
-    engine.load(str(path))
+    engine.load(str(path), meta)
     restore_rng(path)
     return meta
 

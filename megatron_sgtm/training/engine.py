@@ -200,5 +200,6 @@ class Engine(abc.ABC):
         """Model and optimizer state into `directory` (collective)."""
 
     @abc.abstractmethod
-    def load(self, directory: str) -> None:
-        """Model and optimizer state from `directory` (collective), step gating re-installed."""
+    def load(self, directory: str, meta: dict | None = None) -> None:
+        """Model and optimizer state from `directory` (collective), step gating re-installed. `meta` is the
+        checkpoint's checked meta.json (`checkpoint.load`), for an engine that loads other layouts its own way."""

@@ -214,10 +214,11 @@ class DeepSpeedEngine(Engine):
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
 
-    def load(self, directory: str) -> None:
-        """At the saved data-parallel size DeepSpeed's own checkpoint; at another one its universal form (ZeRO
-        states merged per parameter, re-partitioned on load), converted once into ``UNIVERSAL_TAG`` next to it."""
-        saved_dp = saved_layout(json.loads((Path(directory) / "meta.json").read_text()))[0]
+    def load(self, directory: str, meta: dict | None = None) -> None:
+        """At the saved data-parallel size DeepSpeed's own checkpoint; at another one (read from `meta`) its
+        universal form (ZeRO states merged per parameter, re-partitioned on load), converted once into
+        ``UNIVERSAL_TAG`` next to it. Without `meta`, a save of this layout."""
+        saved_dp = saved_layout(meta)[0] if meta is not None else self.dp_size
         tag, loads = CHECKPOINT_TAG, weights_only_loads(self.engine)
         if saved_dp != self.dp_size:
             tag, loads = UNIVERSAL_TAG, universal_loads(self.engine)

@@ -183,8 +183,9 @@ class MegatronEngine(Engine):
         with self._params_gathered():
             dist_checkpointing.save(self._sharded_state_dict(is_loading=False), directory)
 
-    def load(self, directory: str) -> None:
-        """Load a (possibly differently laid out) checkpoint into the gated inner optimizers."""
+    def load(self, directory: str, meta: dict | None = None) -> None:
+        """Load a (possibly differently laid out: the distributed checkpoint reshards) checkpoint into the gated
+        inner optimizers."""
         for opt in self.inner_optimizers:
             opt.init_state()
         state = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), directory)

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from tests.support import ROOT, child_env
+from tests.support import run_worker
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bad_steps")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/bad_steps.py"), str(out)],
-                          env=child_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_worker("bad_steps.py", out, 600)
     return json.loads((out / "results.json").read_text())
 
 

@@ -6,13 +6,11 @@ not an older one nor a crashed save, and says on stderr which one; a root withou
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, child_env
+from tests.support import run_worker
 
 COMMANDS = ("inspect", "ablate", "export-hf", "eval", "unlearn rmu", "unlearn cir", "attack finetune")
 NEWEST, STEP = "iter_0000004", 4  # the worker trains 4 steps and saves at 2 and 4
@@ -21,10 +19,7 @@ NEWEST, STEP = "iter_0000004", 4  # the worker trains 4 steps and saves at 2 and
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("checkpoint_root")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/checkpoint_root.py"), str(out)],
-                          env=child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_worker("checkpoint_root.py", out, 1200, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return json.loads((out / "results.json").read_text())
 
 

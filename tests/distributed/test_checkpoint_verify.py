@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, child_env
+from tests.support import run_worker
 
 READERS = ("export-hf", "ablate", "inspect", "eval", "unlearn rmu", "attack finetune", "train resume")
 IDENTITY_HINT = " in this run (resume only the run that wrote it, or start a new checkpoint.dir)"
@@ -24,10 +22,7 @@ IDENTITY_HINT = " in this run (resume only the run that wrote it, or start a new
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("checkpoint_verify")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/checkpoint_verify.py"), str(out)],
-                          env=child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_worker("checkpoint_verify.py", out, 1200, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return json.loads((out / "results.json").read_text())
 
 
@@ -57,6 +52,13 @@ def test_a_flipped_bit_is_refused_by_every_reader_naming_the_file_and_nothing_is
     assert run["written"] == []  # no meta.json blessing the damaged weights (nor a checkpoint of them)
     if command == "train resume":
         assert not run["summary"] and run["checkpoints"] == []
+
+
+@pytest.mark.parametrize("command", ["export-hf", "attack finetune"])
+def test_a_deleted_common_pt_is_one_line_naming_it(results, command):
+    path = results["deleted"]["path"]
+    assert _one_line(results["deleted"][command], command) == (f"checkpoint {path}: common.pt is missing (its SHA-256 "
+                                                               "is in meta.json)")
 
 
 @pytest.mark.parametrize("edit", ["step", "sampler step", "garbage"])

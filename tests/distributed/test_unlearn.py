@@ -4,12 +4,10 @@ exactly the configured parameters changed, determinism, and one-line errors (one
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.support import ROOT, child_env
+from tests.support import run_worker
 
 RMU_TENSORS = sorted(f"decoder.layers.{i}.mlp.linear_{fc}.{kind}" for i in (0, 1) for fc in ("fc1", "fc2")
                      for kind in ("weight", "bias"))  # layer 1 of 2 steered: the MLPs of layers 0..1
@@ -19,10 +17,7 @@ CIR_TENSORS = sorted(f"decoder.layers.{i}.mlp.linear_{fc}.weight" for i in (0, 1
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("unlearn")
-    env = child_env()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/unlearn.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_worker("unlearn.py", out, 1200)
     return json.loads((out / "results.json").read_text())
 
 

@@ -8,14 +8,11 @@ retain loss, computed here from the logits, is within the budget, while the cros
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.distributed.workers.unlearn_small import CIR, NUM_LAYERS
-from tests.support import ROOT, child_env
+from tests.support import run_worker
 
 
 def _mlp(layers, kinds) -> set[str]:
@@ -25,9 +22,7 @@ def _mlp(layers, kinds) -> set[str]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("unlearn_small")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/distributed/workers/unlearn_small.py"), str(out)],
-                          env=child_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_worker("unlearn_small.py", out, 900)
     return torch.load(out / "results.pt", weights_only=True)
 
 

@@ -1,8 +1,8 @@
 """One process (a world of one): train a tiny SGTM model (megatron engine, saves at steps 2 and 4) and a one-step
 DeepSpeed one, then damage copies of their checkpoints and run every reader on them through the CLI, in this
 process: a bit flipped in layer 0's ``linear_fc1.weight``, meta.json edited (step, sampler step, garbage), a
-corrupt newest checkpoint under ``resume=auto``, the other engine, a same-shaped shard directory with other
-documents and one with another tokenizer. Saves what each command returned, said and wrote.
+corrupt newest checkpoint under ``resume=auto``, a deleted ``common.pt``, the other engine, a same-shaped shard
+directory with other documents and one with another tokenizer. Saves what each command returned, said and wrote.
 
 Usage: python checkpoint_verify.py OUT_DIR
 """
@@ -169,6 +169,15 @@ def run(out: Path) -> dict:
         edited = _edit_meta(newest, out / "edited" / name.replace(" ", "_") / newest.name, lambda *_, t=text: t)
         (edited / "meta.sha256").unlink()
         results["edited"][name] = {"path": str(edited), "inspect": _cli("inspect", "--checkpoint", str(edited))}
+
+    deleted = shutil.copytree(newest, out / "deleted" / newest.name)
+    (deleted / "common.pt").unlink()  # megatron's distributed checkpoint's common state
+    results["deleted"] = {
+        "path": str(deleted),
+        "export-hf": _cli("export-hf", "--checkpoint", str(deleted), "--out", str(out / "deleted-export")),
+        "attack finetune": _cli("attack", "finetune", "--checkpoint", str(deleted), "--out",
+                                str(out / "deleted-attack"), "--train.train_steps=1", "--train.eval_interval=1",
+                                "--train.eval_batches=1")}
 
     fallback = shutil.copytree(root, out / "fallback")
     flip_fc1_bit(fallback / newest.name)
