@@ -143,6 +143,7 @@ def _write_release(checkpoint: Path, released: Path, world: int) -> None:
     import torch.distributed as dist
 
     from megatron_sgtm.attack.release import write_release, write_release_in_child
+    from megatron_sgtm.core.collectives import all_reduce_host
 
     error: Exception | None = None
     if dist.get_rank() == 0:
@@ -156,8 +157,7 @@ def _write_release(checkpoint: Path, released: Path, world: int) -> None:
                 write_release_in_child(checkpoint, released)
         except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = err
-    failed = torch.tensor([1.0 if error is not None else 0.0])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failed = all_reduce_host(torch.tensor([1.0 if error is not None else 0.0]), op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
     if failed.item():

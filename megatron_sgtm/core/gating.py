@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
 
+from megatron_sgtm.core.collectives import all_reduce_host
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.core.regions import ParamRegion
 from megatron_sgtm.core.strategy import Region, strategy_of
@@ -70,10 +71,7 @@ def step_counts(micro_batches: Iterable[dict], group: dist.ProcessGroup | None =
         stats[3] += loss_mask.double().sum()
     if dist.is_available() and dist.is_initialized():
         group = _data_parallel_group() if group is None else group
-        on_device = dist.get_backend(group) == "nccl"  # NCCL reduces device tensors only
-        reduced = stats.cuda() if on_device else stats
-        dist.all_reduce(reduced, group=group)
-        stats = reduced.cpu()
+        stats = all_reduce_host(stats, group=group)
     return StepCounts(stats[:3], float(stats[3]))
 
 

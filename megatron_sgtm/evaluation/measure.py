@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sgtm.core.collectives import all_reduce_host
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.sampler import eval_batches
 from megatron_sgtm.training.calibration import Settings, calibrated
@@ -60,8 +61,7 @@ def _bytes(batches: list[dict], per_token: np.ndarray, dp_group) -> float:
     for mb in batches:
         targets = mb["targets"][mb["loss_mask"] > 0].numpy()
         found += float(per_token[np.minimum(targets, len(per_token) - 1)].sum())
-    dist.all_reduce(found, group=dp_group)
-    return float(found)
+    return float(all_reduce_host(found, group=dp_group))
 
 
 def _summary(losses: list[torch.Tensor], num_bytes: float) -> tuple[dict, np.ndarray]:

@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
 
 from megatron_sgtm.compat.megatron_optimizer import load_fully_reshardable
+from megatron_sgtm.core.collectives import all_reduce_host
 from megatron_sgtm.core.gating import Gate
 from megatron_sgtm.core.optimizer_hooks import install_step_gating, set_step_gate
 from megatron_sgtm.core.partition import Partition
@@ -141,7 +142,7 @@ class MegatronEngine(Engine):
             for k, mask in enumerate((region.forget_mask(param), region.retain_mask(param))):
                 sums[2 * k] += grad[mask].square().sum().cpu()
                 sums[2 * k + 1] += value[mask].square().sum().cpu()
-        dist.all_reduce(sums, group=ps.get_model_parallel_group())
+        sums = all_reduce_host(sums, group=ps.get_model_parallel_group())
         self.ddp.zero_grad_buffer()
         ratio = (sums[0::2] / sums[1::2].clamp_min(1e-30)).sqrt()
         return float(ratio[0]), float(ratio[1])

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_sgtm.core.collectives import all_reduce_host
 from megatron_sgtm.errors import UserError
 from megatron_sgtm.training import checkpoint
 from megatron_sgtm.training.calibration import Settings, calibrated
@@ -40,9 +41,7 @@ class TrainingError(UserError, RuntimeError):
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when it is true on one: ranks take the same branch."""
-    value = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(all_reduce_host(torch.tensor([1.0 if flag else 0.0]), op=dist.ReduceOp.MAX).item())
 
 
 # The exit status of a run stopped by a signal after saving: sysexits.h's EX_TEMPFAIL ("temporary failure, try
@@ -63,8 +62,7 @@ class _Signals:
 
     def any_rank(self) -> str | None:
         """The name of a signal one of the ranks received (the same on every rank), or None."""
-        value = torch.tensor([float(self.received)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = all_reduce_host(torch.tensor([float(self.received)]), op=dist.ReduceOp.MAX)
         return signal.Signals(int(value.item())).name if value.item() else None
 
 

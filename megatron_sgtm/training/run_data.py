@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_sgtm.core.collectives import all_reduce_host
 from megatron_sgtm.core.labels import TokenLabel
 from megatron_sgtm.data.corpus import Corpus, heldout_split, load_corpus
 from megatron_sgtm.data.indexed import IndexedSampler, LabelledGPTDataset
@@ -140,8 +141,7 @@ class TokenCounts:
 
     def totals(self, engine: Engine) -> dict[str, int]:
         """Collective over the data-parallel group: the run's counts so far, checkpoints it resumed from included."""
-        counts = torch.from_numpy(self._local.copy())
-        dist.all_reduce(counts, group=engine.dp_group)
+        counts = all_reduce_host(torch.from_numpy(self._local.copy()), group=engine.dp_group)
         return dict(zip(TOKEN_GROUPS, (self._saved + counts.numpy()).tolist()))
 
 
