@@ -20,7 +20,7 @@ from tests.distributed.launch import torchrun
 from tests.distributed.workers.packed_attention import ARCHS, LAYOUTS, gpu_backend_is_local
 
 TOLERANCE = 1e-5  # fp32
-BF16_TOLERANCE = 3e-2  # bf16
+BF16_RATIO = 1.5  # bf16: packed's relative error from fp32 over dense's (measured 0.95-1.23 on the CPU)
 KEYS = [f"{arch}/tp{tp}pp{pp}{'sp' if sp else ''}" for arch in ARCHS for tp, pp, sp in LAYOUTS]
 KINDS = ["train_losses", "eval_losses", "grad/"]
 CUDA = torch.cuda.is_available()
@@ -33,9 +33,13 @@ def results(tmp_path_factory):
     return torchrun("packed_attention.py", 4, tmp_path_factory.mktemp("packed_attention"))
 
 
-@pytest.fixture(scope="module")
-def single_device(tmp_path_factory):
-    return torchrun("packed_attention.py", 1, tmp_path_factory.mktemp("packed_single"), "--single-device")
+# On CUDA the single-device pass runs in bf16; on the CPU in fp32 and, to test the bf16 comparison itself, bf16.
+SINGLE_DEVICE_MODES = ["--single-device"] if CUDA else ["--single-device", "--single-device-bf16"]
+
+
+@pytest.fixture(scope="module", params=SINGLE_DEVICE_MODES, ids=lambda mode: mode.removeprefix("--"))
+def single_device(request, tmp_path_factory):
+    return torchrun("packed_attention.py", 1, tmp_path_factory.mktemp("packed_single"), request.param)
 
 
 def _worst(results, key: str, kind: str) -> tuple[float, float]:
@@ -66,10 +70,18 @@ def test_single_device_packed_equals_dense(single_device, arch, backend, kind):
     names = [k[:-len("/max_diff")] for k in single_device if k.startswith(prefix) and k.endswith("/max_diff")]
     assert names, f"no results for {prefix}"
     for name in names:
+        if single_device["dtype"] == "bf16":
+            # bf16 rounds packed and dense differently (up to ~10% of the largest gradient with these large random
+            # weights: llama's word embedding on an H200 and on the CPU alike), so each is measured against an fp32
+            # dense pass of the same weights, and packed must be about as close to it as dense is.
+            packed = single_device[f"{name}/rel_err"]
+            dense = single_device[f"{name}/rel_err".replace(f"/{backend}_packed/", "/local_dense/")]
+            assert packed <= BF16_RATIO * dense + 1e-3, (
+                f"{name}: bf16 packed is {packed:.3e} from fp32 (relative), bf16 dense {dense:.3e}")
+            continue
         diff, size = (float(single_device[f"{name}/{x}"]) for x in ("max_diff", "max_abs"))
         # large random weights here (gradients up to ~100): fp32 rounding is relative to the magnitude
-        limit = (BF16_TOLERANCE if single_device["dtype"] == "bf16" else TOLERANCE) * max(size, 1.0)
-        assert diff <= limit, f"{name}: packed differs from dense by {diff:.3e} (max |dense| {size:.3e})"
+        assert diff <= TOLERANCE * max(size, 1.0), f"{name}: packed differs from dense by {diff:.3e} (max {size:.3e})"
 
 
 def _has_transformer_engine() -> bool:

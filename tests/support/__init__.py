@@ -9,8 +9,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a test's child process: this checkout's code, one thread, third-party warnings off."""
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    """The environment of a test's child process: this checkout's code first on the path (then the caller's:
+    tools/gpu_check.sh installs megatron-core there), one thread, third-party warnings off."""
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
 
 
 def run_worker(name: str, out: Path, timeout: int, **env: str) -> Path:

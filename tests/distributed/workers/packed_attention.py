@@ -1,7 +1,7 @@
 """Worker: document attention through `PackedSeqParams` (THD) against the dense [b, 1, s, s] mask.
 
-argv: OUT_DIR [--single-device]. Rank 0 saves the largest packed-vs-dense differences and the dense
-magnitudes, per architecture (gpt2: learned positions; llama: RoPE, GQA) and case.
+argv: OUT_DIR [--single-device | --single-device-bf16]. Rank 0 saves the largest packed-vs-dense differences
+and the dense magnitudes, per architecture (gpt2: learned positions; llama: RoPE, GQA) and case.
 
 4 gloo ranks (default): for each TP x PP x SP layout it builds one `MegatronEngine` and runs the same
 micro-batches (packed documents of mixed labels and lengths, a padding tail) through the engine's own
@@ -11,7 +11,9 @@ evaluation pass without.
 
 ``--single-device`` (1 rank; the GPU check): the ``gpu`` backend's SGTM model (Transformer Engine's
 varlen attention where installed; bf16 on CUDA) fed `PackedSeqParams`, against the ``local`` backend
-(SDPA) with the dense mask, same weights and device: losses and gradients of one labelled pass. Where the
+(SDPA) with the dense mask, same weights and device: losses and gradients of one labelled pass. In bf16 (on
+CUDA, or ``--single-device-bf16`` on any device) the two paths round differently, so each is also compared
+with an fp32 dense pass of the same weights: packed must be about as close to it as dense is. Where the
 ``gpu`` backend builds the ``local`` modules (no TE, no apex: every CPU machine here) that case would only
 repeat ``local``'s, so it is left out (`gpu_backend_is_local`).
 """
@@ -164,21 +166,34 @@ def gpu_backend_is_local() -> bool:
     return modules("gpu") == modules("local")
 
 
-def single_device() -> dict:
+def relative_errors(results: dict, key: str, reference: dict[str, torch.Tensor],
+                    other: dict[str, torch.Tensor]) -> None:
+    """‖other − reference‖ / ‖reference‖ per tensor, against the fp32 reference."""
+    for name, ref in reference.items():
+        ref = ref.double()
+        results[f"{key}/{name}/rel_err"] = ((other[name].double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _single_device_model(cfg, partition, backend: str, device: torch.device, bf16: bool):
+    transformer = cfg.model.transformer_config(on_gpu=device.type == "cuda", bf16=bf16)
+    # bf16: every parameter, as megatron's Float16Module casts them (the position embedding is built fp32)
+    return build_gpt_model(cfg.model, transformer, partition, backend=backend).to(device=device,
+                                                                                   dtype=transformer.params_dtype)
+
+
+def single_device(bf16: bool) -> dict:
     """The ``gpu`` backend with `PackedSeqParams` against the ``local`` one with the dense mask, one rank."""
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     ps.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
-    results: dict = {"device": device.type, "dtype": "bf16" if on_gpu else "fp32"}
+    results: dict = {"device": device.type, "dtype": "bf16" if bf16 else "fp32"}
     backends = ("local",) if gpu_backend_is_local() else ("gpu", "local")
     for arch in ARCHS:
         cfg = config(arch, 1, 1, False, hidden=128)  # head dim 32: what fused kernels take
         partition = cfg.sgtm.resolve(cfg.model.dims())
-        transformer = cfg.model.transformer_config(on_gpu=on_gpu, bf16=on_gpu)
-        # bf16 on CUDA: every parameter, as megatron's Float16Module casts them (the position embedding is built fp32)
-        models = {backend: build_gpt_model(cfg.model, transformer, partition, backend=backend).to(
-                  device=device, dtype=transformer.params_dtype) for backend in backends}
+
+        models = {backend: _single_device_model(cfg, partition, backend, device, bf16) for backend in backends}
         state = random_global_state(gather_global(models["local"]), seed=7)
         for model in models.values():
             load_global(model, state)
@@ -186,15 +201,25 @@ def single_device() -> dict:
                                                  ).__name__
         batches = [{k: v.to(device) for k, v in mb.items()} for mb in make_batches(cfg.model.vocab_size)]
         reference = labelled_pass(models["local"], batches, packed=False)
+        if bf16:
+            fp32 = _single_device_model(cfg, partition, "local", device, bf16=False)
+            load_global(fp32, state)
+            exact = labelled_pass(fp32, batches, packed=False)
+            relative_errors(results, f"{arch}/local_dense", exact, reference)
         for backend in backends:
             packed = labelled_pass(models[backend], batches, packed=True)
             compare(results, f"{arch}/{backend}_packed", reference, packed)
+            if bf16:
+                relative_errors(results, f"{arch}/{backend}_packed", exact, packed)
     ps.destroy_model_parallel()
     return results
 
 
 def main(out_dir: str, mode: str | None = None) -> None:
-    results = single_device() if mode == "--single-device" else layouts()
+    if mode in ("--single-device", "--single-device-bf16"):
+        results = single_device(bf16=torch.cuda.is_available() or mode == "--single-device-bf16")
+    else:
+        results = layouts()
     if dist.get_rank() == 0:
         torch.save(results, Path(out_dir) / "results.pt")
     dist.destroy_process_group()
