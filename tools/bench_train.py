@@ -2,7 +2,8 @@
 
     python tools/bench_train.py [--hidden 256] [--layers 4] [--heads 4] [--seq 256] [--micro-batch 4]
         [--global-batch 8] [--steps 20] [--warmup 4] [--nproc 1] [--engines megatron,deepspeed]
-        [--zero-stage 1] [--repeats 5] [--clock cpu|wall] [--[no-]concurrent] [--json PATH]
+        [--zero-stage 1] [--bf16] [--attention packed|dense|causal] [--repeats 5] [--clock cpu|wall]
+        [--[no-]concurrent] [--json PATH]
 
 What it measures: for each engine (``megatron``, and ``deepspeed`` at ZeRO stage ``--zero-stage``)
 and each method (``sgtm``: the SGTM layers with step gating; ``none``: the same model and data with
@@ -66,6 +67,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")  # megatron's import-time notices
 
 METHODS = ("sgtm", "none")
+# --attention: the trainer's document attention (packed THD, or a dense [b, 1, s, s] mask), or plain causal
+# attention over the whole packed row (what bench_sgtm_overhead.py measures; no document boundaries).
+ATTENTION = {"packed": {"attention": "packed"}, "dense": {"attention": "dense"},
+             "causal": {"document_attention": False}}
 
 
 def progress(text: str) -> None:
@@ -95,7 +100,8 @@ def make_config(args: argparse.Namespace, data: Path, vocab_size: int, engine: s
                   "num_attention_heads": args.heads, "ffn_hidden_size": ffn,
                   "vocab_size": -(-vocab_size // 64) * 64, "seq_length": args.seq},
         "sgtm": {"forget_heads": max(1, args.heads // 32), "forget_mlp_units": max(1, ffn // 32)},
-        "data": {"path": str(data), "score_source": "truth", "retain_rate": 0.25, "heldout_fraction": 0.05},
+        "data": {"path": str(data), "score_source": "truth", "retain_rate": 0.25, "heldout_fraction": 0.05,
+                 **ATTENTION[args.attention]},
         "parallel": {"engine": engine, "zero_stage": args.zero_stage},
         "optim": {"lr": 1e-3, "warmup_steps": 2, "global_batch_size": args.global_batch,
                   "micro_batch_size": args.micro_batch},
@@ -306,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default="megatron,deepspeed")
     p.add_argument("--zero-stage", type=int, default=1, choices=(1, 2, 3))
     p.add_argument("--bf16", action="store_true", help="train in bf16 (GPU)")
+    p.add_argument("--attention", choices=tuple(ATTENTION), default="packed",
+                   help="document attention as packed THD (the default) or a dense mask, or plain causal")
     p.add_argument("--docs", type=int, default=2000, help="synthetic documents in the shard directory")
     p.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the synthetic data")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job before it is killed")

@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a CUDA machine without a package index, in under 10 minutes,
-#   1. a venv with --system-site-packages over the machine's own CUDA torch;
-#   2. megatron-core 0.16.1 and the project's runtime deps from a wheel directory (plus Transformer
-#      Engine and flash-attn when their wheels are there; without TE the `gpu` backend uses SDPA);
-#   3. the GPU test subset: the `gpu` backend's SGTM model (TE's varlen attention, bf16) fed megatron's
-#      PackedSeqParams against the dense document mask (tests/distributed/test_packed_attention.py);
-#   4. tools/bench_sgtm_overhead.py at ~1B parameters in bf16 (plain megatron layers vs SGTM layers);
-#   5. tools/bench_train.py at ~1B, seq 2048, megatron engine, methods sgtm and none;
+#   1. megatron-core 0.16.1 and what the machine lacks, from a wheel directory, installed with
+#      `pip --target` into a site directory put first on PYTHONPATH: the machine's own CUDA torch stays (a
+#      venv made from an interpreter that is itself a venv would not see that torch);
+#   2. the GPU test subset: the `gpu` backend's SGTM model (TE's varlen attention where TE is installed,
+#      else SDPA; bf16) fed megatron's PackedSeqParams against the dense document mask
+#      (tests/distributed/test_packed_attention.py);
+#   3. tools/bench_sgtm_overhead.py at ~1B parameters in bf16 (plain megatron layers vs SGTM layers);
+#   4. tools/bench_train.py at ~1B, seq 2048, megatron engine, methods sgtm and none, with plain causal
+#      attention (`--attention causal`: the trainer around the layers bench_sgtm_overhead measures), then
+#      one short round with the trainer's packed document attention (without TE: one SDPA call per
+#      distinct document length, the launch-bound path the first GPU run found 10x slower);
+#   5. where DeepSpeed is installed: tools/bench_train.py at ~350M, DeepSpeed ZeRO-1 in bf16, one round;
 # printing tokens/s, MFU (against the dense bf16 peak of megatron_sgtm.training.logging.PEAK_TFLOPS:
-# H100/H200 989 TFLOPS) and CUDA max_memory_allocated.
+# H100/H200 989 TFLOPS) and CUDA max_memory_allocated. A failed step is reported and the next one runs
+# (a GPU lease is short); the exit status is 1 if any step failed, with their names on the last line.
 #
-# Usage: tools/gpu_check.sh [--wheels DIR] [--venv DIR] [--out DIR] [--python EXE] [--budget S]
-#                           [--dry-run] [--print-download]
+# Usage: tools/gpu_check.sh [--wheels DIR] [--site DIR] [--out DIR] [--python EXE] [--budget S]
+#                           [--tiny] [--dry-run] [--print-download]
 #   --wheels DIR      cp312 / py3 wheels (default: wheels/ in the checkout, git-ignored)
-#   --venv DIR        the venv to create or reuse (default: $TMPDIR/sgtm-gpu-venv)
-#   --out DIR         logs and JSON results (default: runs/gpu_check in the checkout)
-#   --python EXE      the interpreter that owns the machine's torch (default: python3); with --dry-run
-#                     the one that runs the checks
-#   --budget S        seconds for the whole check; each step's timeout is cut to what is left (default 540)
+#   --site DIR        where the wheels are installed (default: $TMPDIR/sgtm-gpu-site)
+#   --out DIR         logs and JSON results, and job_logs.tgz: the benchmark jobs' own logs (default:
+#                     runs/gpu_check in the checkout)
+#   --runs DIR        the benchmark jobs' data and run directories (default: $TMPDIR/sgtm-gpu-runs)
+#   --python EXE      the interpreter that owns the machine's torch (default: python3)
+#   --budget S        seconds for the whole check; each step's timeout is cut to what is left (default 570)
+#   --tiny            tiny models on the CPU: rehearse the script on a machine without a GPU (figures mean
+#                     nothing; the wheels must suit that machine's Python)
 #   --dry-run         print every step's command and check that the tools, tests and flags they use
 #                     exist (each python tool's --help, pytest's collection); installs and runs nothing
 #   --print-download  print the commands that fill the wheel directory (run them on a machine with an
@@ -26,77 +35,98 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS="$ROOT/wheels"
-VENV="${TMPDIR:-/tmp}/sgtm-gpu-venv"
+SITE="${TMPDIR:-/tmp}/sgtm-gpu-site"
+RUNS="${TMPDIR:-/tmp}/sgtm-gpu-runs"
 OUT="$ROOT/runs/gpu_check"
 PYTHON=python3
-BUDGET=540
+BUDGET=570
 DRY_RUN=0
+TINY=0
 
-# Runtime deps of the checked paths (megatron-core without its torch: the machine's torch stays).
-PACKAGES=(numpy packaging pyyaml psutil safetensors tokenizers webdataset einops pytest)
+# What the checked paths import beyond a CUDA torch image (which has numpy, packaging, pyyaml, psutil,
+# safetensors, tokenizers, transformers, einops and pytest: the `environment` step checks they import).
 MEGATRON=megatron-core==0.16.1
+PACKAGES=(webdataset==1.0.2 braceexpand==0.1.7)
+DEEPSPEED=deepspeed==0.19.8  # an sdist: `pip wheel` builds a py3 wheel (no compiled ops)
+DEEPSPEED_DEPS=(hjson pydantic pydantic_core annotated_types typing_inspection)
+IMPORTS="numpy, packaging, yaml, psutil, safetensors, tokenizers, transformers, einops, pytest, webdataset"
 PLATFORM_ARGS="--python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64"
 TEST_FILE=tests/distributed/test_packed_attention.py
 TEST_SELECT="single_device or cu_seqlens"
-# ~1B parameters (gpt2 shape: 12 x 20 x 2048^2 + embeddings), seq 2048, bf16.
+# ~1B parameters (gpt2 shape: 12 x 20 x 2048^2 + embeddings), seq 2048, bf16; DeepSpeed at ~350M.
 MODEL_ARGS=(--hidden 2048 --layers 20 --heads 16 --seq 2048 --micro-batch 4 --bf16)
-OVERHEAD_ARGS=("${MODEL_ARGS[@]}" --arch gpt2 --steps 8 --warmup 2 --device cuda --backend gpu)
-TRAIN_ARGS=("${MODEL_ARGS[@]}" --global-batch 16 --steps 15 --warmup 5 --engines megatron --timeout 120)
+DS_MODEL_ARGS=(--hidden 1024 --layers 24 --heads 16 --seq 2048 --micro-batch 4 --bf16)
+DEVICE=cuda
 
 die() { echo "tools/gpu_check.sh: $*" >&2; exit 2; }
 
 print_download() {
-    echo "pip download $PLATFORM_ARGS -d wheels --no-deps $MEGATRON"
-    echo "pip download $PLATFORM_ARGS -d wheels ${PACKAGES[*]}"
+    echo "pip download $PLATFORM_ARGS -d wheels --no-deps $MEGATRON ${PACKAGES[*]}"
+    echo "# optional, DeepSpeed's step: a py3 wheel built from its sdist, and its deps the image lacks"
+    echo "DS_BUILD_OPS=0 pip wheel --no-deps -w wheels $DEEPSPEED"
+    echo "pip download $PLATFORM_ARGS -d wheels --no-deps ${DEEPSPEED_DEPS[*]}"
     echo "# optional, built for the machine's torch/CUDA: transformer_engine*.whl, flash_attn*.whl into wheels/"
 }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --wheels) WHEELS=${2:?--wheels needs a directory}; shift 2 ;;
-        --venv) VENV=${2:?--venv needs a directory}; shift 2 ;;
+        --site) SITE=${2:?--site needs a directory}; shift 2 ;;
+        --runs) RUNS=${2:?--runs needs a directory}; shift 2 ;;
         --out) OUT=${2:?--out needs a directory}; shift 2 ;;
         --python) PYTHON=${2:?--python needs an interpreter}; shift 2 ;;
         --budget) BUDGET=${2:?--budget needs seconds}; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
+        --tiny) TINY=1; shift ;;
         --print-download) print_download; exit 0 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || die "--budget $BUDGET: expected whole seconds"
+if [[ $TINY == 1 ]]; then
+    MODEL_ARGS=(--hidden 64 --layers 2 --heads 2 --seq 128 --micro-batch 2 --bf16)
+    DS_MODEL_ARGS=("${MODEL_ARGS[@]}")
+    DEVICE=cpu
+fi
+OVERHEAD_ARGS=("${MODEL_ARGS[@]}" --arch gpt2 --steps 8 --warmup 2 --device "$DEVICE" --backend gpu)
+TRAIN_ARGS=("${MODEL_ARGS[@]}" --global-batch 16 --steps 12 --warmup 4 --engines megatron --repeats 2 --timeout 150
+            --attention causal)
+PACKED_ARGS=("${MODEL_ARGS[@]}" --global-batch 16 --steps 6 --warmup 2 --engines megatron --repeats 1 --timeout 150
+             --attention packed)
+DS_ARGS=("${DS_MODEL_ARGS[@]}" --global-batch 16 --steps 6 --warmup 2 --engines deepspeed --zero-stage 1 --repeats 1
+         --timeout 150 --attention causal)
 WHEELS=$(realpath -m "$WHEELS")
+SITE=$(realpath -m "$SITE")
+RUNS=$(realpath -m "$RUNS")
 OUT=$(realpath -m "$OUT")
-VPY="$VENV/bin/python"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
+VPY=$PYTHON
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+FAILED=()
 cd "$ROOT"
 
 # step NAME CAP_SECONDS CMD...: print the step; unless --dry-run, run it under what is left of the budget.
+# A failure is recorded in FAILED and the check goes on.
 step() {
     local name=$1 cap=$2
     shift 2
     echo "[step] $name (<= ${cap}s): $(printf '%q ' "$@")"
     [[ $DRY_RUN == 1 ]] && return 0
     local left=$((BUDGET - SECONDS))
-    ((left >= 10)) || die "step $name: the --budget of ${BUDGET}s is spent"
-    ((cap <= left)) || cap=$left
-    local start=$SECONDS
-    timeout "$cap" "$@" || die "step $name failed (exit $?) after $((SECONDS - start))s"
-    echo "[done] $name in $((SECONDS - start))s (total ${SECONDS}s)"
-}
-
-# optional_wheel PATTERN NAME: install the wheels matching PATTERN if any; a failure only warns.
-optional_wheel() {
-    local pattern=$1 name=$2
-    local found=("$WHEELS"/$pattern)
-    if [[ ! -e ${found[0]} ]]; then
-        echo "[skip] $name: no $pattern in $WHEELS"
+    if ((left < 10)); then
+        echo "[fail] $name: the --budget of ${BUDGET}s is spent"
+        FAILED+=("$name")
         return 0
     fi
-    echo "[step] $name: $(printf '%q ' "$VPY" -m pip install --no-index --find-links "$WHEELS" "${found[@]}")"
-    [[ $DRY_RUN == 1 ]] && return 0
-    timeout 120 "$VPY" -m pip install -q --no-index --find-links "$WHEELS" "${found[@]}" \
-        || echo "[warn] $name did not install; continuing without it"
+    ((cap <= left)) || cap=$left
+    local start=$SECONDS rc=0
+    timeout "$cap" "$@" || rc=$?
+    if ((rc != 0)); then
+        echo "[fail] $name (exit $rc$( ((rc == 124)) && echo ": timed out")) after $((SECONDS - start))s"
+        FAILED+=("$name")
+        return 0
+    fi
+    echo "[done] $name in $((SECONDS - start))s (total ${SECONDS}s)"
 }
 
 # The MFU and memory lines of bench_sgtm_overhead's JSON (bench_train prints its own).
@@ -138,7 +168,7 @@ validate() {
         echo "[ok] $tool takes ${*}"
     }
     check_flags tools/bench_sgtm_overhead.py "${OVERHEAD_ARGS[@]}" --json
-    check_flags tools/bench_train.py "${TRAIN_ARGS[@]}" --json
+    check_flags tools/bench_train.py "${TRAIN_ARGS[@]}" "${PACKED_ARGS[@]}" "${DS_ARGS[@]}" --json
     local collected
     collected=$("$PYTHON" -m pytest --collect-only -q "$TEST_FILE" -k "$TEST_SELECT" 2>&1 | grep -Eo '^[0-9]+(/[0-9]+)? tests? collected' || true)
     [[ -n $collected ]] || die "pytest selects no test in $TEST_FILE with -k '$TEST_SELECT'"
@@ -158,23 +188,37 @@ if [[ $DRY_RUN == 0 ]]; then
     exec > >(tee "$OUT/gpu_check.log") 2>&1
 fi
 
-echo "gpu_check: checkout $ROOT, wheels $WHEELS, venv $VENV, out $OUT, budget ${BUDGET}s"
-step venv 60 "$PYTHON" -m venv --system-site-packages "$VENV"
-step install 120 "$VPY" -m pip install -q --no-index --find-links "$WHEELS" "$MEGATRON" "${PACKAGES[@]}"
-optional_wheel "transformer_engine*.whl" "transformer-engine"
-optional_wheel "flash_attn*.whl" "flash-attn"
-step environment 60 "$VPY" -c "import torch, megatron.core; assert torch.cuda.is_available(), 'no CUDA device'; \
-print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(), \
-'megatron-core', megatron.core.__version__)"
+echo "gpu_check: checkout $ROOT, wheels $WHEELS, site $SITE, runs $RUNS, out $OUT, budget ${BUDGET}s"
+step install 120 "$VPY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
+CUDA_CHECK="assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+[[ $TINY == 1 ]] && CUDA_CHECK="print('--tiny: on the CPU')"
+step environment 60 "$VPY" -c "import torch, megatron.core, importlib.util as u; $CUDA_CHECK; \
+import $IMPORTS; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'megatron-core', megatron.core.__version__); \
+[print(m, 'installed' if u.find_spec(m) else 'absent') for m in ('transformer_engine', 'flash_attn', 'deepspeed')]"
 step tests 150 "$VPY" -m pytest -q -x "$TEST_FILE" -k "$TEST_SELECT"
 step overhead 150 "$VPY" tools/bench_sgtm_overhead.py "${OVERHEAD_ARGS[@]}" --json "$OUT/overhead.json"
 echo "[step] summary: tokens/s, MFU and memory from $OUT/overhead.json"
-[[ $DRY_RUN == 1 ]] || overhead_summary
-step train 300 "$VPY" tools/bench_train.py "${TRAIN_ARGS[@]}" --json "$OUT/train.json"
+[[ $DRY_RUN == 1 || ! -f $OUT/overhead.json ]] || overhead_summary || FAILED+=(summary)
+step train 250 "$VPY" tools/bench_train.py "${TRAIN_ARGS[@]}" --keep "$RUNS/train" --json "$OUT/train.json"
+step train-packed 170 "$VPY" tools/bench_train.py "${PACKED_ARGS[@]}" --keep "$RUNS/packed" \
+    --json "$OUT/train_packed.json"
+if [[ $DRY_RUN == 1 ]] || "$VPY" -c "import deepspeed" >/dev/null 2>&1; then
+    step deepspeed 200 "$VPY" tools/bench_train.py "${DS_ARGS[@]}" --keep "$RUNS/deepspeed" \
+        --json "$OUT/train_deepspeed.json"
+else
+    echo "[skip] deepspeed: not importable (its wheels are optional: --print-download)"
+fi
 
+if [[ $DRY_RUN == 0 && -d $RUNS ]]; then
+    (cd "$RUNS" && find . -name '*.log' -print0 | tar czf "$OUT/job_logs.tgz" --null -T -) || true
+fi
 if [[ $DRY_RUN == 1 ]]; then
     validate
     echo "gpu_check: dry run OK (nothing installed or run)"
+elif ((${#FAILED[@]})); then
+    echo "gpu_check: ${SECONDS}s; results in $OUT; FAILED steps: ${FAILED[*]}"
+    exit 1
 else
     echo "gpu_check: done in ${SECONDS}s; results in $OUT (overhead.json, train.json, gpu_check.log)"
 fi
