@@ -1,10 +1,11 @@
 """Raw documents -> tokenized WebDataset shards + tokenizer copy + manifest (`megatron-sgtm data build`).
 
-Tokenization runs on ``workers`` processes, each single-threaded, fed batches in order and at most two
-batches ahead per worker. A worker hands back each document's finished tar members and id digest, so the main
-process only reads input and appends bytes to the shard being written: the shards are the same bytes for
-any number of workers, and memory stays flat however large a streamed corpus is (documents are read,
-tokenized and written a batch at a time).
+Tokenization runs on ``workers`` processes, each single-threaded: this one and a pool of ``workers - 1``,
+fed batches in order, at most two ahead per pool worker; this process encodes a batch itself whenever the
+pool is full. Whoever encodes a batch makes each document's finished tar members and id digest, so this
+process otherwise only reads input and appends bytes to the shard being written: the shards are the same
+bytes for any number of workers, and memory stays flat however large a streamed corpus is (documents are
+read, tokenized and written a batch at a time).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import hashlib
 import multiprocessing
 import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import count, islice
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,12 @@ from megatron_sgtm.data.shards import (
 from megatron_sgtm.data.sources import Document
 from megatron_sgtm.data.tokenizer import eod_id
 
-ENCODE_BATCH = 128  # small enough that 2 workers stay balanced on a 3,000-document corpus
+# A batch ends at ENCODE_BATCH documents or ENCODE_BATCH_CHARS characters of text, whichever comes first: batches
+# of similar work, large enough that handing them over costs little, small enough that the last ones (which
+# one process finishes while the other waits) are short. Measured with 2 workers: 128 documents was best on
+# short documents (~900 characters) and 32 on man pages (~2,800): both about 100k characters.
+ENCODE_BATCH = 128
+ENCODE_BATCH_CHARS = 100_000
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -70,19 +77,39 @@ def _encode_in_worker(first: int, batch: list[Document]) -> tuple[list[TarredDoc
 
 def _encoded_batches(batches: Iterator[tuple[int, list[Document]]], tokenizer: Tokenizer, workers: int
                      ) -> Iterator[tuple[list[TarredDoc], np.ndarray]]:
-    """Each batch encoded, in input order; at most ``2 * workers`` batches in flight."""
+    """Each batch encoded, in input order, by ``workers`` processes: this one and ``workers - 1`` in a pool.
+    The pool keeps at most two batches per process in flight; whenever it is full this process encodes the next
+    batch itself. So it works from the first batch while the pool's interpreters start, its own share is never
+    pickled, and a corpus of a few seconds is not held up by the starts."""
     if workers == 1:
         yield from (_encode(tokenizer, first, batch) for first, batch in batches)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_start_worker, initargs=(tokenizer.to_str(),)) as pool:
-        pending: deque = deque()
+    ctx = multiprocessing.get_context(_start_method())
+    in_flight = 2 * (workers - 1)
+    with ctx.Pool(workers - 1, initializer=_start_worker, initargs=(tokenizer.to_str(),)) as pool:
+        pending: deque = deque()  # AsyncResult (the pool's) or the encoded batch (ours), in input order
         for first, batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (first, batch)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+            if sum(isinstance(item, AsyncResult) and not item.ready() for item in pending) < in_flight:
+                pending.append(pool.apply_async(_encode_in_worker, (first, batch)))
+            else:
+                pending.append(_encode(tokenizer, first, batch))
+            while pending and (not isinstance(pending[0], AsyncResult) or pending[0].ready()
+                               or len(pending) > 2 * in_flight):  # bounded memory: wait for the oldest
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft())
+
+
+def _start_method() -> str:
+    """``fork`` where it is safe (Linux, no other Python thread in this process to hold a lock the child would
+    inherit; the Rust tokenizer's own threads are off, TOKENIZERS_PARALLELISM): a forked worker starts at once
+    with the modules loaded. ``spawn`` otherwise, whose worker first spends ~0.25 s importing: on a
+    few-second corpus that late start alone cost a tenth of the 2-worker speed-up (docs/results/data.md)."""
+    return "fork" if sys.platform == "linux" and threading.active_count() == 1 else "spawn"
+
+
+def _result(item) -> tuple[list[TarredDoc], np.ndarray]:
+    return item.get() if isinstance(item, AsyncResult) else item
 
 
 def id_digests(ids: list[str]) -> np.ndarray:
@@ -101,13 +128,23 @@ def first_duplicate(digests: list[np.ndarray]) -> tuple[int, int] | None:
     return (int(order[same[0]]), int(order[same[0] + 1])) if len(same) else None
 
 
+def _batches(docs: Iterable[Document]) -> Iterator[tuple[int, list[Document]]]:
+    """(index of the first document, the documents) of consecutive batches (see ENCODE_BATCH)."""
+    first, batch, chars = 0, [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text)
+        if len(batch) == ENCODE_BATCH or chars >= ENCODE_BATCH_CHARS:
+            yield first, batch
+            first, batch, chars = first + len(batch), [], 0
+    if batch:
+        yield first, batch
+
+
 def tokenized(docs: Iterable[Document], tokenizer: Tokenizer, digests: list[np.ndarray], workers: int = 1
               ) -> Iterator[TarredDoc]:
     """Shard records in input order; the digests of their ids go to ``digests``."""
-    docs = iter(docs)
-    batches = ((first, batch) for first, batch in zip(
-        count(0, ENCODE_BATCH), iter(lambda: list(islice(docs, ENCODE_BATCH)), [])))
-    for encoded, ids in _encoded_batches(batches, tokenizer, workers):
+    for encoded, ids in _encoded_batches(_batches(docs), tokenizer, workers):
         digests.append(ids)
         yield from encoded
 

@@ -201,7 +201,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--category", help="--hf-dataset: category of every document (instead of --category-field)")
     p.add_argument("--limit", type=int, help="--hf-dataset: keep the first N documents")
     p.add_argument("--workers", type=int, default=1,
-                   help="tokenizer processes (one core each); the shards are the same for any number")
+                   help="tokenizer processes, this one included (one core each); the same shards for any number")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", type=Path, help="tokenizer.json or a local HF tokenizer directory")
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="train a byte-level BPE of this size")

@@ -66,8 +66,10 @@ def test_build_from_parquet_with_other_field_names(corpus, tmp_path):
     _check_docs(tmp_path / "out")
 
 
-def test_streaming_and_workers_give_the_same_shards_byte_for_byte(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "ENCODE_BATCH", 7)  # 13 batches over the 2 workers
+@pytest.mark.parametrize("start", ["fork", "spawn"])  # fork where no other thread runs, spawn otherwise
+def test_streaming_and_workers_give_the_same_shards_byte_for_byte(corpus, tmp_path, monkeypatch, start):
+    monkeypatch.setattr(build, "ENCODE_BATCH", 7)  # 13 batches over this process and the pool's worker
+    monkeypatch.setattr(build, "_start_method", lambda: start)
     files = ["--hf-dataset", "json", "--hf-data-files", str(corpus / "part-*.jsonl")]
     loaded = _build(corpus, tmp_path / "loaded", *files)
     streamed = _build(corpus, tmp_path / "streamed", *files, "--streaming", "--workers", "2")
