@@ -143,20 +143,14 @@ class TreeSampler:
         return self.peak
 
 
-def run_job(args: argparse.Namespace, cfg: dict, work: Path, name: str) -> dict:
-    from megatron_sgtm.training.config import from_dict
-    from megatron_sgtm.training.logging import model_flops_per_token, peak_tflops
-
-    parsed = from_dict(json.loads(json.dumps(cfg)), name)  # fail here, not in the job, on a bad config
-    cfg_path = work / f"{name}.json"  # JSON is YAML: the trainer's loader reads it
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    run_dir = Path(cfg["logging"]["run_dir"])
-    shutil.rmtree(run_dir, ignore_errors=True)  # the trainer appends to metrics.jsonl
+def launch(args: argparse.Namespace, work: Path, name: str, worker_args: list[str]) -> dict:
+    """This script as a torchrun job of --nproc ranks with `worker_args`; its exit status, wall time, the peak
+    RSS of its process tree, and the log's tail if it failed."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           str(Path(__file__).resolve()), "--worker", str(cfg_path)]
+           str(Path(__file__).resolve()), *worker_args]
     log_path = work / f"{name}.log"
     progress(f"{name}: {' '.join(cmd[1:])} (log {log_path})")
     start = time.time()
@@ -170,35 +164,88 @@ def run_job(args: argparse.Namespace, cfg: dict, work: Path, name: str) -> dict:
             proc.wait()
             rc = -9
         peak_rss = sampler.stop()
-    wall = time.time() - start
-    result = {"name": name, "engine": cfg["parallel"]["engine"], "method": cfg["method"], "rc": rc,
-              "wall_s": wall, "peak_rss_mib": peak_rss / 2**20, "loadavg_1m_after": os.getloadavg()[0]}
+    result = {"rc": rc, "wall_s": time.time() - start, "peak_rss_mib": peak_rss / 2**20,
+              "loadavg_1m_after": os.getloadavg()[0]}
     if rc != 0:
         tail = log_path.read_text()[-3000:]
         progress(f"{name}: FAILED (exit {rc}); log tail:\n{tail}")
         result["error"] = tail
+    return result
+
+
+def step_figures(args: argparse.Namespace, steps: dict[int, dict]) -> dict:
+    """tokens/s on both clocks (medians over the steps after --warmup) and the per-step figures."""
+    measured = {k: v for k, v in steps.items() if k > args.warmup} or steps
+    rates = [v["tokens"] / v["step_s"] for v in measured.values()]
+    return {"tokens_per_s": statistics.median(rates),
+            "cpu_tokens_per_s": statistics.median(v["tokens"] / v["step_cpu_s"] for v in measured.values()),
+            "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "measured_steps": len(measured),
+            "steps": measured}
+
+
+def mfu(args: argparse.Namespace, cfg: dict, tokens_per_s: float) -> tuple[float | None, float]:
+    """(MFU or None where the GPU's peak is unknown, the trainer's FLOPs per token)."""
+    from megatron_sgtm.training.config import from_dict
+    from megatron_sgtm.training.logging import model_flops_per_token, peak_tflops
+
+    flops = model_flops_per_token(from_dict(json.loads(json.dumps(cfg))))
+    peak = peak_tflops()
+    return (tokens_per_s * flops / (peak * 1e12 * args.nproc) if peak else None), flops
+
+
+def write_config(cfg: dict, work: Path, name: str) -> Path:
+    from megatron_sgtm.training.config import from_dict
+
+    from_dict(json.loads(json.dumps(cfg)), name)  # fail here, not in the job, on a bad config
+    cfg_path = work / f"{name}.json"  # JSON is YAML: the trainer's loader reads it
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    shutil.rmtree(cfg["logging"]["run_dir"], ignore_errors=True)  # the trainer appends to metrics.jsonl
+    return cfg_path
+
+
+def run_interleaved(args: argparse.Namespace, cfgs: list[dict], work: Path, name: str) -> list[dict]:
+    """One ``--interleave`` round: both methods in one job, stepping in turn; a result per method."""
+    paths = [write_config(cfg, work, f"{name}-{cfg['method']}") for cfg in cfgs]
+    out = work / f"{name}.steps.json"
+    job = launch(args, work, name, ["--interleave-worker", str(out), *map(str, paths)])
+    results = []
+    for cfg in cfgs:
+        result = {"name": f"{name}-{cfg['method']}", "engine": cfg["parallel"]["engine"], "method": cfg["method"],
+                  **job}
+        if job["rc"] == 0:
+            record = json.loads(out.read_text())
+            steps = {int(k): v for k, v in record["steps"][cfg["method"]].items()}
+            result.update(step_figures(args, steps), final_loss=steps[max(steps)]["loss"])
+            result["mfu"], result["flops_per_token"] = mfu(args, cfg, result["tokens_per_s"])
+            cuda = record["max_memory_allocated"]
+            result["cuda_max_allocated_mib"] = cuda / 2**20 if cuda is not None else None
+        results.append(result)
+    figures = ", ".join(f"{r['method']} {fmt(r.get('cpu_tokens_per_s'), ',.0f')}" for r in results)
+    progress(f"{name}: tok per CPU s {figures}; peak RSS {job['peak_rss_mib']:,.0f} MiB (both), load "
+             f"{job['loadavg_1m_after']:.1f}")
+    return results
+
+
+def run_job(args: argparse.Namespace, cfg: dict, work: Path, name: str) -> dict:
+    cfg_path = write_config(cfg, work, name)
+    run_dir = Path(cfg["logging"]["run_dir"])
+    result = {"name": name, "engine": cfg["parallel"]["engine"], "method": cfg["method"],
+              **launch(args, work, name, ["--worker", str(cfg_path)])}
+    if result["rc"] != 0:
         return result
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("kind") == "train"]
-    measured = [r for r in train if r["step"] > args.warmup] or train
-    tps = statistics.median(r["tokens_per_s"] for r in measured)
-    cpu_tps = statistics.median(r["tokens_per_s"] * r["step_s"] / r["step_cpu_s"] for r in measured)
+    steps = {r["step"]: {"tokens": r["tokens_per_s"] * r["step_s"], "step_s": r["step_s"],
+                         "step_cpu_s": r["step_cpu_s"]} for r in train}
     summary = json.loads((run_dir / "summary.json").read_text())
-    flops = model_flops_per_token(parsed)
-    peak = peak_tflops()
-    mfu = tps * flops / (peak * 1e12 * args.nproc) if peak else None
     cuda = [json.loads(p.read_text())["max_memory_allocated"] for p in sorted(run_dir.glob("cuda_mem_rank*.json"))]
-    result.update(
-        tokens_per_s=tps, cpu_tokens_per_s=cpu_tps, tokens_per_s_min=min(r["tokens_per_s"] for r in measured),
-        tokens_per_s_max=max(r["tokens_per_s"] for r in measured), measured_steps=len(measured),
-        steps={r["step"]: {"tokens": r["tokens_per_s"] * r["step_s"], "step_s": r["step_s"],
-                           "step_cpu_s": r["step_cpu_s"]} for r in measured},
-        mfu=mfu, flops_per_token=flops, job_time_s=summary.get("time_s"),
-        final_loss=train[-1]["loss"] if train else None, gated=summary.get("gated"),
-        cuda_max_allocated_mib=max(cuda) / 2**20 if cuda else None,
-    )
-    progress(f"{name}: {tps:,.0f} tok/s (median of {len(measured)} steps), {cpu_tps:,.0f} tok per CPU s, "
-             f"peak RSS {result['peak_rss_mib']:,.0f} MiB, wall {wall:.0f}s, load {result['loadavg_1m_after']:.1f}")
+    result.update(step_figures(args, steps), job_time_s=summary.get("time_s"),
+                  final_loss=train[-1]["loss"] if train else None, gated=summary.get("gated"),
+                  cuda_max_allocated_mib=max(cuda) / 2**20 if cuda else None)
+    result["mfu"], result["flops_per_token"] = mfu(args, cfg, result["tokens_per_s"])
+    progress(f"{name}: {result['tokens_per_s']:,.0f} tok/s (median of {result['measured_steps']} steps), "
+             f"{result['cpu_tokens_per_s']:,.0f} tok per CPU s, peak RSS {result['peak_rss_mib']:,.0f} MiB, "
+             f"wall {result['wall_s']:.0f}s, load {result['loadavg_1m_after']:.1f}")
     return result
 
 
@@ -217,6 +264,47 @@ def worker(cfg_path: str) -> int:
         rank = int(os.environ.get("RANK", "0"))
         (Path(cfg.logging.run_dir) / f"cuda_mem_rank{rank}.json").write_text(
             json.dumps({"max_memory_allocated": torch.cuda.max_memory_allocated()}))
+    return 0
+
+
+def interleaved_worker(cfg_paths: list[str], out: str) -> int:
+    """One round of ``--interleave`` (one rank of it): both methods' engines built by the trainer's own functions
+    in this process, stepping in turn (sgtm, none; none, sgtm; ...) on the batches of their own samplers. Each
+    step is timed around `next(sampler)` and `engine.train_step`, on the wall clock and this process's CPU clock,
+    so a slow moment of the machine lands on both methods' neighbouring steps instead of on one job."""
+    import torch
+    import yaml
+
+    from megatron_sgtm.training.config import from_dict, validate
+    from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
+    from megatron_sgtm.training.loop import _make_engine
+    from megatron_sgtm.training.run_data import load_data, training_sampler
+
+    cfgs = [from_dict(yaml.safe_load(Path(path).read_text()), path) for path in cfg_paths]
+    for cfg in cfgs:
+        validate(cfg, world_size_from_env())
+    rank, _, on_gpu = init_distributed()
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.train.seed)  # as `train` does: each method starts from the same weights as its job
+        engine = _make_engine(cfg, on_gpu)
+        runs.append((cfg, engine, training_sampler(cfg, load_data(cfg), engine.dp_rank, engine.dp_size)))
+    steps: dict[str, dict[int, dict]] = {cfg.method: {} for cfg in cfgs}
+    for step in range(1, cfgs[0].train.train_steps + 1):
+        for cfg, engine, sampler in runs if step % 2 else runs[::-1]:
+            if on_gpu:
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter(), time.process_time()
+            metrics = engine.train_step([next(sampler) for _ in range(sampler.num_micro_batches)])
+            if on_gpu:
+                torch.cuda.synchronize()
+            steps[cfg.method][step] = {"tokens": metrics["tokens"], "step_s": time.perf_counter() - wall,
+                                       "step_cpu_s": time.process_time() - cpu, "loss": metrics["loss"]}
+    if rank == 0:
+        cuda = torch.cuda.max_memory_allocated() if on_gpu else None
+        Path(out).write_text(json.dumps({"steps": steps, "max_memory_allocated": cuda}))
+    for _, engine, _ in runs:
+        engine.shutdown()
     return 0
 
 
@@ -327,10 +415,16 @@ def main(argv: list[str] | None = None) -> int:
                         "wall seconds (default with CUDA)")
     p.add_argument("--keep", help="keep the data, configs, logs and run directories here (default: a temp dir)")
     p.add_argument("--json", help="write all results as JSON here")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="each round one job training both methods in turn, step by step (the default with the CPU "
+                        "clock); --no-interleave: one whole training job per method and round")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--interleave-worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    if args.interleave_worker:
+        return interleaved_worker(args.interleave_worker[1:], args.interleave_worker[0])
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats} must be >= 1")
     if args.steps <= args.warmup:
@@ -344,8 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         args.clock = "wall" if torch.cuda.is_available() else "cpu"
     if args.clock == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # idle OpenMP threads spin, and spinning is CPU time
+    if args.interleave is None:
+        args.interleave = args.clock == "cpu"
     if args.concurrent is None:
-        args.concurrent = args.clock == "cpu"
+        args.concurrent = args.clock == "cpu" and not args.interleave
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
@@ -361,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
                 for method in METHODS if round_ % 2 == 0 else METHODS[::-1]:
                     name = f"{engine}-{method}-r{round_}"
                     jobs.append((make_config(args, data, vocab_size, engine, method, work / "runs" / name), name))
+                if args.interleave:
+                    done = run_interleaved(args, [cfg for cfg, _ in jobs], work, f"{engine}-r{round_}")
+                    results.extend({**result, "round": round_, "interleaved": True} for result in done)
+                    continue
                 with ThreadPoolExecutor(len(jobs) if args.concurrent else 1) as pool:
                     done = pool.map(lambda job: run_job(args, job[0], work, job[1]), jobs)
                     results.extend({**result, "round": round_, "concurrent": args.concurrent} for result in done)
@@ -368,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, args.clock)
     if args.json:
         per_round = {name: round_ratios(results, field) for name, field in CLOCKS.items()}
-        out = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results,
+        out = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "interleave_worker")},
+               "results": results,
                "clock": args.clock,
                "sgtm_over_none": {e: (ratio_summary(x) or {}).get("ratio") for e, x in per_round[args.clock].items()},
                "sgtm_over_none_per_round": per_round[args.clock],

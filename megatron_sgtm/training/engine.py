@@ -76,8 +76,13 @@ class Engine(abc.ABC):
         """Parallel state and the initialised model (global `weights` loaded when given, see `init_weights`);
         `config_options` go to the TransformerConfig."""
         par = cfg.parallel
-        ps.initialize_model_parallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=par.pipeline_model_parallel_size)
+        layout = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=layout[0], pipeline_model_parallel_size=layout[1])
+        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != layout:
+            raise RuntimeError(f"megatron's parallel state is already set up for another layout than TP {layout[0]} "
+                               f"x PP {layout[1]}; shut the other engine down first")
+        # else: another engine of this process shares the same layout (tools/bench_train.py interleaves two)
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self.cfg, self.partition = cfg, partition
         self.config = cfg.model.transformer_config(
