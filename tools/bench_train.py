@@ -3,11 +3,21 @@
     python tools/bench_train.py [--hidden 256] [--layers 4] [--heads 4] [--seq 256] [--micro-batch 4]
         [--global-batch 8] [--steps 20] [--warmup 4] [--nproc 1] [--engines megatron,deepspeed]
         [--zero-stage 1] [--bf16] [--attention packed|dense|causal] [--repeats 5] [--clock cpu|wall]
-        [--[no-]concurrent] [--json PATH]
+        [--[no-]interleave] [--[no-]concurrent] [--json PATH]
 
 What it measures: for each engine (``megatron``, and ``deepspeed`` at ZeRO stage ``--zero-stage``)
 and each method (``sgtm``: the SGTM layers with step gating; ``none``: the same model and data with
-the ``none`` strategy), one full training job of ``megatron_sgtm.training.loop.train`` (config from
+the ``none`` strategy), training steps of the real engines on the same data, in one of two modes.
+
+``--interleave`` (the default with the CPU clock): each round is one job whose process builds both methods'
+engines with the trainer's own functions (``loop._make_engine``, ``run_data.load_data``,
+``training_sampler``; the same seed) and steps them in turn (sgtm then none on odd steps, the reverse on even
+ones; the first method alternates between rounds), timing each step around ``next(sampler)`` and
+``engine.train_step`` on the wall and process-CPU clocks. A slow moment of the machine so lands on both
+methods' neighbouring steps: on the 2-vCPU development machine whole jobs' rates moved by 2-25% between
+rounds, interleaved steps' ratio by ±1-2%.
+
+``--no-interleave``: one full training job per method of ``megatron_sgtm.training.loop.train`` (config from
 ``megatron_sgtm.training.config.from_dict``): data loading, labelling, the sampler, forward +
 backward + the engine's optimizer step, logging, and the final evaluation. Each job runs in its
 own process tree (``torch.distributed.run --standalone --nproc-per-node=N``), so one process runs one
@@ -15,7 +25,7 @@ training job and no state leaks between them. The data is a synthetic shard dire
 2000 documents, a ~500-token BPE vocabulary, ground-truth labels: ``score_source: truth``) built once
 into a temporary directory and shared by all jobs.
 
-Reported per job:
+Reported per job (interleaved: per method, from the step times; no final evaluation, one shared RSS):
 
 - tokens/s (wall): the median of the trainer's per-step ``tokens_per_s`` (``metrics.jsonl``, records of
   kind ``train``), leaving out the first ``--warmup`` steps; plus the job's wall time
@@ -33,7 +43,7 @@ Reported per job:
   with psutil every ~50 ms); on a GPU also ``torch.cuda.max_memory_allocated`` (max over ranks).
 
 and per engine the SGTM/none ratio of tokens/s on both clocks, the ``--clock`` one first. Each engine runs
-``--repeats`` rounds of the two jobs: with ``--concurrent`` (the default with the CPU clock) both at the
+``--repeats`` rounds; without ``--interleave``, rounds of the two jobs: with ``--concurrent`` both at the
 same time, each on its own core of an idle machine, so that whatever else runs slows both alike (a
 process's CPU seconds still grow under contention, through cold caches: by up to ~20% at load 30-50);
 else one after the other, in alternating order (sgtm, none; none, sgtm; ...) so that drifts hit both
