@@ -10,7 +10,7 @@ and each method (``sgtm``: the SGTM layers with step gating; ``none``: the same 
 the ``none`` strategy), training steps of the real engines on the same data, in one of two modes.
 
 ``--interleave`` (the default with the CPU clock): each round is one job whose process builds both methods'
-engines with the trainer's own functions (``loop._make_engine``, ``run_data.load_data``,
+engines with the trainer's own functions (``loop.make_engine``, ``run_data.load_data``,
 ``training_sampler``; the same seed) and steps them in turn (sgtm then none on odd steps, the reverse on even
 ones; the first method alternates between rounds), timing each step around ``next(sampler)`` and
 ``engine.train_step`` on the wall and process-CPU clocks. A slow moment of the machine so lands on both
@@ -287,7 +287,7 @@ def interleaved_worker(cfg_paths: list[str], out: str) -> int:
 
     from megatron_sgtm.training.config import from_dict, validate
     from megatron_sgtm.training.distributed import init_distributed, world_size_from_env
-    from megatron_sgtm.training.loop import _make_engine
+    from megatron_sgtm.training.loop import make_engine
     from megatron_sgtm.training.run_data import load_data, training_sampler
 
     cfgs = [from_dict(yaml.safe_load(Path(path).read_text()), path) for path in cfg_paths]
@@ -297,7 +297,7 @@ def interleaved_worker(cfg_paths: list[str], out: str) -> int:
     runs = []
     for cfg in cfgs:
         torch.manual_seed(cfg.train.seed)  # as `train` does: each method starts from the same weights as its job
-        engine = _make_engine(cfg, on_gpu)
+        engine = make_engine(cfg, on_gpu)
         runs.append((cfg, engine, training_sampler(cfg, load_data(cfg), engine.dp_rank, engine.dp_size)))
     steps: dict[str, dict[int, dict]] = {cfg.method: {} for cfg in cfgs}
     for step in range(1, cfgs[0].train.train_steps + 1):

@@ -71,7 +71,8 @@ def _non_finite(cfg: TrainConfig, metrics: dict) -> bool:
     return not math.isfinite(metrics["loss"]) or (cfg.optim.clip_grad > 0 and not math.isfinite(metrics["grad_norm"]))
 
 
-def _make_engine(cfg: TrainConfig, on_gpu: bool) -> Engine:
+def make_engine(cfg: TrainConfig, on_gpu: bool) -> Engine:
+    """The engine `cfg.parallel.engine` names, over the partition of `cfg.sgtm` (tools/bench_train.py builds two)."""
     partition = cfg.sgtm.resolve(cfg.model.dims())
     if cfg.parallel.engine == "deepspeed":
         from megatron_sgtm.training.engine_deepspeed import DeepSpeedEngine
@@ -140,7 +141,7 @@ def train(cfg: TrainConfig) -> dict:
                                             collective=True)
     if resume_from is not None:
         check_resumable(cfg, data, resume_from, world)  # before the model is built
-    engine = _make_engine(cfg, on_gpu)
+    engine = make_engine(cfg, on_gpu)
     log = RunLogger(cfg, rank, world)
     sampler = training_sampler(cfg, data, engine.dp_rank, engine.dp_size)
     step, gated, saved_tokens = 0, {"retain": 0, "forget": 0}, None
