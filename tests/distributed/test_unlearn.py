@@ -40,11 +40,13 @@ def test_cir_raises_forget_loss_within_its_disruption_budget(results):
     assert record["epochs"] >= 2 and record["collapse"] == "retain" and record["disruption_mask"]
 
 
-def test_papers_cir_stays_within_its_disruption_budget(results):
-    """The paper's configuration runs and keeps the budget; it does not separate whole languages (README)."""
+def test_papers_cir_runs_with_its_settings(results):
+    """The paper's configuration runs end to end with its own forget loss. On this 2-layer model it barely moves
+    (it does not separate whole languages: README), so its disruption budget is not reached here; the budget's
+    stop and undo are tested where they trigger: tests/distributed/test_unlearn_budget.py."""
     cir = results["cir_paper"]
-    assert abs(_change(cir, "retain")) <= 0.01, cir["meta"]["unlearning"]["losses"]
     assert cir["meta"]["unlearning"]["settings"]["forget_loss"] == "mlp-breaking"
+    assert abs(_change(cir, "retain")) <= 0.01, cir["meta"]["unlearning"]["losses"]
 
 
 @pytest.mark.parametrize("name,configured", [("rmu", RMU_TENSORS), ("cir", CIR_TENSORS),
