@@ -10,7 +10,9 @@ when its output is there:
 
 1. `apt-get download` the packages into the cache, `dpkg-deb -x` them;
 2. convert every man page (gzipped roff) to plain text with `roff_to_text` below (no groff needed), one
-   document per page, split at paragraph boundaries into chunks of at most --max-chars characters;
+   document per page; drop the translations' untranslated paragraphs (`untranslated` below: the translated
+   pages keep passages in English, which would count as forget or adjacent text); split at paragraph
+   boundaries into chunks of at most --max-chars characters;
 3. drop exact duplicates, cap each language (--max-docs, --balance), order deterministically, write
    DIR/raw/manpages.jsonl ({"id", "text", "category"}, as `megatron-sgtm data build --input` reads it);
 4. with --build: `data build --train-tokenizer 512` and `data tag --classifier linear --train-from-truth 500`,
@@ -43,6 +45,21 @@ PACKAGES = {
     "manpages-es-dev": (FORGET_CATEGORY, "usr/share/man/es"),
     "manpages-it-dev": (ADJACENT_CATEGORY, "usr/share/man/it"),
 }
+
+# The commonest function words of each language (none shared with English), for `untranslated`.
+FUNCTION_WORDS = {
+    RETAIN_CATEGORY: frozenset(
+        "the of and to is that for with this are be by on it as from an which if or not was can will when its "
+        "has have these been any only than should may must into other such does all".split()),
+    FORGET_CATEGORY: frozenset(
+        "el la de que y los las se del un una por con para es al lo como más pero sus le ya o este esta entre "
+        "cuando también sobre ser son está puede si sin hay".split()),
+    ADJACENT_CATEGORY: frozenset(
+        "il di che e la per un una del della non sono con è si le gli da dei delle nel nella può questo questa "
+        "anche alla al se ma viene essere".split()),
+}
+MIN_FUNCTION_WORDS = 3  # fewer: code, a synopsis or a heading, which no language owns
+WORD = re.compile(r"[^\W\d_]+")
 
 # Macros whose arguments are text (font macros join their arguments without spaces, as troff does).
 TEXT_MACROS = {"SH", "SS", "B", "I", "SM", "SB", "TQ", "OP", "SY", "MT", "UR", "Nm", "Nd", "Sh", "Ss"}
@@ -211,20 +228,36 @@ def man_pages(root: Path, man_dir: str) -> Iterator[Path]:
             yield path
 
 
-def documents(roots: dict[str, Path], max_chars: int, min_chars: int) -> Iterator[dict]:
+def untranslated(paragraph: str, category: str) -> bool:
+    """True when a paragraph of a `category` translation is English: more English function words than the
+    translation's own, and at least MIN_FUNCTION_WORDS of them."""
+    words = WORD.findall(paragraph.lower())
+    english = sum(w in FUNCTION_WORDS[RETAIN_CATEGORY] for w in words)
+    own = sum(w in FUNCTION_WORDS[category] for w in words)
+    return english >= MIN_FUNCTION_WORDS and english > own
+
+
+def documents(roots: dict[str, Path], max_chars: int, min_chars: int, keep_untranslated: bool = False
+              ) -> Iterator[dict]:
     for package, root in roots.items():
         category, man_dir = PACKAGES[package]
-        count = 0
+        count = dropped = 0
         for path in man_pages(root, man_dir):
             source = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
             if source.lstrip().startswith(".so "):
                 continue  # an include of another page
             page = path.name.removesuffix(".gz")
-            for i, piece in enumerate(chunks(roff_to_text(source), max_chars)):
+            paragraphs = roff_to_text(source).split("\n\n")
+            if category != RETAIN_CATEGORY and not keep_untranslated:
+                kept = [p for p in paragraphs if not untranslated(p, category)]
+                dropped += sum(map(len, paragraphs)) - sum(map(len, kept))
+                paragraphs = kept
+            for i, piece in enumerate(chunks("\n\n".join(paragraphs), max_chars)):
                 if len(piece) >= min_chars:
                     count += 1
                     yield {"id": f"{package}/{page}/{i}", "text": piece, "category": category}
-        _say(f"{package}: {count} chunks ({root.name})")
+        _say(f"{package}: {count} chunks ({root.name})"
+             + (f", {dropped:,} characters of untranslated English dropped" if dropped else ""))
 
 
 def _order_key(seed: int, doc_id: str) -> str:
@@ -282,14 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-docs", type=int, default=None, help="cap on documents per language")
     p.add_argument("--balance", action="store_true", help="cap English and Spanish (and Italian) to the smaller")
     p.add_argument("--seed", type=int, default=0, help="document order and the classifier's training sample")
+    p.add_argument("--keep-untranslated", action="store_true",
+                   help="keep the translations' English paragraphs (they are dropped by default)")
     p.add_argument("--build", action="store_true", help="then build shards and tag them (data build, data tag)")
     args = p.parse_args(argv)
     try:
         if args.max_chars < 1 or args.min_chars < 0 or (args.max_docs is not None and args.max_docs < 1):
             raise UserError("--max-chars and --max-docs must be positive, --min-chars non-negative")
         roots = fetch(args.packages, args.cache or args.out / "debs")
-        docs = select(list(documents(roots, args.max_chars, args.min_chars)), args.max_docs, args.balance,
-                      args.seed)
+        docs = select(list(documents(roots, args.max_chars, args.min_chars, args.keep_untranslated)),
+                      args.max_docs, args.balance, args.seed)
         path = args.out / "raw" / "manpages.jsonl"
         write_jsonl(docs, path)
         for category in sorted({d["category"] for d in docs}):

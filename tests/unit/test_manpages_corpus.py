@@ -85,3 +85,34 @@ def test_missing_tool_is_a_one_line_user_error(monkeypatch):
     monkeypatch.setattr(manpages.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="apt-get not found"):
         manpages._run(["apt-get", "download", "manpages-es"])
+
+
+def test_untranslated_drops_english_paragraphs_of_translations_only():
+    spanish = "Muestra los archivos del directorio que se indica, con el tamaño de cada uno."
+    english = "When job control is not enabled, the shell receives the signals that are sent to the process group."
+    code = "int syscall(SYS_arch_prctl, int code, unsigned long addr);"
+    assert manpages.untranslated(english, "spanish")
+    assert manpages.untranslated(english, "italian")
+    assert not manpages.untranslated(spanish, "spanish")
+    assert not manpages.untranslated(code, "spanish")  # no language's function words: kept
+    assert not manpages.untranslated("Esta opción is the default.", "spanish")  # too few words to judge
+    mixed = f"{spanish} {english[:40]}"
+    assert not manpages.untranslated(mixed, "spanish")
+
+
+def test_documents_drop_the_translations_english_paragraphs(tmp_path):
+    import gzip
+
+    spanish = "Muestra los archivos del directorio que se indica, con el tamaño de cada uno de ellos."
+    english = "When job control is not enabled, the shell receives the signals that are sent to the group."
+    page = f".SH DESCRIPCIÓN\n{spanish}\n.PP\n{english}\n"
+    roots = {}
+    for package, man_dir in (("manpages-es", "usr/share/man/es"), ("manpages", "usr/share/man")):
+        (tmp_path / package / man_dir / "man1").mkdir(parents=True)
+        (tmp_path / package / man_dir / "man1" / "x.1.gz").write_bytes(gzip.compress(page.encode()))
+        roots[package] = tmp_path / package
+    texts = {d["category"]: d["text"] for d in manpages.documents(roots, 4000, 10)}
+    assert spanish in texts["spanish"] and english not in texts["spanish"]
+    assert english in texts["english"]  # the English pages are not judged
+    kept = {d["category"]: d["text"] for d in manpages.documents(roots, 4000, 10, keep_untranslated=True)}
+    assert english in kept["spanish"]
