@@ -10,9 +10,9 @@ when its output is there:
 
 1. `apt-get download` the packages into the cache, `dpkg-deb -x` them;
 2. convert every man page (gzipped roff) to plain text with `roff_to_text` below (no groff needed), one
-   document per page; drop the translations' untranslated paragraphs (`untranslated` below: the translated
-   pages keep passages in English, which would count as forget or adjacent text); split at paragraph
-   boundaries into chunks of at most --max-chars characters;
+   document per page, split at paragraph boundaries into chunks of at most --max-chars characters; drop
+   the translations' untranslated paragraphs and chunks (`untranslated` below: the translated pages keep
+   passages in English, which would count as forget or adjacent text);
 3. drop exact duplicates, cap each language (--max-docs, --balance), order deterministically, write
    DIR/raw/manpages.jsonl ({"id", "text", "category"}, as `megatron-sgtm data build --input` reads it);
 4. with --build: `data build --train-tokenizer 512` and `data tag --classifier linear --train-from-truth 500`,
@@ -247,13 +247,14 @@ def documents(roots: dict[str, Path], max_chars: int, min_chars: int, keep_untra
             if source.lstrip().startswith(".so "):
                 continue  # an include of another page
             page = path.name.removesuffix(".gz")
+            judge = category != RETAIN_CATEGORY and not keep_untranslated
             paragraphs = roff_to_text(source).split("\n\n")
-            if category != RETAIN_CATEGORY and not keep_untranslated:
-                kept = [p for p in paragraphs if not untranslated(p, category)]
-                dropped += sum(map(len, paragraphs)) - sum(map(len, kept))
-                paragraphs = kept
-            for i, piece in enumerate(chunks("\n\n".join(paragraphs), max_chars)):
-                if len(piece) >= min_chars:
+            kept = [p for p in paragraphs if not (judge and untranslated(p, category))]
+            dropped += sum(map(len, paragraphs)) - sum(map(len, kept))
+            for i, piece in enumerate(chunks("\n\n".join(kept), max_chars)):
+                if judge and untranslated(piece, category):  # a piece of a long, mixed paragraph
+                    dropped += len(piece)
+                elif len(piece) >= min_chars:
                     count += 1
                     yield {"id": f"{package}/{page}/{i}", "text": piece, "category": category}
         _say(f"{package}: {count} chunks ({root.name})"

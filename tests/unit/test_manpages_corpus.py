@@ -116,3 +116,8 @@ def test_documents_drop_the_translations_english_paragraphs(tmp_path):
     assert english in texts["english"]  # the English pages are not judged
     kept = {d["category"]: d["text"] for d in manpages.documents(roots, 4000, 10, keep_untranslated=True)}
     assert english in kept["spanish"]
+    # A long paragraph, mostly Spanish with an English passage, cut into pieces: the English piece goes too.
+    (tmp_path / "manpages-es/usr/share/man/es/man1/x.1.gz").write_bytes(gzip.compress(
+        f".PP\n{spanish} {spanish} {spanish} {english}\n".encode()))
+    pieces = [d["text"] for d in manpages.documents({"manpages-es": roots["manpages-es"]}, len(spanish) + 1, 10)]
+    assert pieces == [spanish] * 3
