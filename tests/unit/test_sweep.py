@@ -187,7 +187,7 @@ def test_variants_and_forget_fractions_are_more_points_per_method(data, tmp_path
 
 @pytest.mark.parametrize("name, runs", [("sweep_tiny", 4), ("sweep_scaling", 60), ("sweep_tradeoff", 162),
                                         ("sweep_leakage", 78), ("sweep_leakage_check_demo", 21),
-                                        ("sweep_leakage_check_man", 16)])
+                                        ("sweep_leakage_check_man", 80)])
 def test_example_grids_expand(name, runs):
     grid = load(ROOT / "examples" / f"{name}.yaml")
     assert len(grid.runs) == runs and len({r.name for r in grid.runs}) == runs
