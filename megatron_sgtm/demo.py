@@ -3,7 +3,7 @@
 1. generate the bilingual corpus (English retain, Spanish forget, Italian adjacent);
 2. tokenize it into WebDataset shards, tag it with the trained linear classifier;
 3. train the tiny model four ways at 20% undiscovered forget data: SGTM (a 2-process gloo run),
-   weak filter, no filter, and the perfect-filter oracle;
+   weak filter, no filter, and the perfect-filter oracle, as many at once as the cores allow;
 4. evaluate (live, ablated and calibrated), then `megatron-sgtm eval --grad-norms` on the SGTM checkpoint
    (bits per byte, per-token loss distributions, absorption), and write a Markdown report and a PNG of forget
    vs retain loss.
@@ -42,13 +42,23 @@ def _cli(*args: str, nproc: int | None = None) -> list[str]:
             "-m", "megatron_sgtm.cli", *args]
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """One step's process, one thread per process (the demo's runs share the cores), output to `log`."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     with log.open("w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _check(proc: subprocess.Popen, log: Path) -> None:
     if proc.returncode:
         tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"[demo] step failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}\n(log: {log})")
+        raise SystemExit(f"[demo] step failed (exit {proc.returncode}): {' '.join(proc.args)}\n{tail}\n(log: {log})")
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    proc = _start(cmd, log)
+    proc.wait()
+    _check(proc, log)
 
 
 def prepare_data(out: Path, num_docs: int, seed: int) -> Path:
@@ -74,24 +84,47 @@ def prepare_data(out: Path, num_docs: int, seed: int) -> Path:
     return tagged
 
 
-def train_runs(out: Path, data: Path, steps: int | None) -> dict[str, dict]:
-    results = {}
-    for name, (method, nproc) in RUNS.items():
-        run_dir = out / "runs" / name
-        summary = run_dir / "summary.json"
-        if not summary.is_file():
-            _say(f"training {name} ({nproc} process{'es' if nproc > 1 else ''})")
-            overrides = [f"--method={method}", f"--data.path={data}", f"--logging.run_dir={run_dir}",
-                         "--train.calibrate_ablated=true"]
-            if name == SGTM.name:  # kept for `megatron-sgtm eval`
-                overrides.append(f"--checkpoint.dir={run_dir / 'checkpoints'}")
-            if steps:
-                overrides.append(f"--train.train_steps={steps}")
-            start = time.time()
-            _run(_cli("train", "--config", str(RECIPE), *overrides, nproc=nproc), out / f"train_{name}.log")
-            _say(f"  {name} done in {time.time() - start:.0f}s")
-        results[name] = json.loads(summary.read_text())
-    return results
+def train_runs(out: Path, data: Path, steps: int | None, cores: int | None = None) -> dict[str, dict]:
+    """Train the runs that have no summary yet, as many at once as `cores` (default: this machine's) allow at
+    one core per process: on 2 cores SGTM's 2-process run alone, the others two at a time. Each run is its own
+    seeded process, so its result does not depend on what runs beside it."""
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    pending = [name for name in RUNS if not (out / "runs" / name / "summary.json").is_file()]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    try:
+        while pending or running:
+            free = cores - sum(RUNS[name][1] for name in running)
+            name = next((n for n in pending if RUNS[n][1] <= free or not running), None)
+            if name is not None:
+                pending.remove(name)
+                running[name] = (_start(_train_command(out, data, name, steps), out / f"train_{name}.log"),
+                                 time.time())
+                nproc = RUNS[name][1]
+                _say(f"training {name} ({nproc} process{'es' if nproc > 1 else ''})")
+                continue
+            time.sleep(0.2)
+            for name, (proc, start) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    _check(proc, out / f"train_{name}.log")
+                    _say(f"  {name} done in {time.time() - start:.0f}s")
+    finally:
+        for proc, _ in running.values():  # a failed run stops the others
+            proc.terminate()
+            proc.wait()
+    return {name: json.loads((out / "runs" / name / "summary.json").read_text()) for name in RUNS}
+
+
+def _train_command(out: Path, data: Path, name: str, steps: int | None) -> list[str]:
+    method, nproc = RUNS[name]
+    run_dir = out / "runs" / name
+    overrides = [f"--method={method}", f"--data.path={data}", f"--logging.run_dir={run_dir}",
+                 "--train.calibrate_ablated=true"]
+    if name == SGTM.name:  # kept for `megatron-sgtm eval`
+        overrides.append(f"--checkpoint.dir={run_dir / 'checkpoints'}")
+    if steps:
+        overrides.append(f"--train.train_steps={steps}")
+    return _cli("train", "--config", str(RECIPE), *overrides, nproc=nproc)
 
 
 def evaluate_sgtm(out: Path, data: Path) -> dict:
