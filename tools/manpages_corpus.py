@@ -46,7 +46,7 @@ PACKAGES = {
     "manpages-it-dev": (ADJACENT_CATEGORY, "usr/share/man/it"),
 }
 
-# The commonest function words of each language (none shared with English), for `untranslated`.
+# Common function words of each language (none of them English words in this text), for `untranslated`.
 FUNCTION_WORDS = {
     RETAIN_CATEGORY: frozenset(
         "the of and to is that for with this are be by on it as from an which if or not was can will when its "
@@ -242,12 +242,12 @@ def documents(roots: dict[str, Path], max_chars: int, min_chars: int, keep_untra
     for package, root in roots.items():
         category, man_dir = PACKAGES[package]
         count = dropped = 0
+        judge = category != RETAIN_CATEGORY and not keep_untranslated
         for path in man_pages(root, man_dir):
             source = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
             if source.lstrip().startswith(".so "):
                 continue  # an include of another page
             page = path.name.removesuffix(".gz")
-            judge = category != RETAIN_CATEGORY and not keep_untranslated
             paragraphs = roff_to_text(source).split("\n\n")
             kept = [p for p in paragraphs if not (judge and untranslated(p, category))]
             dropped += sum(map(len, paragraphs)) - sum(map(len, kept))
